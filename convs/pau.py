@@ -1,0 +1,84 @@
+"""Safe Padé Activation Unit (PAU) of degrees (5, 4), plain PyTorch.
+
+``R(x) = (a0 + a1 x + ... + a5 x^5) / (1 + |b1||x| + |b2||x|^2 + |b3||x|^3 + |b4||x|^4)``
+
+One scalar rational function applied elementwise to a tensor of any shape. The 10 coefficients
+(``numerator`` [6] = a0..a5, ``denominator`` [4] = b1..b4) are learnable; they are the φ of the
+CIM model (SPEC §3.1). The initialisation is the ReLU fit on [-3, 3] of the public
+rational-activations library, so at init ``R ≈ ReLU`` (max error ≈ 0.02996 on [-3, 3],
+reached at x = 0 where R(0) = a0).
+
+Evaluation uses Horner's scheme in float32 (also under autocast / half inputs; the result is
+cast back to the input dtype). It is built from ordinary differentiable ops, so gradients of any
+order flow (``torch.autograd.grad(..., create_graph=True)`` works), as the bilevel step needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["PAU", "pau_parameters", "RELU_INIT_NUMERATOR", "RELU_INIT_DENOMINATOR"]
+
+# ReLU fit on [-3, 3], degrees (5, 4), "safe" PAU (SPEC §3.1; rational-activations library).
+RELU_INIT_NUMERATOR = (0.029963801610813613, 0.6168978366891341, 2.37534759733888,
+                       3.0659900472408443, 1.5246831881677423, 0.2528070864040542)
+RELU_INIT_DENOMINATOR = (-1.191550121923625, 4.4080487697236626, 0.9110357113686055,
+                         0.34884977946384615)
+
+
+class PAU(nn.Module):
+    """Safe Padé Activation Unit, degrees (5, 4), initialised to approximate ReLU.
+
+    Parameters:
+        numerator: ``[6]`` = ``(a0, ..., a5)``.
+        denominator: ``[4]`` = ``(b1, ..., b4)`` (used through their absolute values).
+
+    Shape: input of any shape → output of the same shape and dtype.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numerator = nn.Parameter(torch.tensor(RELU_INIT_NUMERATOR, dtype=torch.float32))
+        self.denominator = nn.Parameter(torch.tensor(RELU_INIT_DENOMINATOR, dtype=torch.float32))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Reset the coefficients to the ReLU fit."""
+        self.numerator.copy_(torch.tensor(RELU_INIT_NUMERATOR))
+        self.denominator.copy_(torch.tensor(RELU_INIT_DENOMINATOR))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        a = self.numerator.float()
+        b = self.denominator.float().abs()
+        # Numerator P(x) = a0 + x (a1 + x (a2 + x (a3 + x (a4 + x a5)))).
+        num = a[-1] * xf + a[-2]
+        for k in range(a.numel() - 3, -1, -1):
+            num = num * xf + a[k]
+        # Denominator Q(x) = 1 + |x| (|b1| + |x| (|b2| + |x| (|b3| + |x| |b4|))).
+        ax = xf.abs()
+        den = b[-1] * ax + b[-2]
+        for k in range(b.numel() - 3, -1, -1):
+            den = den * ax + b[k]
+        den = den * ax + 1.0
+        out = num / den
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def extra_repr(self) -> str:
+        return "degrees=(5, 4), safe"
+
+
+def pau_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """All ``numerator`` / ``denominator`` parameters of every :class:`PAU` inside ``module``
+    (φ), in module order, each parameter once (shared PAUs are not repeated)."""
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for m in module.modules():
+        if isinstance(m, PAU):
+            for p in (m.numerator, m.denominator):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+    return params

@@ -1,0 +1,99 @@
+"""Command line: ``python main.py --config NAME_OR_PATH [--set KEY=VALUE ...] [--output DIR] [--resume]
+[--device DEV] [--check]``.
+
+Exit status: 0 success; 2 config or data error (a message naming the key or path, no traceback);
+1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Class-incremental learning with compressed exemplars.")
+    p.add_argument("--config", help="config file path, or a name in configs/ (with or without .json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key; VALUE is parsed as JSON, else taken as a string (repeatable)")
+    p.add_argument("--output", help="output folder (default logs/<model>/<dataset>/<config>-<hash>/seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue after the last finished phase")
+    p.add_argument("--device", help="override the config's device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--check", action="store_true", help="validate config and dataset, print the plan, exit")
+    p.add_argument("--keys", action="store_true", help="print every config key with its default and exit")
+    return p
+
+
+def output_dir(cfg: dict, config_name: str, seed: int, explicit: str | None, many_seeds: bool) -> Path:
+    from utils.config import config_hash
+
+    if explicit:
+        return Path(explicit) / f"seed{seed}" if many_seeds else Path(explicit)
+    name = cfg["prefix"] or config_name
+    return Path("logs") / cfg["model_name"] / cfg["dataset"] / f"{name}-{config_hash(cfg)}" / f"seed{seed}"
+
+
+def print_plan(cfg: dict, config_name: str, outputs: list[Path]) -> None:
+    from trainer import class_order
+    from utils.config import phase_plan
+    from utils.datasets import describe_dataset
+    from utils.memory import ExemplarMemory
+
+    info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], synthetic=cfg["synthetic"])
+    plan = phase_plan(cfg, info["num_classes"])
+    memory = ExemplarMemory(cfg["memory_size"], cfg["memory_per_class"], cfg["fixed_memory"])
+    print(f"config {config_name}: learner {cfg['model_name']}, backbone {cfg['convnet_type']}, dataset {cfg['dataset']} "
+          f"({info['num_classes']} classes, {info['num_train']} train / {info['num_test']} test images)")
+    seeds = cfg["seed"] if isinstance(cfg["seed"], list) else [cfg["seed"]]
+    print(f"class order (seed {seeds[0]}): {class_order(info['num_classes'], seeds[0], cfg['shuffle'])[:plan[-1][1]]}")
+    for k, (lo, hi) in enumerate(plan):
+        print(f"  phase {k}: classes [{lo}, {hi}) — {hi - lo} new; memory budget {memory.class_budget(hi)} "
+              f"units per class ({memory.total_budget(hi)} total)")
+    for out in outputs:
+        print(f"output: {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from utils.config import describe_keys, load_config_file, parse_set, resolve_config
+
+        if args.keys:
+            print(describe_keys())
+            return 0
+        if not args.config:
+            print("error: --config is required (a path, or a name in configs/).", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raw, config_name = load_config_file(args.config)
+        raw.update(parse_set(args.set))
+        if args.device:
+            raw["device"] = args.device
+        cfg = resolve_config(raw)
+        seeds = cfg["seed"] if isinstance(cfg["seed"], list) else [cfg["seed"]]
+        runs = [({**cfg, "seed": s}, output_dir({**cfg, "seed": s}, config_name, s, args.output, len(seeds) > 1))
+                for s in seeds]
+        if args.check:
+            print_plan(cfg, config_name, [out for _, out in runs])
+            return 0
+        from trainer import Trainer, TrainingDiverged
+
+        for run_cfg, out in runs:
+            try:
+                Trainer(run_cfg, out, config_name).run(resume=args.resume)
+            except TrainingDiverged as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+        return 0
+    except Exception as err:  # noqa: BLE001 - user errors become a message, bugs keep their traceback
+        from utils.errors import UserError
+
+        if isinstance(err, UserError):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The learner interface: what a CIL method supplies to the one training loop in ``trainer.py``.
+
+A learner changes its network at the start of a phase, returns the training *stages* of the phase
+(each: epochs, parameters, optimiser settings, a forward and the loss of a batch), and may act at
+the end of training (e.g. weight alignment). The trainer owns epochs, devices, AMP, data, memory,
+evaluation, logging and checkpoints.
+
+The loss of a batch is a function of the outputs of ``stage.forward(x, net)``; passing another
+``net`` callable (e.g. the network evaluated with fast weights by ``torch.func.functional_call``)
+re-runs the same loss with other parameters — what the CIM bilevel step needs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from utils.config import Option
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of the protocol. Classes are labels after remapping to class-order position."""
+
+    index: int
+    first: int                      # first new class
+    last: int                       # one past the last new class (= classes seen after this phase)
+    task_bounds: tuple[tuple[int, int], ...]   # class ranges of phases 0..index
+
+    @property
+    def num_new(self) -> int:
+        return self.last - self.first
+
+    @property
+    def num_old(self) -> int:
+        return self.first
+
+
+@dataclass
+class Batch:
+    """A training batch on the device: inputs [B, 3, H, W] float, labels [B], is_old [B] bool."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    is_old: torch.Tensor
+
+
+LossFn = Callable[[dict, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Stage:
+    """One optimisation stage of a phase, run by ``Trainer.run_stage``.
+
+    ``data``: "phase" = the new classes' training images + the old classes' exemplars;
+    "memory" = all exemplars, new classes included (a class-balanced set, after the memory update).
+    ``scheduler``: "multistep" (``milestones``, ``gamma``), "cosine" (to 0 over ``epochs``) or "constant".
+    ``forward(x, net=None)`` returns the outputs the loss needs; ``loss(outputs, batch)`` returns the
+    total loss and named parts for the log. ``train_mode()`` puts modules in train/eval mode.
+    """
+
+    name: str
+    epochs: int
+    params: Iterable
+    lr: float
+    forward: Callable[..., dict]
+    loss: LossFn
+    train_mode: Callable[[], None]
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: str = "multistep"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    data: str = "phase"
+    after_memory: bool = False
+    batch_size: int | None = None
+    on_end: Callable[[], None] | None = None
+
+
+class Learner:
+    """Base class. Subclasses set ``name``, ``options`` (their keys with defaults) and the hooks."""
+
+    name: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+    uses_memory: ClassVar[bool] = True
+    head_kind: ClassVar[str] = "linear"   # "linear" or "cosine": what the CAM should read
+
+    def __init__(self, cfg: dict, trainer: Any):
+        self.cfg = cfg
+        self.trainer = trainer   # gives access to embed() (batched eval-mode features) and the device
+        self.net: nn.Module | None = None
+        self.old_net: nn.Module | None = None
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        """Cross-key checks beyond types and ranges; raise ConfigError."""
+
+    # ---- phase hooks --------------------------------------------------------------------
+    def before_grow(self, phase: Phase) -> None:
+        """Before the network changes (e.g. snapshot the old model for distillation)."""
+
+    def grow_network(self, phase: Phase) -> None:
+        """Change the network's structure for ``phase`` (deterministic; replayed on resume)."""
+        raise NotImplementedError
+
+    def begin_phase(self, phase: Phase, data: Any) -> None:
+        """After ``grow_network``: initialise new weights from data, snapshot the old model."""
+
+    def stages(self, phase: Phase) -> list[Stage]:
+        raise NotImplementedError
+
+    def end_training(self, phase: Phase) -> None:
+        """After the stages that come before the memory update (e.g. weight alignment)."""
+
+    # ---- deployed model -----------------------------------------------------------------
+    def inference(self, x: torch.Tensor) -> dict:
+        """The deployed model in eval mode: {"logits": [B, C], "features": [B, d]}."""
+        out = self.net(x)
+        return {"logits": out["logits"], "features": out["features"]}
+
+    def extra_evaluations(self) -> dict[str, Callable[[torch.Tensor], dict]]:
+        """Other models to evaluate after a phase, by name (e.g. FOSTER's teacher)."""
+        return {}
+
+    def phase_report(self, phase: Phase) -> dict:
+        """Extra fields for ``results.json`` ``phases[k]``."""
+        return {}
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module whose state must be checkpointed, by name."""
+        return {"net": self.net}
+
+    # ---- helpers for subclasses --------------------------------------------------------
+    def snapshot_old_net(self) -> None:
+        """Frozen copy of the current network, the teacher of distillation losses."""
+        self.old_net = copy.deepcopy(self.net).eval()
+        for p in self.old_net.parameters():
+            p.requires_grad_(False)
+
+    def schedule(self, phase: Phase) -> dict:
+        """The phase-0 or later-phase optimiser settings from the common schedule keys."""
+        c = self.cfg
+        if phase.index == 0:
+            return dict(epochs=c["init_epochs"], lr=c["init_lr"], weight_decay=c["init_weight_decay"],
+                        milestones=tuple(c["init_milestones"]), scheduler=c["scheduler"],
+                        gamma=c["lr_decay"], momentum=c["momentum"])
+        return dict(epochs=c["epochs"], lr=c["lr"], weight_decay=c["weight_decay"],
+                    milestones=tuple(c["milestones"]), scheduler=c["scheduler"],
+                    gamma=c["lr_decay"], momentum=c["momentum"])
+
+    def state_dict(self) -> dict:
+        return {name: m.state_dict() for name, m in self.modules().items() if m is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, m in self.modules().items():
+            if m is not None:
+                m.load_state_dict(state[name])
+
+
+def schedule_options(init_epochs: int, init_lr: float, init_milestones: list[int], init_weight_decay: float,
+                     epochs: int, lr: float, milestones: list[int], weight_decay: float,
+                     scheduler: str = "multistep", lr_decay: float = 0.1, momentum: float = 0.9) -> dict[str, Option]:
+    """The schedule keys shared by learners, with a learner's own defaults."""
+    return {
+        "init_epochs": Option(init_epochs, "int", "Epochs of phase 0.", min=0),
+        "init_lr": Option(init_lr, "float", "Learning rate of phase 0.", min=0.0),
+        "init_milestones": Option(init_milestones, "int_list", "Phase-0 epochs where the lr is multiplied by lr_decay (multistep).", min=0),
+        "init_weight_decay": Option(init_weight_decay, "float", "Weight decay of phase 0.", min=0.0),
+        "epochs": Option(epochs, "int", "Epochs of each later phase.", min=0),
+        "lr": Option(lr, "float", "Learning rate of later phases.", min=0.0),
+        "milestones": Option(milestones, "int_list", "Later-phase epochs where the lr is multiplied by lr_decay (multistep).", min=0),
+        "weight_decay": Option(weight_decay, "float", "Weight decay of later phases.", min=0.0),
+        "scheduler": Option(scheduler, "str", "Learning-rate schedule.", choices=("multistep", "cosine", "constant")),
+        "lr_decay": Option(lr_decay, "float", "Multistep decay factor.", min=0.0, max=1.0),
+        "momentum": Option(momentum, "float", "SGD momentum.", min=0.0, max=1.0),
+    }

@@ -1,0 +1,36 @@
+"""Finetune: plain training on the new classes only — no memory, no distillation (the lower bound)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from convs.incremental_net import IncrementalNet
+from convs.linears import SimpleLinear, expand_linear
+from models.base import Batch, Learner, Phase, Stage, schedule_options
+from models.registry import register_learner
+
+
+@register_learner("finetune")
+class Finetune(Learner):
+    name = "finetune"
+    uses_memory = False
+    # PyCIL's CIFAR schedule for finetune/iCaRL.
+    options = schedule_options(init_epochs=200, init_lr=0.1, init_milestones=[60, 120, 170], init_weight_decay=5e-4,
+                               epochs=170, lr=0.1, milestones=[80, 120], weight_decay=2e-4)
+
+    def grow_network(self, phase: Phase) -> None:
+        if self.net is None:
+            self.net = IncrementalNet(self.cfg["convnet_type"])
+            self.net.head = SimpleLinear(self.net.feature_dim, phase.last)
+        else:
+            self.net.head = expand_linear(self.net.head, phase.last)
+
+    def stages(self, phase: Phase) -> list[Stage]:
+        return [Stage("train", params=self.net.parameters(), forward=self.forward, loss=self.loss,
+                      train_mode=self.net.train, **self.schedule(phase))]
+
+    def forward(self, x, net=None) -> dict:
+        return (net or self.net)(x)
+
+    def loss(self, out: dict, batch: Batch):
+        ce = F.cross_entropy(out["logits"], batch.y)
+        return ce, {"ce": ce}

@@ -1,0 +1,136 @@
+"""LUCIR (Hou et al. 2019): Learning a Unified Classifier Incrementally via Rebalancing.
+
+- cosine-normalised classifier with a learnable scale σ; the backbone's last ReLU removed
+  (the ``cosine_`` variant of ``convnet_type`` is used);
+- new-class weights imprinted from normalised feature means, scaled to the old weights' mean norm;
+- old-class weights frozen in later phases (as the official code does);
+- loss = CE + λ·less-forget (1 − cos between new and old normalised features),
+  λ = λ_base·sqrt(old/new classes), + margin ranking on old-class samples (K hard new-class
+  negatives, margin m, weight lw_mr), the ranking on raw cosines;
+- class-balanced finetuning of the classifier on all exemplars after the memory update.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from convs.incremental_net import IncrementalNet
+from convs.linears import CosineLinear, split_cosine
+from convs.registry import backbone_names
+from models.base import Batch, Learner, Phase, Stage, schedule_options
+from models.registry import register_learner
+from utils.config import Option
+from utils.errors import ConfigError
+
+
+def cosine_backbone_name(convnet_type: str) -> str:
+    return convnet_type if convnet_type.startswith("cosine_") else f"cosine_{convnet_type}"
+
+
+@register_learner("lucir")
+class LUCIR(Learner):
+    name = "lucir"
+    head_kind = "cosine"
+    # LUCIR's CIFAR-100 schedule (SPEC.md §4): lr 0.1, 160 epochs, milestones [80, 120].
+    options = {
+        **schedule_options(init_epochs=160, init_lr=0.1, init_milestones=[80, 120], init_weight_decay=5e-4,
+                           epochs=160, lr=0.1, milestones=[80, 120], weight_decay=5e-4),
+        "lambda_base": Option(5.0, "float", "Less-forget weight base λ_base (λ = λ_base·sqrt(old/new)).", min=0.0),
+        "K": Option(2, "int", "Hard negatives (new classes) per old-class sample in the margin ranking loss.", min=1),
+        "margin": Option(0.5, "float", "Margin of the ranking loss.", min=0.0),
+        "lw_mr": Option(1.0, "float", "Weight of the margin ranking loss.", min=0.0),
+        "imprint": Option(True, "bool", "Imprint new-class weights from normalised feature means."),
+        "freeze_old_weights": Option(True, "bool", "Keep old-class classifier weights fixed in later phases."),
+        "cbf_epochs": Option(20, "int", "Class-balanced finetuning epochs (classifier only, on all exemplars); 0 = off.", min=0),
+        "cbf_lr": Option(0.01, "float", "Class-balanced finetuning learning rate.", min=0.0),
+        "cbf_milestones": Option([10], "int_list", "Class-balanced finetuning lr milestones.", min=0),
+        "cbf_weight_decay": Option(5e-4, "float", "Class-balanced finetuning weight decay.", min=0.0),
+    }
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        name = cosine_backbone_name(cfg["convnet_type"])
+        if name not in backbone_names():
+            allowed = [n for n in backbone_names() if n.startswith("cosine_")]
+            raise ConfigError(f"Config key 'convnet_type' is '{cfg['convnet_type']}': LUCIR needs a backbone with a "
+                              f"cosine variant; allowed: {', '.join(allowed)} (or their names without 'cosine_').")
+
+    # ---- network --------------------------------------------------------------------------
+    def before_grow(self, phase: Phase) -> None:
+        if phase.index > 0:
+            self.snapshot_old_net()
+
+    def grow_network(self, phase: Phase) -> None:
+        if self.net is None:
+            self.net = IncrementalNet(cosine_backbone_name(self.cfg["convnet_type"]))
+            self.net.head = CosineLinear(self.net.feature_dim, phase.last)
+            return
+        # Every class seen so far becomes fc1 (old), the new classes fc2; σ is kept.
+        self.net.head = split_cosine(self.net.head, phase.num_new)
+
+    def begin_phase(self, phase: Phase, data) -> None:
+        if phase.index == 0 or not self.cfg["imprint"]:
+            return
+        head = self.net.head
+        with torch.no_grad():
+            target_norm = head.fc1.weight.norm(dim=1).mean()
+            for j, c in enumerate(range(phase.first, phase.last)):
+                images, _ = self.trainer.class_images(c)
+                feats = self.trainer.embed(images, lambda x: self.net.backbone(x)["features"])
+                mean = F.normalize(F.normalize(feats, dim=1).mean(dim=0), dim=0)
+                head.fc2.weight[j] = (mean * target_norm).to(head.fc2.weight)
+
+    # ---- training -----------------------------------------------------------------------------
+    def stages(self, phase: Phase) -> list[Stage]:
+        params = self.net.parameters()
+        if phase.index > 0 and self.cfg["freeze_old_weights"]:
+            frozen = {id(p) for p in self.net.head.fc1.parameters()}
+            params = [p for p in self.net.parameters() if id(p) not in frozen]
+        stages = [Stage("train", params=params, forward=self.forward, loss=self.loss,
+                        train_mode=self.net.train, **self.schedule(phase))]
+        if phase.index > 0 and self.cfg["cbf_epochs"] > 0:
+            stages.append(Stage(
+                "balanced_finetune", epochs=self.cfg["cbf_epochs"], params=self.net.head.parameters(),
+                lr=self.cfg["cbf_lr"], weight_decay=self.cfg["cbf_weight_decay"], momentum=self.cfg["momentum"],
+                milestones=tuple(self.cfg["cbf_milestones"]), gamma=self.cfg["lr_decay"], scheduler="multistep",
+                forward=self.forward_head_only, loss=self.ce_loss, train_mode=self.net.eval,
+                data="memory", after_memory=True))
+        return stages
+
+    def forward(self, x, net=None) -> dict:
+        out = (net or self.net)(x)
+        if self.old_net is not None:
+            with torch.no_grad():
+                out["old_features"] = self.old_net(x)["features"]
+        return out
+
+    def forward_head_only(self, x, net=None) -> dict:
+        with torch.no_grad():
+            feats = self.net.backbone(x)["features"]
+        return {"features": feats, **self.net.head(feats)}
+
+    def ce_loss(self, out: dict, batch: Batch):
+        ce = F.cross_entropy(out["logits"], batch.y)
+        return ce, {"ce": ce}
+
+    def loss(self, out: dict, batch: Batch):
+        ce = F.cross_entropy(out["logits"], batch.y)
+        if "old_features" not in out:
+            return ce, {"ce": ce}
+        cos = out["cosine"]
+        num_old = self.net.head.fc1.out_dim
+        num_new = cos.shape[1] - num_old
+        lam = self.cfg["lambda_base"] * math.sqrt(num_old / num_new)
+        lf = (1 - F.cosine_similarity(out["features"].float(), out["old_features"].float(), dim=1)).mean() * lam
+        old_rows = batch.y < num_old
+        if old_rows.any():
+            k = min(self.cfg["K"], num_new)
+            c = cos[old_rows].float()
+            gt = c.gather(1, batch.y[old_rows, None])                    # [n, 1]
+            hard = c[:, num_old:].topk(k, dim=1).values                  # [n, K]
+            mr = F.relu(self.cfg["margin"] - gt + hard).mean() * self.cfg["lw_mr"]
+        else:
+            mr = cos.new_zeros(())
+        return ce + lf + mr, {"ce": ce, "lf": lf, "mr": mr}

@@ -1,0 +1,441 @@
+"""Dataset formats on disk: fake layouts built in tmp_path, plus cheap checks on the real copies."""
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from utils import datasets as ds
+from utils import image_cache
+from utils.datasets import DATASETS, FileImages, default_imagenet100_classes, describe_dataset, load_dataset
+from utils.errors import ConfigError, DataError
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def save_image(path, size=(20, 20), colour=(200, 30, 40), mode="RGB", fmt=None):
+    """Write a solid image of ``size`` (width, height) to ``path`` (creating folders)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour if mode == "RGB" else colour[0]).save(path, format=fmt)
+    return path
+
+
+def make_folder_tree(root, val_name="val"):
+    """2 classes; train: 3 + 2 images (PNG/JPEG, various sizes, a greyscale one, upper-case
+    extension, a sub-folder); val: 1 + 1. Plus files that are not images."""
+    save_image(root / "train/cat/a.png", (40, 30))
+    save_image(root / "train/cat/b.JPG", (30, 50), fmt="JPEG")
+    save_image(root / "train/cat/sub/c.png", (24, 24), colour=(90, 0, 0), mode="L")
+    save_image(root / "train/dog/d.jpeg", (64, 48), colour=(10, 200, 10), fmt="JPEG")
+    save_image(root / "train/dog/e.bmp", (17, 33), colour=(10, 10, 250))
+    (root / "train/dog/notes.txt").write_text("not an image")
+    save_image(root / "train/dog/.hidden.png", (20, 20))
+    save_image(root / f"{val_name}/cat/v1.png", (32, 32))
+    save_image(root / f"{val_name}/dog/v2.webp", (32, 40), colour=(10, 200, 10), fmt="WEBP")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# folder (ImageFolder tree)
+
+
+def test_folder_loads_shapes_labels_and_order(tmp_path):
+    root = make_folder_tree(tmp_path / "data")
+    d = load_dataset("folder", str(root), image_size=16, progress=False, num_workers=0)
+    assert d.class_names == ["cat", "dog"] and d.image_size == 16
+    assert d.mean == DATASETS["folder"].mean
+    assert d.train.images.shape == (5, 3, 16, 16) and d.train.images.dtype == torch.uint8
+    assert d.train.labels.tolist() == [0, 0, 0, 1, 1] and d.train.labels.dtype == torch.int64
+    assert d.test.images.shape == (2, 3, 16, 16) and d.test.labels.tolist() == [0, 1]
+    assert d.train.paths == sorted(d.train.paths) and d.train.boxes is None
+    assert [Path(p).name for p in d.train.paths] == ["a.png", "b.JPG", "c.png", "d.jpeg", "e.bmp"]
+    grey = d.train.images[2]  # greyscale -> 3 equal channels
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2]) and grey[0, 8, 8] == 90
+    assert d.train.images[4, :, 8, 8].tolist() == [10, 10, 250]
+
+
+def test_folder_resizes_short_side_then_centre_crops(tmp_path):
+    # 40x20 image: red | green | blue columns 0-9 | 10-29 | 30-39. Short side 20 -> 16 makes it
+    # 32x16; the centre 16x16 crop is the green part (not a squashed view of all three).
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :10] = (255, 0, 0)
+    img[:, 10:30] = (0, 255, 0)
+    img[:, 30:] = (0, 0, 255)
+    (tmp_path / "train/a").mkdir(parents=True)
+    Image.fromarray(img).save(tmp_path / "train/a/x.png")
+    save_image(tmp_path / "train/b/y.png")
+    save_image(tmp_path / "test/a/z.png")  # test/ when there is no val/
+    with pytest.warns(UserWarning, match=r"1 class\(es\) have no images in .*test: b"):
+        d = load_dataset("folder", str(tmp_path), image_size=16, progress=False, num_workers=0)
+    x = d.train.images[0].int()
+    assert (x[1, :, 1:15] >= 250).all() and (x[0, :, 1:15] <= 5).all() and (x[2, :, 1:15] <= 5).all()
+    assert len(d.test) == 1
+
+
+def test_folder_missing_root_names_path_and_layout(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError) as err:
+        load_dataset("folder", str(missing), image_size=16)
+    assert str(missing) in str(err.value) and "train/<class>/<image>" in str(err.value)
+    with pytest.raises(DataError, match="needs data_root"):
+        load_dataset("folder", None, image_size=16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="val/<class>/<image>"):
+        describe_dataset("folder", str(tmp_path / "empty"))
+
+
+def test_folder_unknown_val_class_and_empty_class_are_errors(tmp_path):
+    root = make_folder_tree(tmp_path / "d1")
+    save_image(root / "val/fox/f.png")
+    with pytest.raises(DataError, match="fox"):
+        describe_dataset("folder", str(root))
+    root = make_folder_tree(tmp_path / "d2")
+    (root / "train/empty_class").mkdir()
+    with pytest.raises(DataError, match="empty_class"):
+        describe_dataset("folder", str(root))
+
+
+def test_corrupt_image_raises_naming_file_or_is_skipped(tmp_path):
+    root = make_folder_tree(tmp_path / "data")
+    bad = root / "train/dog/broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    with pytest.raises(DataError) as err:
+        load_dataset("folder", str(root), image_size=16, progress=False, num_workers=0)
+    assert str(bad) in str(err.value) and "skip_unreadable" in str(err.value)
+    with pytest.warns(UserWarning, match=r"Skipped 1 unreadable train image") as rec:
+        d = load_dataset("folder", str(root), image_size=16, skip_unreadable=True, progress=False, num_workers=0)
+    assert str(bad) in str(rec[0].message)
+    assert len(d.train) == 5 and str(bad) not in d.train.paths
+    assert d.train.labels.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_streamed_set_matches_in_memory_decoding(tmp_path):
+    root = make_folder_tree(tmp_path / "data")
+    mem = load_dataset("folder", str(root), image_size=16, progress=False, num_workers=0)
+    streamed = load_dataset("folder", str(root), image_size=16, in_memory=False)
+    assert streamed.train.images is None and streamed.train.paths == mem.train.paths
+    assert torch.equal(streamed.train.labels, mem.train.labels)
+    files = FileImages(streamed.train.paths, 16)
+    assert len(files) == 5
+    assert torch.equal(torch.stack([files[i] for i in range(len(files))]), mem.train.images)
+    (root / "train/cat/a.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="a.png"):
+        files[0]
+
+
+def test_decode_pool_gives_the_same_result_as_serial(tmp_path):
+    paths = [str(save_image(tmp_path / f"{i}.png", (20 + i, 30), colour=(i * 10, 50, 100))) for i in range(10)]
+    serial = image_cache.decode_images(paths, 16, workers=0, progress=False)
+    pooled = image_cache.decode_images(paths, 16, workers=2, chunk_size=3, progress=False)
+    for a, b in zip(serial[:3], pooled[:3]):
+        np.testing.assert_array_equal(a, b)
+    assert serial[0].shape == (10, 3, 16, 16) and serial[3] == []
+    Path(paths[4]).write_bytes(b"broken")  # in the middle of the second chunk
+    images, kept, _, failures = image_cache.decode_images(paths, 16, workers=2, chunk_size=3, progress=False,
+                                                          skip_unreadable=True)
+    assert kept.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9] and [f[0] for f in failures] == [paths[4]]
+    np.testing.assert_array_equal(images, serial[0][kept])
+    with pytest.raises(image_cache.DecodeFailure, match="4.png"):
+        image_cache.decode_images(paths, 16, workers=2, chunk_size=3, progress=False)
+
+
+def test_describe_counts_without_decoding(tmp_path, monkeypatch):
+    root = make_folder_tree(tmp_path / "data")
+    monkeypatch.setattr(image_cache, "decode_image", _must_not_decode)
+    assert describe_dataset("folder", str(root)) == {"num_classes": 2, "num_train": 5, "num_test": 2}
+    assert describe_dataset("synthetic", None, synthetic={"num_classes": 4}) == \
+        {"num_classes": 4, "num_train": 400, "num_test": 120}
+
+
+def _must_not_decode(*args, **kwargs):
+    raise AssertionError("decoded although it should not")
+
+
+# ----------------------------------------------------------------------------------------------
+# cache
+
+
+def test_cache_second_load_skips_decoding_and_is_identical(tmp_path, monkeypatch):
+    root, cache = make_folder_tree(tmp_path / "data"), tmp_path / "cache"
+    first = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False, num_workers=0)
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".pt"  # no temporary file left behind
+    with monkeypatch.context() as m:
+        m.setattr(image_cache, "decode_images", _must_not_decode)
+        second = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False)
+    for a, b in ((first.train, second.train), (first.test, second.test)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.paths == b.paths
+    assert second.class_names == first.class_names
+    # another image size or a changed file gives another cache entry (and decodes)
+    load_dataset("folder", str(root), image_size=12, cache_dir=str(cache), progress=False, num_workers=0)
+    save_image(root / "train/dog/new.png")
+    third = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False, num_workers=0)
+    assert len(third.train) == 6 and len(list(cache.iterdir())) == 3
+
+
+def test_corrupt_cache_is_ignored_and_rewritten(tmp_path):
+    root, cache = make_folder_tree(tmp_path / "data"), tmp_path / "cache"
+    first = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False, num_workers=0)
+    (cache_file,) = cache.iterdir()
+    cache_file.write_bytes(cache_file.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match="Ignoring unreadable dataset cache"):
+        again = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False, num_workers=0)
+    assert torch.equal(again.train.images, first.train.images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rewritten: loads cleanly now
+        load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False, num_workers=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR
+
+
+def write_cifar(folder, files, label_key, n, num_classes, meta_name, names_key):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for f in files:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        data[:, 0] = np.arange(n)  # red channel of the top-left pixel = index in the batch
+        with open(folder / f, "wb") as fh:
+            pickle.dump({b"data": data, label_key: [i % num_classes for i in range(n)],
+                         b"filenames": [b"x.png"] * n}, fh)
+    with open(folder / meta_name, "wb") as fh:
+        pickle.dump({names_key: [f"class{i}".encode() for i in range(num_classes)]}, fh)
+
+
+def test_cifar10_in_official_subfolder(tmp_path):
+    write_cifar(tmp_path / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                b"labels", 4, 10, "batches.meta", b"label_names")
+    d = load_dataset("cifar10", str(tmp_path), image_size=32)
+    assert d.class_names == [f"class{i}" for i in range(10)] and d.mean == (0.4914, 0.4822, 0.4465)
+    assert d.train.images.shape == (20, 3, 32, 32) and d.test.images.shape == (4, 3, 32, 32)
+    assert d.train.labels.tolist() == [0, 1, 2, 3] * 5 and d.train.paths is None and d.train.boxes is None
+    assert d.train.images[:4, 0, 0, 0].tolist() == [0, 1, 2, 3]  # row-major [3, 32, 32] layout
+    assert describe_dataset("cifar10", str(tmp_path)) == {"num_classes": 10, "num_train": 20, "num_test": 4}
+
+
+def test_cifar100_in_root_and_resized(tmp_path):
+    write_cifar(tmp_path, ["train", "test"], b"fine_labels", 6, 100, "meta", b"fine_label_names")
+    d = load_dataset("cifar100", str(tmp_path), image_size=16)
+    assert len(d.class_names) == 100 and d.std == (0.2675, 0.2565, 0.2761)
+    assert d.train.images.shape == (6, 3, 16, 16) and d.train.images.dtype == torch.uint8
+    assert d.train.labels.tolist() == list(range(6))
+
+
+def test_cifar_missing_or_malformed_files(tmp_path):
+    with pytest.raises(DataError, match="data_batch_1") as err:
+        load_dataset("cifar10", str(tmp_path), image_size=32)
+    assert "cifar-10-batches-py" in str(err.value)
+    write_cifar(tmp_path, ["train", "test"], b"fine_labels", 6, 100, "meta", b"fine_label_names")
+    (tmp_path / "test").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="test"):
+        load_dataset("cifar100", str(tmp_path), image_size=32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny-ImageNet
+
+
+def make_tiny(root):
+    """3 class folders, wnids.txt listing 2 of them; boxes files; val with an extra-class image."""
+    wnids = ["n001", "n002", "n003"]
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "wnids.txt").write_text("n002\nn001\n")
+    for c in wnids:
+        lines = []
+        for i in range(2):
+            mode = "L" if (c, i) == ("n001", 1) else "RGB"
+            save_image(root / f"train/{c}/images/{c}_{i}.JPEG", (64, 64), mode=mode, fmt="JPEG")
+            lines.append(f"{c}_{i}.JPEG\t{1 + i}\t2\t10\t{20 + i}")
+        (root / f"train/{c}/{c}_boxes.txt").write_text("\n".join(lines) + "\n")
+    ann = []
+    for i, c in enumerate(["n001", "n002", "n003", "n002"]):
+        save_image(root / f"val/images/val_{i}.JPEG", (64, 64), fmt="JPEG")
+        ann.append(f"val_{i}.JPEG\t{c}\t0\t0\t63\t{31 + i}")
+    (root / "val/val_annotations.txt").write_text("\n".join(ann) + "\n")
+    return root
+
+
+def test_tinyimagenet_boxes_and_class_subset(tmp_path):
+    root = make_tiny(tmp_path / "tiny")
+    d = load_dataset("tinyimagenet", str(root), image_size=64, progress=False, num_workers=0)
+    assert d.class_names == ["n001", "n002"]  # wnids.txt decides (sorted); n003 is ignored
+    assert d.train.images.shape == (4, 3, 64, 64) and d.train.labels.tolist() == [0, 0, 1, 1]
+    # file x0=1 y0=2 x1=10 y1=20 (inclusive) -> (y0, y1, x0, x1) half-open
+    assert d.train.boxes[0].tolist() == [2, 21, 1, 11] and d.train.boxes[1].tolist() == [2, 22, 2, 11]
+    assert [Path(p).name for p in d.test.paths] == ["val_0.JPEG", "val_1.JPEG", "val_3.JPEG"]
+    assert d.test.labels.tolist() == [0, 1, 1] and d.test.boxes[0].tolist() == [0, 32, 0, 64]
+    half = load_dataset("tinyimagenet", str(root), image_size=32, progress=False, num_workers=0)
+    assert half.train.boxes[0].tolist() == [1, 11, 0, 6]  # rescaled to the stored 32 px image
+    assert half.test.boxes[0].tolist() == [0, 16, 0, 32]
+    streamed = load_dataset("tinyimagenet", str(root), image_size=32, in_memory=False)
+    assert torch.equal(streamed.train.boxes, half.train.boxes)
+
+
+def test_tinyimagenet_missing_box_is_an_error(tmp_path):
+    root = make_tiny(tmp_path / "tiny")
+    save_image(root / "train/n001/images/n001_9.JPEG", (64, 64), fmt="JPEG")
+    with pytest.raises(DataError, match="no box for n001_9.JPEG"):
+        describe_dataset("tinyimagenet", str(root))
+    (root / "wnids.txt").unlink()
+    with pytest.raises(DataError, match="wnids.txt") as err:
+        describe_dataset("tinyimagenet", str(root))
+    assert "val_annotations.txt" in str(err.value)  # the layout is printed
+
+
+@pytest.mark.skipif(not (REAL_DATA / "tiny-imagenet-50").is_dir(), reason="real tiny-imagenet-50 not present")
+def test_real_tinyimagenet_50(tmp_path):
+    root = str(REAL_DATA / "tiny-imagenet-50")
+    assert describe_dataset("tinyimagenet", root) == {"num_classes": 50, "num_train": 25000, "num_test": 2500}
+    wnids = sorted((REAL_DATA / "tiny-imagenet-50/wnids.txt").read_text().split())
+    (tmp_path / "two.txt").write_text(f"{wnids[3]}\n{wnids[0]}\n")
+    d = load_dataset("tinyimagenet", root, image_size=32, class_list=str(tmp_path / "two.txt"),
+                     cache_dir=str(tmp_path / "cache"), progress=False)
+    assert d.class_names == [wnids[0], wnids[3]]
+    assert d.train.images.shape == (1000, 3, 32, 32) and len(d.test) == 100
+    y0, y1, x0, x1 = d.train.boxes.unbind(1)
+    assert ((0 <= y0) & (y0 < y1) & (y1 <= 32) & (0 <= x0) & (x0 < x1) & (x1 <= 32)).all()
+
+
+@pytest.mark.skipif(not (REAL_DATA / "imagenette2").is_dir(), reason="real imagenette2 not present")
+def test_real_imagenette_layout():
+    assert describe_dataset("folder", str(REAL_DATA / "imagenette2")) == \
+        {"num_classes": 10, "num_train": 9469, "num_test": 3925}
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet-100 / ImageNet-1000
+
+
+def make_imagenet(root, num_classes, val=True):
+    for i in range(num_classes):
+        wnid = f"n{i:08d}"
+        save_image(root / f"train/{wnid}/{wnid}_1.JPEG", (12, 10), colour=(i, 0, 0), fmt="JPEG")
+        if val:
+            save_image(root / f"val/{wnid}/ILSVRC2012_val_{i}.JPEG", (10, 12), fmt="JPEG")
+    if val:
+        (root / "val").mkdir(exist_ok=True)
+    return root
+
+
+def test_default_imagenet100_rule_is_the_documented_one():
+    wnids = [f"n{i:08d}" for i in range(150)]
+    chosen = default_imagenet100_classes(list(reversed(wnids)))
+    perm = np.random.RandomState(1993).permutation(150)
+    assert chosen == sorted(wnids[i] for i in perm[:100])
+    assert chosen == default_imagenet100_classes(wnids) and len(set(chosen)) == 100
+    with pytest.raises(ValueError):
+        default_imagenet100_classes(wnids[:99])
+
+
+def test_imagenet100_default_and_class_list(tmp_path):
+    root = make_imagenet(tmp_path / "inet", 103)
+    all_wnids = [f"n{i:08d}" for i in range(103)]
+    assert describe_dataset("imagenet100", str(root)) == {"num_classes": 100, "num_train": 100, "num_test": 100}
+    listing = ds._list_files(DATASETS["imagenet100"], str(root), None)
+    assert listing["class_names"] == default_imagenet100_classes(all_wnids)
+
+    class_list = tmp_path / "classes.txt"
+    class_list.write_text("# my classes\nn00000002 some name\n\nn00000000\nn00000001\n")
+    with pytest.warns(UserWarning, match="lists 3 classes, not 100"):
+        d = load_dataset("imagenet100", str(root), image_size=8, class_list=str(class_list),
+                         progress=False, num_workers=0)
+    assert d.class_names == ["n00000000", "n00000001", "n00000002"]
+    assert d.train.images.shape == (3, 3, 8, 8) and d.test.labels.tolist() == [0, 1, 2]
+    assert d.train.images[:, 0, 4, 4].tolist() == pytest.approx([0, 1, 2], abs=3)
+
+    class_list.write_text("n00000000\nn09999999\n")
+    with pytest.raises(DataError, match="n09999999"):
+        describe_dataset("imagenet100", str(root), class_list=str(class_list))
+    with pytest.raises(DataError, match="does not exist"):
+        describe_dataset("imagenet100", str(root), class_list=str(tmp_path / "nope.txt"))
+    small = make_imagenet(tmp_path / "small", 5)
+    with pytest.raises(DataError, match="needs >= 100 class folders"):
+        describe_dataset("imagenet100", str(small))
+
+
+def test_imagenet1000_streams_by_default(tmp_path):
+    root = make_imagenet(tmp_path / "inet", 4)
+    d = load_dataset("imagenet1000", str(root), image_size=8)
+    assert d.train.images is None and len(d.train.paths) == 4 and d.train.labels.tolist() == [0, 1, 2, 3]
+    assert FileImages(d.train.paths, 8)[1].shape == (3, 8, 8)
+    d = load_dataset("imagenet1000", str(root), image_size=8, in_memory=True, progress=False, num_workers=0)
+    assert d.train.images.shape == (4, 3, 8, 8)
+    noval = make_imagenet(tmp_path / "noval", 2, val=False)
+    with pytest.raises(DataError, match=r"valprep\.sh"):
+        describe_dataset("imagenet1000", str(noval))
+    save_image(noval / "val/ILSVRC2012_val_00000001.JPEG", fmt="JPEG")  # the flat archive layout
+    with pytest.raises(DataError, match="holds images directly"):
+        describe_dataset("imagenet1000", str(noval))
+
+
+# ----------------------------------------------------------------------------------------------
+# Food-101
+
+
+def make_food(root):
+    for c, ids in (("apple_pie", ["11", "12", "13"]), ("waffles", ["21", "22"])):
+        for i in ids:
+            save_image(root / f"images/{c}/{i}.jpg", (30, 20), fmt="JPEG")
+    (root / "meta").mkdir()
+    (root / "meta/classes.txt").write_text("apple_pie\nwaffles\n")
+    (root / "meta/train.txt").write_text("apple_pie/11\napple_pie/13\nwaffles/22\n")
+    (root / "meta/test.txt").write_text("apple_pie/12\nwaffles/21\n")
+    return root
+
+
+def test_food101_layout(tmp_path):
+    root = make_food(tmp_path / "food-101")
+    d = load_dataset("food101", str(root), image_size=16, progress=False, num_workers=0)
+    assert d.class_names == ["apple_pie", "waffles"] and d.mean == (0.485, 0.456, 0.406)
+    assert d.train.labels.tolist() == [0, 0, 1] and d.test.labels.tolist() == [0, 1]
+    assert [Path(p).name for p in d.train.paths] == ["11.jpg", "13.jpg", "22.jpg"]
+    assert d.train.images.shape == (3, 3, 16, 16)
+    (root / "meta/test.txt").write_text("apple_pie/12\nwaffles/99\n")
+    with pytest.raises(DataError, match="waffles/99"):
+        describe_dataset("food101", str(root))
+    (root / "meta/test.txt").write_text("pizza/1\n")
+    with pytest.raises(DataError, match="pizza/1"):
+        describe_dataset("food101", str(root))
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments and registry
+
+
+def test_registry_defaults():
+    assert set(DATASETS) == {"synthetic", "folder", "cifar10", "cifar100", "tinyimagenet", "imagenet100",
+                             "imagenet1000", "food101"}
+    assert [n for n, i in DATASETS.items() if i.streamed] == ["imagenet1000"]
+    assert (DATASETS["tinyimagenet"].image_size, DATASETS["tinyimagenet"].input_size) == (64, 64)
+    assert (DATASETS["food101"].image_size, DATASETS["food101"].input_size) == (256, 224)
+    assert DATASETS["cifar100"].augment == "crop_flip" and DATASETS["imagenet100"].augment == "resized_crop"
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(name="mnist", data_root=None, image_size=32),
+    dict(name="synthetic", data_root=None, image_size=4),
+    dict(name="synthetic", data_root=None, image_size=32.0),
+    dict(name="cifar10", data_root="x", image_size=32, class_list="classes.txt"),
+    dict(name="cifar10", data_root="x", image_size=32, in_memory=False),
+    dict(name="folder", data_root="x", image_size=32, synthetic={"num_classes": 3}),
+])
+def test_bad_arguments_raise_config_error(kwargs):
+    name = kwargs.pop("name")
+    with pytest.raises(ConfigError):
+        load_dataset(name, **kwargs)
+
+
+def test_errors_are_user_errors_with_paths(tmp_path):
+    notdir = tmp_path / "file"
+    notdir.write_text("")
+    with pytest.raises(DataError, match=str(notdir)):
+        load_dataset("food101", str(notdir), image_size=16)
+    with pytest.raises(DataError, match="meta/classes.txt"):
+        load_dataset("food101", str(tmp_path), image_size=16)
+    assert os.path.isdir(tmp_path)

@@ -1,0 +1,77 @@
+import torch
+
+from utils.memory import ExemplarMemory
+from utils.nme import class_means, nme_logits
+
+
+def _class_data(c, n=30, size=8):
+    g = torch.Generator().manual_seed(c)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    return images, torch.arange(n) + 100 * c
+
+
+def _features(images):
+    return images.float().flatten(1)[:, :16]
+
+
+def test_budget_rules():
+    m = ExemplarMemory(memory_size=100, memory_per_class=7, fixed_memory=False)
+    assert m.class_budget(10) == 10 and m.total_budget(10) == 100
+    assert m.class_budget(30) == 3
+    f = ExemplarMemory(memory_size=100, memory_per_class=7, fixed_memory=True)
+    assert f.class_budget(30) == 7 and f.total_budget(30) == 210
+
+
+def test_memory_never_exceeds_budget_across_phases_and_shrinks_by_prefix():
+    mem = ExemplarMemory(memory_size=40, memory_per_class=0, fixed_memory=False)
+    plan = [(0, 2), (2, 5), (5, 8)]
+    history = {}
+    for lo, hi in plan:
+        mem.update(range(lo, hi), _class_data, _features, classes_seen=hi)
+        st = mem.stats(hi)
+        assert st["used"] <= st["budget"]
+        assert len(mem) == st["exemplars"] == sum(st["per_class"])
+        for c in range(hi):
+            idx = mem.classes[c].source_index.tolist()
+            assert len(idx) == 40 // hi
+            if c in history:   # old classes keep a prefix of their herding order
+                assert idx == history[c][:len(idx)]
+            history[c] = idx
+    images, labels = mem.tensors()
+    assert images.shape == (len(mem), 3, 8, 8) and labels.tolist() == sorted(labels.tolist())
+
+
+def test_costs_let_more_exemplars_fit():
+    mem = ExemplarMemory(memory_size=10, memory_per_class=0, fixed_memory=False)
+
+    def quarter_cost(images, c):
+        return images, torch.full((len(images),), 0.25), torch.zeros(len(images), 4, dtype=torch.long)
+
+    mem.update(range(0, 1), _class_data, _features, classes_seen=1, compressor=quarter_cost)
+    assert len(mem) == 30            # all 30 fit: 30 * 0.25 = 7.5 <= 10
+    mem.update(range(1, 2), _class_data, _features, classes_seen=2, compressor=quarter_cost)
+    assert mem.counts(2) == [20, 20]  # 5 units each: 20 * 0.25
+    assert mem.used() <= 10
+
+
+def test_counts_are_counts_not_index_sums():
+    mem = ExemplarMemory(memory_size=9, memory_per_class=0, fixed_memory=False)
+    mem.update(range(0, 3), _class_data, _features, classes_seen=3)
+    assert mem.counts(4) == [3, 3, 3, 0]
+
+
+def test_state_dict_round_trip():
+    mem = ExemplarMemory(memory_size=9, memory_per_class=0, fixed_memory=False)
+    mem.update(range(0, 3), _class_data, _features, classes_seen=3)
+    other = ExemplarMemory(9, 0, False)
+    other.load_state_dict(mem.state_dict())
+    a, b = mem.tensors(), other.tensors()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_nme_classifies_by_nearest_mean():
+    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    means = class_means(feats, torch.tensor([0, 0, 1, 1]), 3)
+    assert torch.allclose(means[2], torch.zeros(2))
+    pred = nme_logits(torch.tensor([[0.8, 0.3], [0.2, 0.7]]), means).argmax(1)
+    assert pred.tolist() == [0, 1]

@@ -1,0 +1,389 @@
+"""The phase loop: the one place that knows about devices, AMP, epochs, data, memory, evaluation,
+logs and checkpoints. Learners (``models/``) supply network changes, stages and losses; plugins
+(``models/plugins.py``) attach to named hooks.
+
+Per phase k: build the training data (new classes + exemplars) → learner grows its network →
+run the learner's stages → end-of-training step → memory update (herding) → post-memory stages →
+evaluation (CNN, NME, extra models) → checkpoint and results.json, both atomic.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.base import Batch, Learner, Phase, Stage
+from models.plugins import PLUGINS
+from models.registry import get_learner_class
+from utils import batching
+from utils.augment import TrainAugment, test_transform
+from utils.config import config_hash, phase_plan
+from utils.datasets import DATASETS, load_dataset
+from utils.errors import UserError
+from utils.io import save_torch, write_json
+from utils.memory import ExemplarMemory
+from utils.metrics import accuracy_report, summarize
+from utils.nme import class_means, nme_logits
+from utils.run_log import RunLog
+from utils.seeding import phase_seed, rng_states, seed_everything, set_rng_states
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; the message names the phase, stage and epoch."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"Config key 'device' is '{name}' but CUDA is not available here; use 'cpu' or 'auto'.")
+    return torch.device(name)
+
+
+def class_order(num_classes: int, seed: int, shuffle: bool) -> list[int]:
+    """The class order (dataset class indices): a permutation seeded with ``seed`` (SPEC.md §1)."""
+    if not shuffle:
+        return list(range(num_classes))
+    import numpy as np
+
+    return np.random.RandomState(seed).permutation(num_classes).tolist()
+
+
+class Trainer:
+    def __init__(self, cfg: dict, output_dir: str | Path, config_name: str = "run"):
+        self.cfg = cfg
+        self.out = Path(output_dir)
+        self.config_name = config_name
+        self.device = resolve_device(cfg["device"])
+        self.on_cuda = self.device.type == "cuda"
+        self.amp = cfg["amp"] and self.on_cuda
+        self.channels_last = cfg["channels_last"] and self.on_cuda
+        self.log = RunLog(self.out)
+        self.hash = config_hash(cfg)
+        seed_everything(cfg["seed"])
+
+        info = DATASETS[cfg["dataset"]]
+        self.image_size = cfg["image_size"] or info.image_size
+        self.input_size = cfg["input_size"] or info.input_size
+        self.data = load_dataset(cfg["dataset"], cfg["data_root"], image_size=self.image_size,
+                                 class_list=cfg["class_list"], cache_dir=cfg["cache_dir"],
+                                 skip_unreadable=cfg["skip_unreadable"], in_memory=cfg["in_memory"],
+                                 synthetic=cfg["synthetic"], num_workers=cfg["num_workers"] or None)
+        self.num_classes = len(self.data.class_names)
+        self.plan = phase_plan(cfg, self.num_classes)
+        self.order = class_order(self.num_classes, cfg["seed"], cfg["shuffle"])
+        remap = torch.empty(self.num_classes, dtype=torch.long)
+        remap[torch.tensor(self.order)] = torch.arange(self.num_classes)
+        self.train_labels = remap[self.data.train.labels]
+        self.test_labels = remap[self.data.test.labels]
+        self.train_images = self._source(self.data.train)
+        self.test_images = self._source(self.data.test)
+
+        self.augment = TrainAugment(
+            self.input_size, self.data.mean, self.data.std, mode=cfg["augment"] or info.augment,
+            padding=cfg["crop_padding"], scale=tuple(cfg["rrc_scale"]), flip=cfg["flip"],
+            color_jitter=cfg["color_jitter"], autoaugment=cfg["autoaugment"], cutout=cfg["cutout"])
+        self.learner: Learner = get_learner_class(cfg["model_name"])(cfg, self)
+        self.memory = ExemplarMemory(cfg["memory_size"], cfg["memory_per_class"], cfg["fixed_memory"])
+        self.plugins = [cls(cfg, self) for cls in PLUGINS.values() if cls.enabled(cfg)]
+        self.results = {"config": cfg, "config_hash": self.hash, "class_order": self.order,
+                        "class_names": [self.data.class_names[c] for c in self.order], "phases": [], "summary": {}}
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _source(self, split) -> batching.Images:
+        from utils.datasets import FileImages
+
+        if split.images is not None:
+            return split.images
+        return FileImages(split.paths, self.image_size)   # streamed: decoded by loader workers
+
+    def class_images(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [n, 3, S, S] training images of class ``label`` (after remapping) and their indices."""
+        index = (self.train_labels == label).nonzero().flatten()
+        images = batching.materialize(batching.select(self.train_images, index), self.cfg["num_workers"])
+        return images, index
+
+    def phase_data(self, phase: Phase, kind: str) -> tuple[batching.Images, torch.Tensor, torch.Tensor]:
+        """(images, labels, is_old) of a stage: "phase" = new-class images + exemplars; "memory" = exemplars."""
+        mem_images, mem_labels = self.memory.tensors()
+        if kind == "memory":
+            return mem_images, mem_labels, mem_labels < phase.first
+        new = ((self.train_labels >= phase.first) & (self.train_labels < phase.last)).nonzero().flatten()
+        images = batching.concat_images([batching.select(self.train_images, new), mem_images])
+        labels = torch.cat([self.train_labels[new], mem_labels])
+        return images, labels, labels < phase.first
+
+    def class_counts(self, phase: Phase) -> torch.Tensor:
+        """Real per-class training sample counts of the phase data (exemplars for old classes)."""
+        _, labels, _ = self.phase_data(phase, "phase")
+        return torch.bincount(labels, minlength=phase.last).float()
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Test-time transform of uint8 images on the device (no augmentation)."""
+        x = test_transform(images.to(self.device, non_blocking=True), self.input_size, self.data.mean, self.data.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def embed(self, images: batching.Images, fn: Callable[[torch.Tensor], torch.Tensor], flip: bool = False) -> torch.Tensor:
+        """fn(x) for uint8 ``images`` in eval mode, batched: float32 [N, d] on the CPU.
+
+        With ``flip``, the mean of the normalised features of the image and its mirror (iCaRL's means).
+        """
+        for m in self.learner.modules().values():
+            if m is not None:
+                m.eval()
+        outs = []
+        for (imgs,) in batching.iterate(images, batch_size=self.cfg["eval_batch_size"], num_workers=self.cfg["num_workers"]):
+            x = self.to_input(imgs)
+            with self.autocast():
+                f = fn(x).float()
+                if flip:
+                    f = F.normalize(f, dim=1) + F.normalize(fn(torch.flip(x, dims=[3])).float(), dim=1)
+            outs.append(f.cpu())
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    # ---- the training loop --------------------------------------------------------------------
+    def _optimizer(self, stage: Stage):
+        params = list(stage.params)
+        if params and not isinstance(params[0], dict):   # plain parameters, not param groups
+            params = [p for p in params if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
+        if stage.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(stage.epochs, 1))
+        elif stage.scheduler == "multistep":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(stage.milestones), gamma=stage.gamma)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+        return opt, sched
+
+    def run_stage(self, phase: Phase, stage: Stage, generator: torch.Generator) -> None:
+        if stage.epochs == 0:
+            return
+        images, labels, is_old = self.phase_data(phase, stage.data)
+        if len(labels) < 2:
+            self.log.info(f"  stage {stage.name}: skipped, only {len(labels)} training samples")
+            return
+        if isinstance(images, torch.Tensor) and self.on_cuda and images.numel() < 2 ** 31:
+            # Small enough: keep the whole stage's data on the device, no per-batch host copies.
+            images, labels, is_old = images.to(self.device), labels.to(self.device), is_old.to(self.device)
+        opt, sched = self._optimizer(stage)
+        batch_size = stage.batch_size or self.cfg["batch_size"]
+        bar = tqdm(range(stage.epochs), desc=f"phase {phase.index} {stage.name}", disable=None, leave=False)
+        for epoch in bar:
+            start = time.time()
+            stage.train_mode()
+            sums: dict[str, torch.Tensor] = {}
+            correct = torch.zeros((), device=self.device)
+            seen = 0
+            for imgs, y, old in batching.iterate(images, labels, is_old, batch_size=batch_size, generator=generator,
+                                                 min_batch=2, num_workers=self.cfg["num_workers"]):
+                imgs, y, old = (t.to(self.device, non_blocking=True) for t in (imgs, y, old))
+                for plugin in self.plugins:
+                    imgs = plugin.before_augment(imgs, y, old, stage, epoch)
+                x = self.augment(imgs, generator)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                batch = Batch(x, y, old)
+                with self.autocast():
+                    out = stage.forward(x)
+                    loss, parts = stage.loss(out, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                n = y.shape[0]
+                seen += n
+                for k, v in {"loss": loss, **parts}.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() * n
+                if "logits" in out:
+                    correct += (out["logits"].argmax(1) == y).sum()
+            sched.step()
+            losses = {k: (v / max(seen, 1)).item() for k, v in sums.items()}
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise TrainingDiverged(
+                    f"Training diverged in phase {phase.index}, stage '{stage.name}', epoch {epoch + 1}: "
+                    f"losses {losses}. Results of the earlier phases are kept in {self.out}. "
+                    f"Try a lower learning rate.")
+            for plugin in self.plugins:
+                plugin.after_epoch(phase, stage, epoch)
+            record = {"phase": phase.index, "stage": stage.name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+                      "losses": {k: round(v, 6) for k, v in losses.items()},
+                      "train_acc": round(100.0 * correct.item() / max(seen, 1), 4),
+                      "seconds": round(time.time() - start, 3)}
+            self.log.metric(record)
+            bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.3f}", acc=f"{record['train_acc']:.1f}")
+        if stage.on_end is not None:
+            stage.on_end()
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, phase: Phase) -> dict:
+        test = (self.test_labels < phase.last).nonzero().flatten()
+        images = batching.select(self.test_images, test)
+        targets = self.test_labels[test]
+        bounds = list(phase.task_bounds)
+        k = self.cfg["topk"]
+        models = {"cnn": self.learner.inference, **self.learner.extra_evaluations()}
+        logits = {name: [] for name in models}
+        feats = []
+        for m in self.learner.modules().values():
+            if m is not None:
+                m.eval()
+        for (imgs,) in batching.iterate(images, batch_size=self.cfg["eval_batch_size"], num_workers=self.cfg["num_workers"]):
+            x = self.to_input(imgs)
+            with self.autocast():
+                for name, fn in models.items():
+                    out = fn(x)
+                    logits[name].append(out["logits"][:, :phase.last].float().cpu())
+                    if name == "cnn":
+                        feats.append(out["features"].float().cpu())
+        report = {name: accuracy_report(torch.cat(v), targets, bounds, k) for name, v in logits.items()}
+        report["nme"] = None
+        if self.learner.uses_memory and self.cfg["nme"] and len(self.memory) > 0:
+            mem_images, mem_labels = self.memory.tensors()
+            mem_feats = self.embed(mem_images, lambda x: self.learner.inference(x)["features"], flip=True)
+            means = class_means(mem_feats, mem_labels, phase.last)
+            report["nme"] = accuracy_report(nme_logits(torch.cat(feats), means), targets, bounds, k)
+        return report
+
+    # ---- phases -------------------------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        return [Phase(k, lo, hi, tuple(self.plan[:k + 1])) for k, (lo, hi) in enumerate(self.plan)]
+
+    def learner_to_device(self) -> None:
+        for m in self.learner.modules().values():
+            if m is not None:
+                m.to(self.device)
+                if self.channels_last:
+                    m.to(memory_format=torch.channels_last)
+
+    def run_phase(self, phase: Phase) -> dict:
+        start = time.time()
+        generator = seed_everything(phase_seed(self.cfg["seed"], phase.index))
+        learner = self.learner
+        self.log.info(f"== phase {phase.index}: classes [{phase.first}, {phase.last}) "
+                      f"({phase.num_new} new, {phase.num_old} old), {len(self.memory)} exemplars")
+        learner.before_grow(phase)
+        learner.grow_network(phase)
+        self.learner_to_device()
+        learner.begin_phase(phase, self)
+        for plugin in self.plugins:
+            plugin.before_phase(phase)
+        stages = learner.stages(phase)
+        for stage in stages:
+            if not stage.after_memory:
+                self.run_stage(phase, stage, generator)
+        learner.end_training(phase)
+        if learner.uses_memory:
+            compressor = next((c for c in (p.compressor(phase) for p in self.plugins) if c is not None), None)
+            self.memory.update(range(phase.first, phase.last), self.class_images,
+                               lambda imgs: self.embed(imgs, lambda x: learner.inference(x)["features"]),
+                               phase.last, compressor)
+        for stage in stages:
+            if stage.after_memory:
+                self.run_stage(phase, stage, generator)
+        for plugin in self.plugins:
+            plugin.after_phase(phase)
+        report = self.evaluate(phase)
+        record = {"phase": phase.index, "classes": [phase.first, phase.last], **report,
+                  "memory": self.memory.stats(phase.last), **learner.phase_report(phase),
+                  "seconds": round(time.time() - start, 3)}
+        return record
+
+    def _summary(self) -> dict:
+        phases = self.results["phases"]
+        summary = {**summarize(phases, "cnn"), **summarize(phases, "nme")}
+        for name in self.learner.extra_evaluations():
+            s = summarize(phases, name)
+            summary.update({f"{name}_avg_top1": s[f"{name}_avg_top1"], f"{name}_last_top1": s[f"{name}_last_top1"]})
+        return summary
+
+    def _checkpoint_path(self, k: int) -> Path:
+        return self.out / "checkpoints" / f"phase_{k}.pt"
+
+    def save_checkpoint(self, phase: Phase) -> None:
+        policy = self.cfg["checkpoints"]
+        if policy == "none":
+            return
+        state = {"phase": phase.index, "config_hash": self.hash, "class_order": self.order,
+                 "learner": self.learner.state_dict(), "memory": self.memory.state_dict(),
+                 "plugins": [p.state_dict() for p in self.plugins], "results": self.results,
+                 "rng": rng_states()}
+        save_torch(self._checkpoint_path(phase.index), state)
+        if policy == "last" and phase.index > 0:
+            self._checkpoint_path(phase.index - 1).unlink(missing_ok=True)
+
+    def restore(self) -> int:
+        """Load the newest checkpoint; return the index of the first phase still to run (0 if none)."""
+        ckpts = sorted(self.out.glob("checkpoints/phase_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        if not ckpts:
+            self.log.info("resume: no checkpoint found, starting from phase 0")
+            return 0
+        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+        if state["config_hash"] != self.hash:
+            raise UserError(f"Cannot resume from {ckpts[-1]}: it was written with another config "
+                            f"(hash {state['config_hash']}, this run {self.hash}).")
+        last = state["phase"]
+        # Rebuild the network's structure phase by phase, then load the weights. The old model of
+        # distillation is snapshotted again when the next phase starts, as in an uninterrupted run.
+        for phase in self.phases()[:last + 1]:
+            self.learner.grow_network(phase)
+        self.learner_to_device()
+        self.learner.load_state_dict(state["learner"])
+        self.memory.load_state_dict(state["memory"])
+        for plugin, s in zip(self.plugins, state["plugins"]):
+            plugin.load_state_dict(s)
+        self.results = state["results"]
+        set_rng_states(state["rng"])
+        self.log.info(f"resume: restored phase {last} from {ckpts[-1]}")
+        return last + 1
+
+    def prepare_output(self, resume: bool) -> int:
+        """Set up the output folder; return the first phase to run."""
+        cfg_path = self.out / "config.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if resume and config_hash(old) != self.hash:
+                changed = sorted(k for k in set(old) | set(self.cfg) if old.get(k) != self.cfg.get(k))
+                raise UserError(f"Cannot resume in {self.out}: its config differs from this one in "
+                                f"{', '.join(changed)}. Use another --output folder or drop --resume.")
+            if not resume:
+                # A fresh run never reuses old checkpoints from the same folder.
+                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+                for name in ("results.json", "metrics.jsonl", "log.txt"):
+                    (self.out / name).unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(cfg_path, self.cfg)
+        return self.restore() if resume else 0
+
+    def run(self, resume: bool = False) -> dict:
+        first = self.prepare_output(resume)
+        self.log.open()
+        d = self.data
+        self.log.info(f"run {self.config_name} (config hash {self.hash}), seed {self.cfg['seed']}, device {self.device}, "
+                      f"learner {self.cfg['model_name']}, backbone {self.cfg['convnet_type']}")
+        self.log.info(f"dataset {d.name}: {self.num_classes} classes, {len(d.train)} train / {len(d.test)} test images, "
+                      f"stored {self.image_size}px, input {self.input_size}px; output {self.out}")
+        self.log.info(f"class order: {self.order}")
+        for phase in self.phases()[first:]:
+            record = self.run_phase(phase)
+            self.results["phases"].append(record)
+            self.results["summary"] = self._summary()
+            self.save_checkpoint(phase)
+            write_json(self.out / "results.json", self.results)
+            self.log.phase_block(record)
+        self.log.summary(self.results["summary"])
+        self.log.close()
+        return self.results

@@ -1,0 +1,87 @@
+"""Batches of uint8 images from memory (a tensor) or from disk (a Dataset decoded by workers).
+
+In-memory data is indexed directly: no DataLoader, no per-image Python. Streamed data (ImageNet-1000)
+goes through a DataLoader whose workers decode files; both yield the same uint8 batches, which the
+trainer moves to the device and augments there.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+Images = torch.Tensor | Dataset   # uint8 [N, 3, S, S] or a Dataset whose items are uint8 [3, S, S]
+
+
+class ConcatImages(Dataset):
+    """Several image sources (tensors or datasets) seen as one, in order."""
+
+    def __init__(self, parts: Sequence[Images]):
+        self.parts = [p for p in parts if len(p) > 0]
+        self.offsets = torch.cumsum(torch.tensor([0] + [len(p) for p in self.parts]), 0)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        k = int(torch.searchsorted(self.offsets, torch.tensor(i), right=True)) - 1
+        return self.parts[k][i - int(self.offsets[k])]
+
+
+def concat_images(parts: Sequence[Images]) -> Images:
+    """One source: a tensor when every part is a tensor (fast path), else a ConcatImages."""
+    parts = [p for p in parts if len(p) > 0]
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts) if parts else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    return ConcatImages(parts)
+
+
+class _Subset(Dataset):
+    def __init__(self, images: Dataset, index: torch.Tensor):
+        self.images, self.index = images, index
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.images[int(self.index[i])]
+
+
+def select(images: Images, index: torch.Tensor) -> Images:
+    """The images at ``index`` (int64 [n]): a tensor for in-memory data, a lazy subset otherwise."""
+    if isinstance(images, torch.Tensor):
+        return images[index]
+    return _Subset(images, index)
+
+
+def materialize(images: Images, num_workers: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """uint8 [N, 3, S, S] tensor of a source (decoding a streamed one)."""
+    if isinstance(images, torch.Tensor):
+        return images
+    return torch.cat([b for b, in iterate(images, batch_size=batch_size, num_workers=num_workers)])
+
+
+def iterate(images: Images, *extras: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
+            min_batch: int = 1, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield (uint8 images [b, 3, S, S], *extras[idx]) batches.
+
+    Shuffled with ``generator`` when given, else in order. Batches smaller than ``min_batch`` are
+    dropped (training uses 2: BatchNorm cannot train on a single sample).
+    """
+    n = len(images)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    batches = [b for b in batches if len(b) >= min_batch]
+    if isinstance(images, torch.Tensor):
+        for idx in batches:
+            if images.device.type != "cpu":
+                idx_dev = idx.to(images.device)
+                yield (images[idx_dev], *(e[idx_dev] if e.device.type != "cpu" else e[idx] for e in extras))
+            else:
+                yield (images[idx], *(e[idx] for e in extras))
+        return
+    loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    for idx, imgs in zip(batches, loader):
+        yield (imgs, *(e[idx] for e in extras))

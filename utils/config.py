@@ -1,0 +1,309 @@
+"""Configuration schema: every key, its type, default, allowed values and meaning.
+
+A run's configuration is a flat JSON object. Keys come from three places, each declared once:
+``COMMON_OPTIONS`` here (data, protocol, memory, device, augmentation), each learner's
+``options`` (``models/<learner>.py``) and each plugin's ``options`` (e.g. the compression plugin).
+:func:`resolve_config` fills in defaults and refuses, before any training, an unknown key (with a
+"did you mean" suggestion), a wrong type or an out-of-range value, naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from utils.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key.
+
+    ``kind`` is one of: "int", "float", "bool", "str", "int_list", "float_list", "dict",
+    "int_or_int_list". ``nullable`` allows JSON null (meaning "the dataset's/learner's default").
+    """
+
+    default: Any
+    kind: str
+    doc: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    nullable: bool = False
+    length: int | None = None  # exact list length, when fixed
+
+
+def _dataset_names() -> tuple:
+    from utils.datasets import DATASETS
+
+    return tuple(sorted(DATASETS))
+
+
+COMMON_OPTIONS: dict[str, Option] = {
+    # run identity
+    "prefix": Option("", "str", "Name of the run folder (defaults to the config file's name)."),
+    "seed": Option(1993, "int_or_int_list", "Random seed; a list runs once per seed. Also seeds the class order."),
+    "device": Option("auto", "str", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'."),
+    # data
+    "dataset": Option("synthetic", "str", "Dataset format (see README: Datasets).", choices=None),
+    "data_root": Option(None, "str", "Folder holding the dataset (unused for synthetic).", nullable=True),
+    "class_list": Option(None, "str", "imagenet100: file with one wnid per line (the 100 classes).", nullable=True),
+    "synthetic": Option({}, "dict", "synthetic dataset: {num_classes, train_per_class, test_per_class}."),
+    "image_size": Option(None, "int", "Side of the stored (decoded) square images; null = dataset default.", min=8, nullable=True),
+    "input_size": Option(None, "int", "Side of the network input; null = dataset default.", min=8, nullable=True),
+    "cache_dir": Option(".cache/data", "str", "Folder for the decoded-image cache; null disables it.", nullable=True),
+    "skip_unreadable": Option(False, "bool", "Skip (and report) unreadable images instead of stopping."),
+    "in_memory": Option(None, "bool", "Hold decoded images in memory (null: yes except imagenet1000, which streams).", nullable=True),
+    "num_workers": Option(0, "int", "Loader processes for streamed datasets and image decoding (0 = main process).", min=0),
+    # protocol
+    "shuffle": Option(True, "bool", "Shuffle the class order with `seed` (labels are remapped to order position)."),
+    "init_cls": Option(10, "int", "Classes in phase 0.", min=1),
+    "increment": Option(10, "int", "Classes added by each later phase.", min=1),
+    "num_phases": Option(None, "int", "Number of phases; null = as many as the dataset's classes allow.", min=1, nullable=True),
+    # memory
+    "memory_size": Option(2000, "int", "Total exemplar budget in full-image units (fixed_memory=false).", min=0),
+    "memory_per_class": Option(20, "int", "Per-class budget in full-image units when fixed_memory=true.", min=0),
+    "fixed_memory": Option(False, "bool", "true: every class keeps memory_per_class; false: memory_size // classes seen."),
+    # network and optimisation common to all learners
+    "model_name": Option("icarl", "str", "Learner (see README: Learners)."),
+    "convnet_type": Option("resnet32", "str", "Backbone (see README: Backbones)."),
+    "batch_size": Option(128, "int", "Training batch size.", min=1),
+    "eval_batch_size": Option(256, "int", "Batch size for evaluation and feature extraction.", min=1),
+    "amp": Option(True, "bool", "Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU."),
+    "channels_last": Option(True, "bool", "channels_last memory format on CUDA; ignored on CPU."),
+    # augmentation (applied in batches on the training device)
+    "augment": Option(None, "str", "Train augmentation: crop_flip, resized_crop or none; null = dataset default.",
+                      choices=("crop_flip", "resized_crop", "none"), nullable=True),
+    "crop_padding": Option(4, "int", "crop_flip: zero padding before the random crop.", min=0),
+    "rrc_scale": Option([0.08, 1.0], "float_list", "resized_crop: range of the crop's area fraction.", length=2, min=0.0, max=1.0),
+    "flip": Option(True, "bool", "Random horizontal flip."),
+    "color_jitter": Option(0.0, "float", "Brightness jitter amount, as ColorJitter(brightness=...) (CIM: 0.247 = 63/255); 0 = off.", min=0.0, max=1.0),
+    "autoaugment": Option(None, "str", "AutoAugment policy applied per sample: cifar10 or imagenet; null = off.",
+                          choices=("cifar10", "imagenet"), nullable=True),
+    "cutout": Option(0, "int", "Side of the Cutout square (0 = off).", min=0),
+    # evaluation and outputs
+    "nme": Option(True, "bool", "Also report nearest-mean-of-exemplars accuracy (needs a memory)."),
+    "topk": Option(5, "int", "The k of top-k accuracy.", min=1),
+    "checkpoints": Option("all", "str", "Which phase checkpoints to keep.", choices=("all", "last", "none")),
+}
+
+
+def _type_ok(value: Any, opt: Option) -> bool:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+    kind = opt.kind
+    if kind == "int":
+        return is_int(value)
+    if kind == "float":
+        return is_num(value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "dict":
+        return isinstance(value, dict)
+    if kind == "int_list":
+        return isinstance(value, list) and all(is_int(v) for v in value)
+    if kind == "float_list":
+        return isinstance(value, list) and all(is_num(v) for v in value)
+    if kind == "int_or_int_list":
+        return is_int(value) or (isinstance(value, list) and len(value) > 0 and all(is_int(v) for v in value))
+    raise ValueError(f"unknown option kind {kind}")
+
+
+_KIND_WORDS = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+    "dict": "a JSON object", "int_list": "a list of integers", "float_list": "a list of numbers",
+    "int_or_int_list": "an integer or a non-empty list of integers",
+}
+
+
+def check_value(key: str, value: Any, opt: Option) -> Any:
+    """Return ``value`` (ints widened to float for float keys) or raise ConfigError naming ``key``."""
+    if value is None:
+        if opt.nullable:
+            return None
+        raise ConfigError(f"Config key '{key}' must not be null: it must be {_KIND_WORDS[opt.kind]}. {opt.doc}")
+    if not _type_ok(value, opt):
+        raise ConfigError(
+            f"Config key '{key}' must be {_KIND_WORDS[opt.kind]}"
+            f"{' or null' if opt.nullable else ''}, got {json.dumps(value)}. {opt.doc}")
+    if opt.kind == "float":
+        value = float(value)
+    if opt.kind == "float_list":
+        value = [float(v) for v in value]
+    if opt.choices is not None and value not in opt.choices:
+        raise ConfigError(f"Config key '{key}' is {json.dumps(value)}; allowed: {', '.join(map(str, opt.choices))}.")
+    items = value if isinstance(value, list) else [value]
+    if opt.kind in ("int", "float", "int_list", "float_list", "int_or_int_list"):
+        for v in items:
+            if opt.min is not None and v < opt.min:
+                raise ConfigError(f"Config key '{key}' is {json.dumps(value)}; it must be ≥ {opt.min}. {opt.doc}")
+            if opt.max is not None and v > opt.max:
+                raise ConfigError(f"Config key '{key}' is {json.dumps(value)}; it must be ≤ {opt.max}. {opt.doc}")
+    if opt.length is not None and len(value) != opt.length:
+        raise ConfigError(f"Config key '{key}' must have exactly {opt.length} entries, got {json.dumps(value)}.")
+    return value
+
+
+def _all_option_tables() -> dict[str, dict[str, Option]]:
+    """Every option table by owner: 'common', each learner, each plugin."""
+    from models.registry import LEARNERS
+    from models.plugins import PLUGINS
+
+    tables = {"common": COMMON_OPTIONS}
+    for name, cls in LEARNERS.items():
+        tables[f"learner {name}"] = cls.options
+    for name, cls in PLUGINS.items():
+        tables[f"plugin {name}"] = cls.options
+    return tables
+
+
+def options_for(model_name: str) -> dict[str, Option]:
+    """All keys valid for a run of ``model_name``: common + the learner's + every plugin's."""
+    from models.registry import get_learner_class
+    from models.plugins import PLUGINS
+
+    merged = dict(COMMON_OPTIONS)
+    for cls in PLUGINS.values():
+        merged.update(cls.options)
+    merged.update(get_learner_class(model_name).options)
+    return merged
+
+
+def _unknown_key_error(key: str, valid: Iterable[str], model_name: str) -> ConfigError:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    owners = [owner for owner, table in _all_option_tables().items() if key in table]
+    msg = f"Unknown config key '{key}'"
+    if close:
+        msg += f": did you mean {close[0]}?"
+    elif owners:
+        msg += f": it belongs to {owners[0]}, not to model_name '{model_name}'."
+    else:
+        msg += ". Run `python main.py --keys` (or see README: Configuration) for the valid keys."
+    return ConfigError(msg)
+
+
+def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``raw`` and return the resolved config (every key present, defaults filled in).
+
+    Raises ConfigError for an unknown key, a wrong type, a bad choice or an out-of-range value.
+    Dataset-dependent checks (class counts) happen in :func:`check_protocol`.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError("A config must be a JSON object of key: value pairs.")
+    from models.registry import LEARNERS
+
+    model_name = raw.get("model_name", COMMON_OPTIONS["model_name"].default)
+    if not isinstance(model_name, str) or model_name not in LEARNERS:
+        close = difflib.get_close_matches(str(model_name), list(LEARNERS), n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"Config key 'model_name' is {json.dumps(model_name)}; "
+                          f"allowed: {', '.join(sorted(LEARNERS))}.{hint}")
+    table = options_for(model_name)
+    for key in raw:
+        if key not in table:
+            raise _unknown_key_error(key, table, model_name)
+    resolved = {}
+    for key, opt in table.items():
+        value = raw[key] if key in raw else opt.default
+        resolved[key] = check_value(key, value, opt)
+    dataset_names = _dataset_names()
+    if resolved["dataset"] not in dataset_names:
+        raise ConfigError(f"Config key 'dataset' is {json.dumps(resolved['dataset'])}; "
+                          f"allowed: {', '.join(dataset_names)}.")
+    from convs.registry import backbone_names
+
+    if resolved["convnet_type"] not in backbone_names():
+        close = difflib.get_close_matches(resolved["convnet_type"], backbone_names(), n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"Config key 'convnet_type' is {json.dumps(resolved['convnet_type'])}; "
+                          f"allowed: {', '.join(backbone_names())}.{hint}")
+    dev = resolved["device"]
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"Config key 'device' is {json.dumps(dev)}; allowed: auto, cpu, cuda, cuda:N.")
+    LEARNERS[model_name].check_config(resolved)
+    return resolved
+
+
+def phase_plan(cfg: Mapping[str, Any], num_classes: int) -> list[tuple[int, int]]:
+    """Class ranges ``[(first, last_exclusive), ...]`` of the phases, or ConfigError if they do not fit."""
+    init, inc = cfg["init_cls"], cfg["increment"]
+    if init > num_classes:
+        raise ConfigError(f"Config key 'init_cls' is {init} but dataset '{cfg['dataset']}' has only "
+                          f"{num_classes} classes.")
+    max_phases = 1 + (num_classes - init) // inc
+    n = cfg["num_phases"] if cfg["num_phases"] is not None else max_phases
+    if n > max_phases:
+        raise ConfigError(
+            f"Config keys init_cls={init}, increment={inc}, num_phases={n} need {init + inc * (n - 1)} classes, "
+            f"but dataset '{cfg['dataset']}' has {num_classes}; at most num_phases={max_phases}.")
+    return [(0, init)] + [(init + inc * (k - 1), init + inc * k) for k in range(1, n)]
+
+
+def load_config_file(name_or_path: str) -> tuple[dict, str]:
+    """Read a config by path or by bare name in ``configs/``; returns (raw dict, config name)."""
+    candidates = [Path(name_or_path)]
+    if not name_or_path.endswith(".json"):
+        candidates.append(Path(name_or_path + ".json"))
+    candidates += [CONFIG_DIR / c.name for c in list(candidates)]
+    for path in candidates:
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"Config file {path} is not valid JSON: {err}.") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"Config file {path} must hold a JSON object.")
+            return raw, path.stem
+    available = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    raise ConfigError(f"No config file '{name_or_path}' (looked in the current folder and in {CONFIG_DIR}). "
+                      f"Available: {', '.join(available)}.")
+
+
+def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
+    """``["memory_size=1000", "convnet_type=resnet18"]`` -> dict; values parsed as JSON, else strings."""
+    out = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'.")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
+
+
+# Keys that change where or how fast a run happens but not its results.
+_NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size")
+
+
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    """Short stable hash of the result-affecting part of a resolved config."""
+    payload = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def describe_keys() -> str:
+    """Markdown tables of every key, by owner (used for `main.py --keys` and the README)."""
+    lines = []
+    for owner, table in _all_option_tables().items():
+        lines += [f"### {owner}", "", "| key | default | meaning |", "|---|---|---|"]
+        for key, opt in table.items():
+            allowed = f" Allowed: {', '.join(map(str, opt.choices))}." if opt.choices else ""
+            lines.append(f"| `{key}` | `{json.dumps(opt.default)}` | {opt.doc}{allowed} |")
+        lines.append("")
+    return "\n".join(lines)
