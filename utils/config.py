@@ -181,8 +181,21 @@ def options_for(model_name: str) -> dict[str, Option]:
     return merged
 
 
+# Names that PyCIL or the official CIM configs use for keys that are named uniformly here (every
+# learner shares the schedule names, so `--set model_name=...` works on any config). Only used to
+# point the user to the right key: they are not accepted silently.
+KNOWN_ALIASES = {
+    "incre_epochs": "epochs", "boosting_epochs": "epochs", "init_epoch": "init_epochs",
+    "lrate": "lr", "init_lr_decay": "lr_decay", "lrate_decay": "lr_decay", "init_milestone": "init_milestones",
+    "memory_per_cls": "memory_per_class", "net_type": "convnet_type", "model": "model_name",
+}
+
+
 def _unknown_key_error(key: str, valid: Iterable[str], model_name: str) -> ConfigError:
     valid = sorted(valid)
+    if KNOWN_ALIASES.get(key) in valid:
+        return ConfigError(f"Unknown config key '{key}': did you mean {KNOWN_ALIASES[key]}? "
+                           f"(this framework's name for it; every learner shares the schedule key names)")
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     owners = [owner for owner, table in _all_option_tables().items() if key in table]
     msg = f"Unknown config key '{key}'"
