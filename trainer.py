@@ -58,8 +58,12 @@ def class_order(num_classes: int, seed: int, shuffle: bool) -> list[int]:
 
 
 class Trainer:
-    def __init__(self, cfg: dict, output_dir: str | Path, config_name: str = "run"):
+    def __init__(self, cfg: dict, output_dir: str | Path, config_name: str = "run",
+                 stop_after_phase: int | None = None):
+        """``stop_after_phase``: end the run after that phase (its checkpoint written), as an
+        interrupted run would; ``run(resume=True)`` continues it. For tests of resumption."""
         self.cfg = cfg
+        self.stop_after_phase = stop_after_phase
         self.out = Path(output_dir)
         self.config_name = config_name
         self.device = resolve_device(cfg["device"])
@@ -384,6 +388,9 @@ class Trainer:
             self.save_checkpoint(phase)
             write_json(self.out / "results.json", self.results)
             self.log.phase_block(record)
+            if self.stop_after_phase is not None and phase.index >= self.stop_after_phase:
+                self.log.info(f"stopping after phase {phase.index} as asked (stop_after_phase)")
+                break
         self.log.summary(self.results["summary"])
         self.log.close()
         return self.results

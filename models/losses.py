@@ -13,3 +13,29 @@ def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> tor
     log_p = F.log_softmax(logits.float() / T, dim=1)
     q = F.softmax(teacher_logits.float() / T, dim=1)
     return -(q * log_p).sum(dim=1).mean()
+
+
+def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Class-balanced weights from per-class sample counts (Cui et al. 2019, as FOSTER uses them).
+
+    counts: [C] real numbers of training samples per class (old classes: their exemplars; new
+    classes: their images). w_c = (1 − β) / (1 − β^{n_c}), normalised so that Σ_c w_c = C.
+    A class with no samples is treated as having one (its weight stays finite).
+    Returns float32 [C] on ``counts``' device.
+    """
+    n = counts.double().clamp(min=1.0)
+    w = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=n.device), n))
+    return (w / w.sum() * n.numel()).float()
+
+
+def balanced_kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """FOSTER's class-balanced distillation ("BKD"): the teacher's softened probabilities are
+    reweighted per class and renormalised before the cross-entropy with the student's.
+
+    logits, teacher_logits: [B, C]; weights: [C] (from :func:`class_balanced_weights`). Batch mean.
+    """
+    log_p = F.log_softmax(logits.float() / T, dim=1)
+    q = F.softmax(teacher_logits.float() / T, dim=1) * weights
+    q = q / q.sum(dim=1, keepdim=True)
+    return -(q * log_p).sum(dim=1).mean()

@@ -27,7 +27,9 @@ def get_learner_class(name: str) -> type:
 
 def _import_all() -> None:
     # Importing the modules runs their @register_learner decorators.
+    import models.der  # noqa: F401
     import models.finetune  # noqa: F401
+    import models.foster  # noqa: F401
     import models.icarl  # noqa: F401
     import models.lucir  # noqa: F401
 

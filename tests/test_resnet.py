@@ -11,6 +11,7 @@ from utils.errors import ConfigError
 # name -> (input side, out_dim, fmap side). CPU-cheap sizes; the ImageNet stem divides by 32.
 EXPECTED = {
     "resnet32": (32, 64, 8),
+    "resnet20": (32, 64, 8),
     "resnet18_small": (32, 512, 4),
     "resnet34_small": (32, 512, 4),
     "resnet18": (64, 512, 2),
@@ -18,7 +19,7 @@ EXPECTED = {
 }
 EXPECTED.update({f"cosine_{k}": v for k, v in list(EXPECTED.items())})
 
-SITES = {"resnet32": 1 + 2 * 15, "resnet18": 17, "resnet34": 1 + 2 * 16,
+SITES = {"resnet32": 1 + 2 * 15, "resnet20": 1 + 2 * 9, "resnet18": 17, "resnet34": 1 + 2 * 16,
          "resnet18_small": 17, "resnet34_small": 33}
 
 
