@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print_plan(cfg, config_name, [out for _, out in runs])
             return 0
+        # Dataset-dependent checks (data_root layout, enough classes for the protocol) from the file
+        # listing alone, before any image is decoded or any output folder is touched.
+        from utils.config import phase_plan
+        from utils.datasets import describe_dataset
+
+        info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], synthetic=cfg["synthetic"])
+        phase_plan(cfg, info["num_classes"])
         from trainer import Trainer, TrainingDiverged
 
         for run_cfg, out in runs:

@@ -126,9 +126,12 @@ class Trainer:
         return images, labels, labels < phase.first
 
     def class_counts(self, phase: Phase) -> torch.Tensor:
-        """Real per-class training sample counts of the phase data (exemplars for old classes)."""
-        _, labels, _ = self.phase_data(phase, "phase")
-        return torch.bincount(labels, minlength=phase.last).float()
+        """float [classes seen]: real per-class sample counts of the phase data — training images for
+        new classes, stored exemplars for old ones (a count, never a sum of indices)."""
+        new = self.train_labels[(self.train_labels >= phase.first) & (self.train_labels < phase.last)]
+        counts = torch.bincount(new, minlength=phase.last)
+        counts[:phase.first] = torch.tensor(self.memory.counts(phase.first), dtype=counts.dtype)
+        return counts.float()
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """Test-time transform of uint8 images on the device (no augmentation)."""
@@ -213,6 +216,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0) + v.detach().float() * n
                 if "logits" in out:
                     correct += (out["logits"].argmax(1) == y).sum()
+            lr = opt.param_groups[0]["lr"]   # the rate this epoch used (before the scheduler's step)
             sched.step()
             losses = {k: (v / max(seen, 1)).item() for k, v in sums.items()}
             if not all(math.isfinite(v) for v in losses.values()):
@@ -222,7 +226,7 @@ class Trainer:
                     f"Try a lower learning rate.")
             for plugin in self.plugins:
                 plugin.after_epoch(phase, stage, epoch)
-            record = {"phase": phase.index, "stage": stage.name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+            record = {"phase": phase.index, "stage": stage.name, "epoch": epoch + 1, "lr": lr,
                       "losses": {k: round(v, 6) for k, v in losses.items()},
                       "train_acc": round(100.0 * correct.item() / max(seen, 1), 4),
                       "seconds": round(time.time() - start, 3)}
@@ -334,6 +338,8 @@ class Trainer:
         ckpts = sorted(self.out.glob("checkpoints/phase_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         if not ckpts:
             self.log.info("resume: no checkpoint found, starting from phase 0")
+            self._drop_metrics_after(-1)        # epochs of an unfinished earlier attempt are run again
+            (self.out / "results.json").unlink(missing_ok=True)
             return 0
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
         if state["config_hash"] != self.hash:
@@ -350,9 +356,25 @@ class Trainer:
         for plugin, s in zip(self.plugins, state["plugins"]):
             plugin.load_state_dict(s)
         self.results = state["results"]
+        self._drop_metrics_after(last)
         set_rng_states(state["rng"])
         self.log.info(f"resume: restored phase {last} from {ckpts[-1]}")
         return last + 1
+
+    def _drop_metrics_after(self, last: int) -> None:
+        """Keep metrics.jsonl's epochs of phases ≤ ``last``: an interrupted phase is run again on resume,
+        and its epochs must not appear twice (a line cut short by a crash is dropped too)."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["phase"] <= last:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        path.write_text("".join(kept))
 
     def prepare_output(self, resume: bool) -> int:
         """Set up the output folder; return the first phase to run."""
@@ -369,12 +391,17 @@ class Trainer:
                 for name in ("results.json", "metrics.jsonl", "log.txt"):
                     (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(cfg_path, self.cfg)
-        return self.restore() if resume else 0
+        self.log.open()   # before restore(), so that log.txt records the resumption
+        try:
+            first = self.restore() if resume else 0
+        except BaseException:
+            self.log.close()
+            raise
+        write_json(cfg_path, self.cfg)   # after restore(): a refused resume leaves the folder as it was
+        return first
 
     def run(self, resume: bool = False) -> dict:
         first = self.prepare_output(resume)
-        self.log.open()
         d = self.data
         self.log.info(f"run {self.config_name} (config hash {self.hash}), seed {self.cfg['seed']}, device {self.device}, "
                       f"learner {self.cfg['model_name']}, backbone {self.cfg['convnet_type']}")

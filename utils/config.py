@@ -162,8 +162,11 @@ def _all_option_tables() -> dict[str, dict[str, Option]]:
     from models.plugins import PLUGINS
 
     tables = {"common": COMMON_OPTIONS}
-    for name, cls in LEARNERS.items():
-        tables[f"learner {name}"] = cls.options
+    names_of: dict[type, list[str]] = {}
+    for name, cls in LEARNERS.items():   # one table per learner class, aliases named together
+        names_of.setdefault(cls, []).append(name)
+    for cls, names in names_of.items():
+        tables[f"learner {' / '.join(names)}"] = cls.options
     for name, cls in PLUGINS.items():
         tables[f"plugin {name}"] = cls.options
     return tables

@@ -1,0 +1,243 @@
+"""Config validation: every error stops the run before training with exit status 2 and a
+one-paragraph message naming the key (or path) and what is allowed — never a traceback."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import main
+from conftest import REPO, tiny_config, write_config
+from utils.config import config_hash, load_config_file, parse_set, phase_plan, resolve_config
+from utils.errors import ConfigError
+
+
+def _main_error(tmp_path, monkeypatch, capsys, raw=None, argv=(), text=None):
+    """Run main.main on a config written to tmp_path; return (exit status, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "cfg.json"
+    if text is not None:
+        path.write_text(text)
+    else:
+        write_config(path, raw)
+    code = main.main(["--config", str(path), *argv])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def _assert_user_error(code, err, tmp_path, *needles):
+    assert code == 2, err
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    # Nothing was trained or written.
+    assert not (tmp_path / "logs").exists()
+
+
+def _one_paragraph(err):
+    assert "\n\n" not in err.strip()
+    assert err.strip().count("\n") == 0, err
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    ({"memroy_size": 100}, ["'memroy_size'", "did you mean memory_size?"]),
+    ({"incre_epochs": 5}, ["'incre_epochs'", "did you mean epochs?"]),
+    ({"init_epoch": 5}, ["'init_epoch'", "did you mean init_epochs?"]),
+    ({"memory_size": "big"}, ["'memory_size'", "must be an integer", '"big"']),
+    ({"memory_size": -5}, ["'memory_size'", "-5", "≥ 0"]),
+    ({"fixed_memory": "yes"}, ["'fixed_memory'", "true or false"]),
+    ({"init_milestones": [10, "x"]}, ["'init_milestones'", "list of integers"]),
+    ({"model_name": "icarll"}, ["'model_name'", "icarll", "allowed:", "finetune", "lucir", "Did you mean icarl?"]),
+    ({"dataset": "cifar1000"}, ["'dataset'", "cifar1000", "allowed:", "cifar100", "synthetic"]),
+    ({"convnet_type": "resnet33"}, ["'convnet_type'", "resnet33", "allowed:", "resnet32", "resnet18"]),
+    ({"device": "gpu"}, ["'device'", "allowed: auto, cpu, cuda, cuda:N"]),
+    ({"scheduler": "step"}, ["'scheduler'", "allowed: multistep, cosine, constant"]),
+    # init_cls + increment·(num_phases−1) > the dataset's 6 classes
+    ({"num_phases": 4}, ["num_phases=4", "need 8 classes", "has 6", "at most num_phases=3"]),
+    ({"init_cls": 7}, ["'init_cls'", "7", "only 6 classes"]),
+    ({"synthetic": {"num_classes": 6, "n_train": 3}}, ["'synthetic'", "n_train", "allowed"]),
+], ids=lambda v: None if isinstance(v, list) else "-".join(f"{k}={v[k]}" for k in v)[:40])
+def test_config_errors_exit_2_with_a_message(tmp_path, monkeypatch, capsys, overrides, needles):
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(**overrides))
+    _assert_user_error(code, err, tmp_path, *needles)
+    _one_paragraph(err)
+
+
+def test_learner_key_under_another_learner_is_refused(tmp_path, monkeypatch, capsys):
+    # cbf_epochs belongs to LUCIR: with iCaRL it is an unknown key, named.
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(model_name="icarl", cbf_epochs=3))
+    _assert_user_error(code, err, tmp_path, "'cbf_epochs'")
+    _one_paragraph(err)
+    # ... and accepted with LUCIR.
+    assert resolve_config(tiny_config(model_name="lucir", cbf_epochs=3))["cbf_epochs"] == 3
+
+
+def test_protocol_is_checked_before_any_image_is_loaded(tmp_path, monkeypatch, capsys):
+    """A protocol that needs more classes than the dataset has is refused from the listing alone."""
+    import trainer
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the dataset must not be loaded before the protocol is checked")
+
+    monkeypatch.setattr(trainer, "load_dataset", no_loading)
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(init_cls=2, increment=3, num_phases=3))
+    _assert_user_error(code, err, tmp_path, "num_phases=3", "at most num_phases=2")
+
+
+def test_bad_json_file(tmp_path, monkeypatch, capsys):
+    code, err = _main_error(tmp_path, monkeypatch, capsys, text='{"memory_size": 100,}')
+    _assert_user_error(code, err, tmp_path, "cfg.json", "not valid JSON")
+    _one_paragraph(err)
+
+
+def test_config_that_is_not_an_object(tmp_path, monkeypatch, capsys):
+    code, err = _main_error(tmp_path, monkeypatch, capsys, text='[1, 2]')
+    _assert_user_error(code, err, tmp_path, "must hold a JSON object")
+
+
+def test_missing_config_name_lists_the_available_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main.main(["--config", "no-such-config"]) == 2
+    err = capsys.readouterr().err
+    _assert_user_error(2, err, tmp_path, "no-such-config", "Available:", "smoke")
+    _one_paragraph(err)
+
+
+def test_no_config_argument(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main.main([]) == 2
+    err = capsys.readouterr().err
+    assert "--config is required" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["smoke", "smoke.json"])
+def test_bare_name_is_looked_up_in_configs(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)   # not the repository: the lookup must use configs/
+    raw, config_name = load_config_file(name)
+    assert config_name == "smoke"
+    assert raw == json.loads((REPO / "configs" / "smoke.json").read_text())
+
+
+def test_path_is_preferred_and_named_by_its_stem(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "mine.json", {"memory_size": 7})
+    assert load_config_file("mine") == ({"memory_size": 7}, "mine")
+    assert load_config_file(str(tmp_path / "mine.json")) == ({"memory_size": 7}, "mine")
+
+
+def test_set_values_are_json_else_strings():
+    assert parse_set(["memory_size=1000", "convnet_type=resnet18", "init_milestones=[30,60]",
+                      "fixed_memory=true", "data_root=null", "prefix=a=b", "lr=0.5"]) == {
+        "memory_size": 1000, "convnet_type": "resnet18", "init_milestones": [30, 60],
+        "fixed_memory": True, "data_root": None, "prefix": "a=b", "lr": 0.5}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["memory_size"])
+
+
+def test_set_overrides_reach_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config())
+    code = main.main(["--config", "tiny.json", "--check", "--set", "memory_size=1000",
+                      "--set", "convnet_type=resnet18"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "backbone resnet18" in out
+    assert "memory budget 500 units per class (1000 total)" in out      # 1000 // 2 classes in phase 0
+
+
+def test_set_with_a_bad_value_is_a_config_error(tmp_path, monkeypatch, capsys):
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(), argv=["--set", "memory_size=big"])
+    _assert_user_error(code, err, tmp_path, "'memory_size'", "must be an integer")
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(), argv=["--set", "memroy_size=10"])
+    _assert_user_error(code, err, tmp_path, "did you mean memory_size?")
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(), argv=["--set", "memory_size"])
+    _assert_user_error(code, err, tmp_path, "KEY=VALUE")
+
+
+def test_folder_dataset_without_data_root(tmp_path, monkeypatch, capsys):
+    raw = tiny_config(dataset="folder", synthetic={})
+    code, err = _main_error(tmp_path, monkeypatch, capsys, raw)
+    _assert_user_error(code, err, tmp_path, "needs data_root", "train/<class>")
+
+
+def test_folder_dataset_with_a_missing_data_root_names_the_path(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "no" / "such" / "folder"
+    raw = tiny_config(dataset="folder", synthetic={}, data_root=str(missing))
+    code, err = _main_error(tmp_path, monkeypatch, capsys, raw)
+    _assert_user_error(code, err, tmp_path, str(missing), "is not a folder", "train/<class>")
+    # --check reports it the same way.
+    code, err = _main_error(tmp_path, monkeypatch, capsys, raw, argv=["--check"])
+    _assert_user_error(code, err, tmp_path, str(missing))
+
+
+def test_check_prints_the_plan_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    import trainer
+
+    monkeypatch.setattr(trainer.Trainer, "run", lambda *a, **k: pytest.fail("--check must not train"))
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_config(memory_size=60)
+    write_config(tmp_path / "tiny.json", raw)
+    assert main.main(["--config", "tiny", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "phase 0: classes [0, 2) — 2 new; memory budget 30 units per class (60 total)" in out
+    assert "phase 1: classes [2, 4) — 2 new; memory budget 15 units per class (60 total)" in out
+    assert "phase 2: classes [4, 6) — 2 new; memory budget 10 units per class (60 total)" in out
+    assert "phase 3" not in out
+    expected = f"logs/icarl/synthetic/tiny-{config_hash(resolve_config(raw))}/seed1993"
+    assert f"output: {expected}" in out.replace("\\", "/")
+    assert not (tmp_path / "logs").exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "tiny.json"]
+
+
+def test_check_with_fixed_memory_and_seed_list(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(fixed_memory=True, memory_per_class=7, seed=[1, 2]))
+    assert main.main(["--config", "tiny", "--check", "--output", "out"]) == 0
+    out = capsys.readouterr().out.replace("\\", "/")
+    assert "memory budget 7 units per class (14 total)" in out
+    assert "memory budget 7 units per class (42 total)" in out
+    assert "output: out/seed1" in out and "output: out/seed2" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_keys_lists_every_key(capsys):
+    assert main.main(["--keys"]) == 0
+    out = capsys.readouterr().out
+    for key in ("memory_size", "init_cls", "lambda_base", "cbf_epochs", "T"):
+        assert f"`{key}`" in out
+
+
+def test_resolved_config_has_every_key_with_defaults():
+    cfg = resolve_config({"model_name": "lucir"})
+    assert cfg["memory_size"] == 2000 and cfg["lambda_base"] == 5.0 and cfg["K"] == 2
+    assert cfg["margin"] == 0.5 and cfg["seed"] == 1993 and cfg["fixed_memory"] is False
+    assert isinstance(resolve_config({"init_lr": 1})["init_lr"], float)   # ints widen for float keys
+
+
+def test_config_hash_ignores_where_and_how_fast_only():
+    base = resolve_config(tiny_config())
+    same = resolve_config(tiny_config(device="auto", eval_batch_size=64, seed=7, cache_dir="x"))
+    other = resolve_config(tiny_config(memory_size=61))
+    assert config_hash(base) == config_hash(same)
+    assert config_hash(base) != config_hash(other)
+
+
+def test_phase_plan_ranges():
+    cfg = resolve_config(tiny_config(init_cls=3, increment=1, num_phases=None))
+    assert phase_plan(cfg, 6) == [(0, 3), (3, 4), (4, 5), (5, 6)]
+    cfg = resolve_config(tiny_config(init_cls=2, increment=2, num_phases=2))
+    assert phase_plan(cfg, 6) == [(0, 2), (2, 4)]
+
+
+def test_config_error_in_a_subprocess_has_no_traceback(tmp_path):
+    path = write_config(tmp_path / "bad.json", tiny_config(memroy_size=10))
+    proc = subprocess.run([sys.executable, "main.py", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "did you mean memory_size?" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0    # one paragraph
+    assert not list((REPO / "logs" / "icarl" / "synthetic").glob("bad-*"))   # nothing written

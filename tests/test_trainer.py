@@ -1,0 +1,239 @@
+"""The phase loop on real (synthetic-data) runs: outputs, memory budget, resume, determinism, divergence."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from conftest import read_metrics, read_results, run, tiny_config, without_seconds
+from trainer import Trainer, TrainingDiverged
+from utils.config import config_hash, resolve_config
+from utils.errors import UserError
+
+
+# ---- outputs of one run ---------------------------------------------------------------------------
+
+def test_results_json_shape(icarl_run):
+    out, results, raw = icarl_run
+    assert read_results(out) == json.loads(json.dumps(results))
+    cfg = resolve_config(raw)
+    assert results["config"] == json.loads(json.dumps(cfg))
+    assert json.loads((out / "config.json").read_text()) == results["config"]
+    assert results["config_hash"] == config_hash(cfg)
+    assert sorted(results["class_order"]) == list(range(6))
+    assert [p["phase"] for p in results["phases"]] == [0, 1, 2]
+    assert [p["classes"] for p in results["phases"]] == [[0, 2], [2, 4], [4, 6]]
+    for k, p in enumerate(results["phases"]):
+        assert {"phase", "classes", "cnn", "nme", "memory", "seconds"} <= set(p)
+        assert isinstance(p["seconds"], float) and p["seconds"] > 0
+        for model in ("cnn", "nme"):
+            r = p[model]
+            assert set(r) == {"top1", "top5", "per_task", "old", "new"}
+            assert len(r["per_task"]) == k + 1
+            assert all(0 <= a <= 100 for a in r["per_task"])
+            assert r["top1"] <= r["top5"] <= 100
+            assert (r["old"] is None) == (k == 0)
+        assert {"budget", "used", "exemplars", "per_class"} <= set(p["memory"])
+    summary = results["summary"]
+    for key in ("cnn_avg_top1", "cnn_last_top1", "cnn_forgetting", "nme_avg_top1", "nme_last_top1", "nme_forgetting"):
+        assert isinstance(summary[key], float), key
+
+
+def test_summary_is_computed_from_the_phases(icarl_run):
+    _, results, _ = icarl_run
+    phases, summary = results["phases"], results["summary"]
+    for model in ("cnn", "nme"):
+        top1 = [p[model]["top1"] for p in phases]
+        assert summary[f"{model}_avg_top1"] == pytest.approx(sum(top1) / len(top1), abs=1e-3)
+        assert summary[f"{model}_last_top1"] == top1[-1]
+        matrix = [p[model]["per_task"] for p in phases]
+        drops = [max(matrix[p][t] for p in range(t, 2)) - matrix[2][t] for t in range(2)]
+        assert summary[f"{model}_forgetting"] == pytest.approx(sum(drops) / 2, abs=1e-3)
+
+
+def test_metrics_jsonl_has_one_line_per_epoch(icarl_run):
+    out, _, raw = icarl_run
+    lines = read_metrics(out)
+    epochs = [raw["init_epochs"], raw["epochs"], raw["epochs"]]
+    assert [(m["phase"], m["epoch"]) for m in lines] == [(k, e + 1) for k, n in enumerate(epochs) for e in range(n)]
+    for m in lines:
+        assert {"phase", "stage", "epoch", "lr", "losses", "train_acc", "seconds"} <= set(m)
+        assert m["stage"] == "train"
+        assert 0 <= m["train_acc"] <= 100 and m["seconds"] >= 0
+        assert set(m["losses"]) == ({"loss", "ce"} if m["phase"] == 0 else {"loss", "ce", "kd"})
+        assert m["losses"]["loss"] == pytest.approx(sum(v for k, v in m["losses"].items() if k != "loss"), abs=1e-5)
+    # lr is the rate the epoch trained with: cosine from init_lr (phase 0) and lr (later phases).
+    for m in lines:
+        base, n = (raw["init_lr"], raw["init_epochs"]) if m["phase"] == 0 else (raw["lr"], raw["epochs"])
+        assert m["lr"] == pytest.approx(base * (1 + math.cos(math.pi * (m["epoch"] - 1) / n)) / 2)
+    assert lines[-1]["lr"] > 0
+
+
+def test_log_txt_has_one_block_per_phase(icarl_run):
+    out, results, _ = icarl_run
+    log = (out / "log.txt").read_text()
+    for k in range(3):
+        assert log.count(f"== phase {k}:") == 1
+        assert log.count(f"-- phase {k} done") == 1
+    assert log.index("-- phase 0 done") < log.index("-- phase 1 done") < log.index("-- phase 2 done")
+    assert "== summary" in log and "cnn_avg_top1" in log
+    assert log.count("   memory   ") == 3
+
+
+def test_checkpoints_of_every_phase(icarl_run):
+    out, results, _ = icarl_run
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["phase_0.pt", "phase_1.pt", "phase_2.pt"]
+    state = torch.load(out / "checkpoints" / "phase_2.pt", map_location="cpu", weights_only=False)
+    assert state["phase"] == 2 and state["config_hash"] == results["config_hash"]
+    assert without_seconds(json.loads(json.dumps(state["results"]))) == without_seconds(read_results(out))
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+def _check_memory(phases):
+    for p in phases:
+        m = p["memory"]
+        classes_seen = p["classes"][1]
+        assert m["used"] <= m["budget"] + 1e-9
+        assert len(m["per_class"]) == classes_seen
+        assert sum(m["per_class"]) == m["exemplars"]
+        assert all(n <= m["class_budget"] for n in m["per_class"])
+        assert m["used"] == pytest.approx(m["exemplars"])     # uncompressed: 1 unit each
+
+
+def test_memory_never_exceeds_its_budget(icarl_run):
+    out, results, _ = icarl_run
+    phases = results["phases"]
+    _check_memory(phases)
+    # memory_size 60: 60 // classes seen per class, every class filled (40 images each).
+    assert [p["memory"]["per_class"] for p in phases] == [[30] * 2, [15] * 4, [10] * 6]
+    assert [p["memory"]["budget"] for p in phases] == [60, 60, 60]
+    # Shrinking keeps a prefix of each old class's herding order (checkpointed memories).
+    mems = [torch.load(out / "checkpoints" / f"phase_{k}.pt", map_location="cpu", weights_only=False)["memory"]
+            for k in range(3)]
+    for k in (1, 2):
+        for c, ex in mems[k].items():
+            if c in mems[k - 1]:
+                n = len(ex["source_index"])
+                assert torch.equal(ex["source_index"], mems[k - 1][c]["source_index"][:n])
+                assert torch.equal(ex["images"], mems[k - 1][c]["images"][:n])
+
+
+def test_fixed_memory_grows_with_the_classes_and_checkpoints_last(tmp_path):
+    raw = tiny_config(fixed_memory=True, memory_per_class=5, memory_size=1, init_epochs=1, epochs=1,
+                      checkpoints="last")
+    results = run(raw, tmp_path / "run")
+    _check_memory(results["phases"])
+    assert [p["memory"]["budget"] for p in results["phases"]] == [10, 20, 30]
+    assert [p["memory"]["per_class"] for p in results["phases"]] == [[5] * 2, [5] * 4, [5] * 6]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["phase_2.pt"]
+
+
+# ---- determinism and resume ---------------------------------------------------------------------
+
+def test_two_cpu_runs_give_identical_results(tmp_path, tiny_reference):
+    ref_out, ref = tiny_reference
+    results = run(tiny_config(), tmp_path / "again")
+    assert without_seconds(results) == without_seconds(ref)
+    assert without_seconds(read_results(tmp_path / "again")) == without_seconds(read_results(ref_out))
+    assert without_seconds(read_metrics(tmp_path / "again")) == without_seconds(read_metrics(ref_out))
+
+
+@pytest.mark.parametrize("stop", [0, 1])
+def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path, tiny_reference, stop):
+    ref_out, ref = tiny_reference
+    out = tmp_path / "run"
+    partial = run(tiny_config(), out, stop_after_phase=stop)
+    assert len(partial["phases"]) == stop + 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"phase_{k}.pt" for k in range(stop + 1)]
+    assert len(read_results(out)["phases"]) == stop + 1
+    if stop == 1:
+        # A crash in the middle of phase 2 leaves some of its epochs (and a cut line) in metrics.jsonl.
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"phase": 2, "stage": "train", "epoch": 1, "lr": 0.1, "losses": {}}) + "\n")
+            f.write('{"phase": 2, "sta')
+    resumed = run(tiny_config(), out, resume=True)
+    assert f"resume: restored phase {stop}" in (out / "log.txt").read_text()
+    assert without_seconds(resumed) == without_seconds(ref)
+    assert without_seconds(read_results(out)) == without_seconds(read_results(ref_out))
+    # metrics.jsonl: every epoch exactly once, as in the uninterrupted run.
+    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(ref_out))
+
+
+def test_resume_of_a_finished_run_trains_nothing(tmp_path, tiny_reference):
+    ref_out, ref = tiny_reference
+    out = tmp_path / "copy"
+    shutil.copytree(ref_out, out)
+    before = (out / "metrics.jsonl").read_text()
+    resumed = run(tiny_config(), out, resume=True)
+    assert without_seconds(resumed) == without_seconds(ref)
+    assert resumed["phases"][-1]["seconds"] == ref["phases"][-1]["seconds"]   # not re-run
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_resume_refuses_another_config(tmp_path):
+    out = tmp_path / "run"
+    run(tiny_config(num_phases=2, init_epochs=1), out, stop_after_phase=0)
+    with pytest.raises(UserError, match=r"config differs from this one in .*init_lr"):
+        run(tiny_config(num_phases=2, init_epochs=1, init_lr=0.05), out, resume=True)
+    # The refused run changed nothing.
+    assert json.loads((out / "config.json").read_text())["init_lr"] == 0.1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["phase_0.pt"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    out = tmp_path / "run"
+    run(tiny_config(num_phases=2, init_epochs=1), out, stop_after_phase=0)
+    (out / "config.json").unlink()   # no config.json to compare with: the checkpoint's hash still guards
+    with pytest.raises(UserError, match="another config"):
+        run(tiny_config(num_phases=2, init_epochs=1, memory_size=50), out, resume=True)
+    assert not (out / "config.json").exists()      # the refused config was not recorded
+    assert (out / "checkpoints" / "phase_0.pt").exists()
+
+
+def test_fresh_run_never_reuses_old_checkpoints(tmp_path, tiny_reference):
+    ref_out, _ = tiny_reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)             # a finished 3-phase run with phase_0..2.pt
+    raw = tiny_config(num_phases=2, init_lr=0.05)
+    results = run(raw, out, stop_after_phase=0)
+    assert [p["phase"] for p in results["phases"]] == [0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["phase_0.pt"]
+    state = torch.load(out / "checkpoints" / "phase_0.pt", map_location="cpu", weights_only=False)
+    assert state["config_hash"] == config_hash(resolve_config(raw))
+    assert {m["phase"] for m in read_metrics(out)} == {0}
+    assert "-- phase 2 done" not in (out / "log.txt").read_text()
+    assert read_results(out)["config"]["init_lr"] == 0.05
+    # ...and resuming that fresh run continues it (the stale phase_2.pt is gone).
+    resumed = run(raw, out, resume=True)
+    assert [p["phase"] for p in resumed["phases"]] == [0, 1]
+
+
+# ---- divergence --------------------------------------------------------------------------------
+
+def test_nan_loss_stops_with_the_phase_and_epoch_and_keeps_earlier_results(tmp_path):
+    out = tmp_path / "run"
+    raw = tiny_config(num_phases=2, init_epochs=1, lr=1e30)       # phase 1 diverges
+    trainer = Trainer(resolve_config(raw), out, "tiny")
+    with pytest.raises(TrainingDiverged, match=r"phase 1, stage 'train', epoch 1: .*nan") as err:
+        trainer.run()
+    assert str(out) in str(err.value)
+    kept = read_results(out)
+    assert [p["phase"] for p in kept["phases"]] == [0]
+    assert (out / "checkpoints" / "phase_0.pt").exists()
+    assert not (out / "checkpoints" / "phase_1.pt").exists()
+
+
+def test_resume_without_checkpoints_starts_over_cleanly(tmp_path):
+    out = tmp_path / "run"
+    raw = tiny_config(num_phases=2, init_epochs=1, epochs=1, checkpoints="none")
+    run(raw, out, stop_after_phase=0)
+    assert not (out / "checkpoints").exists()
+    resumed = run(raw, out, resume=True)
+    assert "resume: no checkpoint found" in (out / "log.txt").read_text()
+    assert [p["phase"] for p in resumed["phases"]] == [0, 1]
+    # Phase 0 ran twice, but metrics.jsonl holds each epoch once.
+    assert [(m["phase"], m["epoch"]) for m in read_metrics(out)] == [(0, 1), (1, 1)]
