@@ -45,6 +45,7 @@ def time_framework(raw: dict, epochs: int) -> dict:
         stage = trainer.learner.stages(phase)[0]
         gen = torch.Generator().manual_seed(0)
         trainer.run_stage(phase, stage, gen)                      # warm-up epoch
+        stage = trainer.learner.stages(phase)[0]                  # fresh stage: params may be a generator
         stage.epochs = epochs
         images, _, _ = trainer.phase_data(phase, stage.data)
         sync(trainer.device)

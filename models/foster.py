@@ -50,7 +50,8 @@ class FOSTER(Learner):
     options = {
         **schedule_options(init_epochs=200, init_lr=0.1, init_milestones=[], init_weight_decay=5e-4,
                            epochs=170, lr=0.1, milestones=[], weight_decay=5e-4, scheduler="cosine"),
-        "compression_epochs": Option(None, "int", "Epochs of the compression stage of later phases; null = `epochs` "
+        "compression_epochs": Option(None, "int", "Epochs of the compression stage of later phases (`epochs`, `lr` and "
+                                                  "`weight_decay` are the boosting stage's); null = `epochs` "
                                                   "(the official configs use 130).", min=0, nullable=True),
         "compression_lr": Option(None, "float", "Learning rate of the compression stage; null = `lr` (as PyCIL).",
                                  min=0.0, nullable=True),
