@@ -110,6 +110,16 @@ class Learner:
         """After ``grow_network``: initialise new weights from data, snapshot the old model."""
 
     def stages(self, phase: Phase) -> list[Stage]:
+        """Default: one stage training every trainable parameter with ``forward``/``loss`` on the
+        phase schedule. The network's own ``train()`` decides which parts stay in eval mode."""
+        return [Stage("train", params=self.net.parameters(), forward=self.forward, loss=self.loss,
+                      train_mode=self.net.train, **self.schedule(phase))]
+
+    def forward(self, x: torch.Tensor, net=None) -> dict:
+        """The training forward; ``net`` replaces ``self.net`` (e.g. a functional fast-weight call)."""
+        return (net or self.net)(x)
+
+    def loss(self, out: dict, batch: Batch):
         raise NotImplementedError
 
     def end_training(self, phase: Phase) -> None:

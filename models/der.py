@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from convs.der_net import DERNet, parameter_count
 from convs.linears import SimpleLinear, expand_linear
-from models.base import Batch, Learner, Phase, Stage, schedule_options
+from models.base import Batch, Learner, Phase, schedule_options
 from models.registry import register_learner
 from models.weight_align import align_weights, alignment_gamma
 from utils.config import Option
@@ -49,13 +49,8 @@ class DER(Learner):
         self.net.aux_fc = SimpleLinear(self.net.backbone_dim, phase.num_new + 1)
 
     # ---- training -------------------------------------------------------------------------
-    def stages(self, phase: Phase) -> list[Stage]:
-        # DERNet.train() keeps the frozen backbones in eval mode; the trainer skips their parameters.
-        return [Stage("train", params=self.net.parameters(), forward=self.forward, loss=self.loss,
-                      train_mode=self.net.train, **self.schedule(phase))]
-
-    def forward(self, x, net=None) -> dict:
-        return (net or self.net)(x)
+    # stages()/forward() are the base class's single stage: DERNet.train() keeps the frozen
+    # backbones in eval mode and the trainer skips their parameters (requires_grad False).
 
     def loss(self, out: dict, batch: Batch):
         ce = F.cross_entropy(out["logits"], batch.y)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from convs.incremental_net import IncrementalNet
 from convs.linears import SimpleLinear, expand_linear
-from models.base import Batch, Learner, Phase, Stage, schedule_options
+from models.base import Batch, Learner, Phase, schedule_options
 from models.registry import register_learner
 
 
@@ -23,13 +23,6 @@ class Finetune(Learner):
             self.net.head = SimpleLinear(self.net.feature_dim, phase.last)
         else:
             self.net.head = expand_linear(self.net.head, phase.last)
-
-    def stages(self, phase: Phase) -> list[Stage]:
-        return [Stage("train", params=self.net.parameters(), forward=self.forward, loss=self.loss,
-                      train_mode=self.net.train, **self.schedule(phase))]
-
-    def forward(self, x, net=None) -> dict:
-        return (net or self.net)(x)
 
     def loss(self, out: dict, batch: Batch):
         ce = F.cross_entropy(out["logits"], batch.y)
