@@ -96,7 +96,8 @@ class Trainer:
             padding=cfg["crop_padding"], scale=tuple(cfg["rrc_scale"]), flip=cfg["flip"],
             color_jitter=cfg["color_jitter"], autoaugment=cfg["autoaugment"], cutout=cfg["cutout"])
         self.learner: Learner = get_learner_class(cfg["model_name"])(cfg, self)
-        self.memory = ExemplarMemory(cfg["memory_size"], cfg["memory_per_class"], cfg["fixed_memory"])
+        self.memory = ExemplarMemory(cfg["memory_size"], cfg["memory_per_class"], cfg["fixed_memory"],
+                                     cfg["compress_ratio"])
         self.plugins = [cls(cfg, self) for cls in PLUGINS.values() if cls.enabled(cfg)]
         self.results = {"config": cfg, "config_hash": self.hash, "class_order": self.order,
                         "class_names": [self.data.class_names[c] for c in self.order], "phases": [], "summary": {}}
@@ -115,15 +116,18 @@ class Trainer:
         images = batching.materialize(batching.select(self.train_images, index), self.cfg["num_workers"])
         return images, index
 
-    def phase_data(self, phase: Phase, kind: str) -> tuple[batching.Images, torch.Tensor, torch.Tensor]:
-        """(images, labels, is_old) of a stage: "phase" = new-class images + exemplars; "memory" = exemplars."""
+    def phase_data(self, phase: Phase, kind: str) -> tuple[batching.Images, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, labels, is_old, index) of a stage: "phase" = new-class images + exemplars;
+        "memory" = exemplars. ``index`` [N]: the training-set index of a new-class image, -1 for an
+        exemplar (exemplars are stored, possibly compressed, copies)."""
         mem_images, mem_labels = self.memory.tensors()
         if kind == "memory":
-            return mem_images, mem_labels, mem_labels < phase.first
+            return mem_images, mem_labels, mem_labels < phase.first, torch.full_like(mem_labels, -1)
         new = ((self.train_labels >= phase.first) & (self.train_labels < phase.last)).nonzero().flatten()
         images = batching.concat_images([batching.select(self.train_images, new), mem_images])
         labels = torch.cat([self.train_labels[new], mem_labels])
-        return images, labels, labels < phase.first
+        index = torch.cat([new, torch.full_like(mem_labels, -1)])
+        return images, labels, labels < phase.first, index
 
     def class_counts(self, phase: Phase) -> torch.Tensor:
         """float [classes seen]: real per-class sample counts of the phase data — training images for
@@ -165,8 +169,10 @@ class Trainer:
     # ---- the training loop --------------------------------------------------------------------
     def _optimizer(self, stage: Stage):
         params = list(stage.params)
+        # Parameters a plugin optimises itself (the CIM model's PAU coefficients) are never θ's.
+        owned = {id(p) for plugin in self.plugins for p in plugin.owned_parameters()}
         if params and not isinstance(params[0], dict):   # plain parameters, not param groups
-            params = [p for p in params if p.requires_grad]
+            params = [p for p in params if p.requires_grad and id(p) not in owned]
         opt = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
         if stage.scheduler == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(stage.epochs, 1))
@@ -179,13 +185,15 @@ class Trainer:
     def run_stage(self, phase: Phase, stage: Stage, generator: torch.Generator) -> None:
         if stage.epochs == 0:
             return
-        images, labels, is_old = self.phase_data(phase, stage.data)
+        images, labels, is_old, index = self.phase_data(phase, stage.data)
         if len(labels) < 2:
             self.log.info(f"  stage {stage.name}: skipped, only {len(labels)} training samples")
             return
         if isinstance(images, torch.Tensor) and self.on_cuda and images.numel() < 2 ** 31:
             # Small enough: keep the whole stage's data on the device, no per-batch host copies.
-            images, labels, is_old = images.to(self.device), labels.to(self.device), is_old.to(self.device)
+            images, labels, is_old, index = (t.to(self.device) for t in (images, labels, is_old, index))
+        for plugin in self.plugins:
+            plugin.before_stage(phase, stage, images, labels, index)
         opt, sched = self._optimizer(stage)
         batch_size = stage.batch_size or self.cfg["batch_size"]
         bar = tqdm(range(stage.epochs), desc=f"phase {phase.index} {stage.name}", disable=None, leave=False)
@@ -195,11 +203,12 @@ class Trainer:
             sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros((), device=self.device)
             seen = 0
-            for imgs, y, old in batching.iterate(images, labels, is_old, batch_size=batch_size, generator=generator,
-                                                 min_batch=2, num_workers=self.cfg["num_workers"]):
-                imgs, y, old = (t.to(self.device, non_blocking=True) for t in (imgs, y, old))
+            for imgs, y, old, idx in batching.iterate(images, labels, is_old, index, batch_size=batch_size,
+                                                      generator=generator, min_batch=2,
+                                                      num_workers=self.cfg["num_workers"]):
+                imgs, y, old, idx = (t.to(self.device, non_blocking=True) for t in (imgs, y, old, idx))
                 for plugin in self.plugins:
-                    imgs = plugin.before_augment(imgs, y, old, stage, epoch)
+                    imgs = plugin.before_augment(imgs, y, idx, stage, epoch)
                 x = self.augment(imgs, generator)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -224,16 +233,20 @@ class Trainer:
                     f"Training diverged in phase {phase.index}, stage '{stage.name}', epoch {epoch + 1}: "
                     f"losses {losses}. Results of the earlier phases are kept in {self.out}. "
                     f"Try a lower learning rate.")
+            extra_start = time.time()
             for plugin in self.plugins:
-                plugin.after_epoch(phase, stage, epoch)
+                plugin.after_epoch(phase, stage, epoch, lr)
             record = {"phase": phase.index, "stage": stage.name, "epoch": epoch + 1, "lr": lr,
                       "losses": {k: round(v, 6) for k, v in losses.items()},
                       "train_acc": round(100.0 * correct.item() / max(seen, 1), 4),
-                      "seconds": round(time.time() - start, 3)}
+                      "seconds": round(time.time() - start, 3),
+                      "plugin_seconds": round(time.time() - extra_start, 3)}
             self.log.metric(record)
             bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.3f}", acc=f"{record['train_acc']:.1f}")
         if stage.on_end is not None:
             stage.on_end()
+        for plugin in self.plugins:
+            plugin.after_stage(phase, stage)
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -285,6 +298,8 @@ class Trainer:
                       f"({phase.num_new} new, {phase.num_old} old), {len(self.memory)} exemplars")
         learner.before_grow(phase)
         learner.grow_network(phase)
+        for plugin in self.plugins:
+            plugin.after_grow(phase)
         self.learner_to_device()
         learner.begin_phase(phase, self)
         for plugin in self.plugins:
@@ -306,7 +321,8 @@ class Trainer:
             plugin.after_phase(phase)
         report = self.evaluate(phase)
         record = {"phase": phase.index, "classes": [phase.first, phase.last], **report,
-                  "memory": self.memory.stats(phase.last), **learner.phase_report(phase),
+                  "memory": self.memory.stats(phase.last, 3 * self.image_size ** 2), **learner.phase_report(phase),
+                  **{k: v for p in self.plugins for k, v in p.phase_report(phase).items()},
                   "seconds": round(time.time() - start, 3)}
         return record
 
@@ -350,6 +366,8 @@ class Trainer:
         # distillation is snapshotted again when the next phase starts, as in an uninterrupted run.
         for phase in self.phases()[:last + 1]:
             self.learner.grow_network(phase)
+            for plugin in self.plugins:
+                plugin.after_grow(phase)
         self.learner_to_device()
         self.learner.load_state_dict(state["learner"])
         self.memory.load_state_dict(state["memory"])

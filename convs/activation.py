@@ -13,6 +13,9 @@ replace.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -51,3 +54,28 @@ class Activation(nn.Module):
 def activation_sites(module: nn.Module) -> list[Activation]:
     """Every :class:`Activation` inside ``module``, in module (registration) order."""
     return [m for m in module.modules() if isinstance(m, Activation)]
+
+
+@contextlib.contextmanager
+def use_activations(module: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Switch every activation site of ``module`` to ``mode`` ("relu" or "pau") for a block, then
+    restore each site's previous mode (also on errors)."""
+    if mode not in MODES:
+        raise ValueError(f"activation mode must be one of {MODES}, got {mode!r}")
+    sites = activation_sites(module)
+    previous = [s.mode for s in sites]
+    for s in sites:
+        s.mode = mode
+    try:
+        yield module
+    finally:
+        for s, m in zip(sites, previous):
+            s.mode = m
+
+
+class SwitchableActivations:
+    """Mixin for networks: ``with net.activations("pau"): ...`` runs the CIM model (same weights,
+    every activation its Padé unit); outside the block the network is the CIL model again."""
+
+    def activations(self, mode: str):
+        return use_activations(self, mode)

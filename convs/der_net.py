@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from convs.activation import activation_sites
+from convs.activation import SwitchableActivations, activation_sites
 from convs.registry import create_backbone
 
 
@@ -24,7 +24,7 @@ def clone_backbone(src: nn.Module, convnet_type: str) -> nn.Module:
     new = create_backbone(convnet_type)
     for s, d in zip(activation_sites(src), activation_sites(new)):
         if s.pau is not None:
-            d.pau = copy.deepcopy(s.pau)
+            d.pau = copy.deepcopy(s.pau).requires_grad_(True)   # trainable even if src is frozen
     new.load_state_dict(src.state_dict())
     return new.to(next(src.parameters()).device)
 
@@ -42,7 +42,7 @@ def freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-class DERNet(nn.Module):
+class DERNet(SwitchableActivations, nn.Module):
     """DER's network: one backbone per phase, every backbone but the newest frozen.
 
     forward(x) -> {
@@ -68,6 +68,11 @@ class DERNet(nn.Module):
     @property
     def feature_dim(self) -> int:
         return sum(b.out_dim for b in self.backbones)
+
+    @property
+    def classifier(self) -> nn.Module:
+        """``fc``, over the concatenated features (the CAM reads all backbones' maps)."""
+        return self.fc
 
     def add_backbone(self) -> None:
         """Append a backbone: a fresh one first, later a copy of the newest; the others are frozen."""

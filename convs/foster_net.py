@@ -4,12 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from convs.activation import SwitchableActivations
+
 from convs.der_net import clone_backbone, freeze
 from convs.incremental_net import IncrementalNet
 from convs.linears import SimpleLinear, expand_linear
 
 
-class FosterNet(nn.Module):
+class FosterNet(SwitchableActivations, nn.Module):
     """The old model's backbone (frozen) and a new backbone copied from it.
 
     Built from the one-backbone model of the previous phase ``old`` (an IncrementalNet with a
@@ -37,6 +39,11 @@ class FosterNet(nn.Module):
         freeze(self.backbones[0])
         freeze(self.old_fc)
         self.backbones[0].eval()
+
+    @property
+    def classifier(self) -> nn.Module:
+        """``fc``, over both backbones' features (the CAM reads both maps)."""
+        return self.fc
 
     def train(self, mode: bool = True):
         super().train(mode)

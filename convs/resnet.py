@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convs.activation import Activation
+from convs.activation import Activation, SwitchableActivations
 from convs.registry import register_backbone
 
 
@@ -87,7 +87,7 @@ class BasicBlock(nn.Module):
         return self.act2(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(SwitchableActivations, nn.Module):
     """A stem, then ``len(layers)`` stages of BasicBlocks (the first at stride 1, others stride 2).
 
     Args:

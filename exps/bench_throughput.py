@@ -47,7 +47,7 @@ def time_framework(raw: dict, epochs: int) -> dict:
         trainer.run_stage(phase, stage, gen)                      # warm-up epoch
         stage = trainer.learner.stages(phase)[0]                  # fresh stage: params may be a generator
         stage.epochs = epochs
-        images, _, _ = trainer.phase_data(phase, stage.data)
+        images, _, _, _ = trainer.phase_data(phase, stage.data)
         sync(trainer.device)
         start = time.perf_counter()
         trainer.run_stage(phase, stage, gen)
@@ -64,7 +64,7 @@ def time_plain(raw: dict, epochs: int) -> dict:
         net = trainer.learner.net
         cfg = trainer.cfg
         device = trainer.device
-        images, labels, _ = trainer.phase_data(phase, "phase")
+        images, labels, _, _ = trainer.phase_data(phase, "phase")
         x_all = trainer.to_input(images)                          # float, normalised, on the device
         y_all = labels.to(device)
         opt = torch.optim.SGD(net.parameters(), lr=cfg["init_lr"], momentum=cfg["momentum"],

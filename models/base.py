@@ -60,6 +60,8 @@ class Stage:
     ``scheduler``: "multistep" (``milestones``, ``gamma``), "cosine" (to 0 over ``epochs``) or "constant".
     ``forward(x, net=None)`` returns the outputs the loss needs; ``loss(outputs, batch)`` returns the
     total loss and named parts for the log. ``train_mode()`` puts modules in train/eval mode.
+    ``model``: the network this stage trains and ``forward`` calls by default (the CIM bilevel step
+    evaluates it with fast weights through ``forward(x, net=...)``); None = not such a stage.
     """
 
     name: str
@@ -78,6 +80,7 @@ class Stage:
     after_memory: bool = False
     batch_size: int | None = None
     on_end: Callable[[], None] | None = None
+    model: nn.Module | None = None
 
 
 class Learner:
@@ -113,7 +116,7 @@ class Learner:
         """Default: one stage training every trainable parameter with ``forward``/``loss`` on the
         phase schedule. The network's own ``train()`` decides which parts stay in eval mode."""
         return [Stage("train", params=self.net.parameters(), forward=self.forward, loss=self.loss,
-                      train_mode=self.net.train, **self.schedule(phase))]
+                      train_mode=self.net.train, model=self.net, **self.schedule(phase))]
 
     def forward(self, x: torch.Tensor, net=None) -> dict:
         """The training forward; ``net`` replaces ``self.net`` (e.g. a functional fast-weight call)."""
@@ -130,6 +133,11 @@ class Learner:
         """The deployed model in eval mode: {"logits": [B, C], "features": [B, d]}."""
         out = self.net(x)
         return {"logits": out["logits"], "features": out["features"]}
+
+    def cam_network(self) -> nn.Module:
+        """The network whose class activation maps choose the exemplar boxes (SPEC.md §3 step 1):
+        its forward gives "fmap" [B, C, h, w] and its ``classifier.weight_rows()`` is [classes, C]."""
+        return self.net
 
     def extra_evaluations(self) -> dict[str, Callable[[torch.Tensor], dict]]:
         """Other models to evaluate after a phase, by name (e.g. FOSTER's teacher)."""

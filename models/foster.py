@@ -31,6 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from convs.activation import activation_sites
 from convs.der_net import clone_backbone, parameter_count
 from convs.foster_net import FosterNet
 from convs.incremental_net import IncrementalNet
@@ -112,21 +113,32 @@ class FOSTER(Learner):
         sched = self.schedule(phase)
         if phase.index == 0:
             return [Stage("train", params=self.net.parameters(), forward=self.forward, loss=self.ce_loss,
-                          train_mode=self.net.train, **sched)]
+                          train_mode=self.net.train, model=self.net, **sched)]
         boosting = Stage(
             "boosting", params=self.teacher.parameters(), forward=self.forward_boosting, loss=self.boosting_loss,
             train_mode=self.teacher.train,   # FosterNet.train() keeps the old backbone in eval mode
+            model=self.teacher,
             on_end=functools.partial(self.align, self.teacher.fc, phase, "teacher") if c["is_teacher_wa"] else None,
             **sched)
         compression = Stage(
             "compression", params=self.net.parameters(), forward=self.forward_compression,
-            loss=self.compression_loss, train_mode=self.train_student,
+            loss=self.compression_loss, train_mode=self.train_student, model=self.net,
             on_end=functools.partial(self.align, self.net.head, phase, "student") if c["is_student_wa"] else None,
             **{**sched,
                "epochs": c["compression_epochs"] if c["compression_epochs"] is not None else sched["epochs"],
                "lr": c["compression_lr"] if c["compression_lr"] is not None else sched["lr"],
                "weight_decay": c["compression_weight_decay"]})
         return [boosting, compression]
+
+    def end_training(self, phase: Phase) -> None:
+        """The student carries the phase into the next one, so it takes over the learned Padé units
+        of the teacher's new backbone (the CIM model, if any; SPEC.md §3.1)."""
+        if self.teacher is None:
+            return
+        with torch.no_grad():
+            for src, dst in zip(activation_sites(self.teacher.backbones[1]), activation_sites(self.net.backbone)):
+                if src.pau is not None and dst.pau is not None:
+                    dst.pau.load_state_dict(src.pau.state_dict())
 
     def train_student(self) -> None:
         self.net.train()
@@ -170,6 +182,10 @@ class FOSTER(Learner):
     def teacher_inference(self, x: torch.Tensor) -> dict:
         out = (self.teacher if self.teacher is not None else self.net)(x)
         return {"logits": out["logits"], "features": out["features"]}
+
+    def cam_network(self):
+        """The teacher (both backbones) once it exists; in phase 0 the single network."""
+        return self.teacher if self.teacher is not None else self.net
 
     def extra_evaluations(self) -> dict:
         return {"teacher": self.teacher_inference}

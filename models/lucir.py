@@ -89,7 +89,7 @@ class LUCIR(Learner):
             frozen = {id(p) for p in self.net.head.fc1.parameters()}
             params = [p for p in self.net.parameters() if id(p) not in frozen]
         stages = [Stage("train", params=params, forward=self.forward, loss=self.loss,
-                        train_mode=self.net.train, **self.schedule(phase))]
+                        train_mode=self.net.train, model=self.net, **self.schedule(phase))]
         if phase.index > 0 and self.cfg["cbf_epochs"] > 0:
             stages.append(Stage(
                 "balanced_finetune", epochs=self.cfg["cbf_epochs"], params=self.net.head.parameters(),

@@ -2,8 +2,10 @@
 
 A plugin declares its config ``options`` and is enabled by its config (``enabled(cfg)``). Hooks, all
 optional, are called by the trainer in this order within a phase:
-``before_phase`` → per epoch: ``before_augment`` (per batch, may change the uint8 images) →
-``after_epoch`` → ``compressor`` (used by the memory update) → ``after_phase``.
+``after_grow`` (after the learner changed its network; also replayed on resume) → ``before_phase`` →
+per stage: ``before_stage`` → per epoch: ``before_augment`` (per batch, may change the uint8 images)
+→ ``after_epoch`` → ``after_stage``; then ``compressor`` (used by the memory update) →
+``after_phase`` → ``phase_report`` (extra fields of results.json ``phases[k]``).
 """
 from __future__ import annotations
 
@@ -32,14 +34,30 @@ class Plugin:
     def enabled(cls, cfg: dict) -> bool:
         return False
 
+    @classmethod
+    def check_config(cls, cfg: dict, learner_cls: type) -> None:
+        """Cross-key checks of a resolved config (raise ConfigError)."""
+
+    def after_grow(self, phase) -> None: ...
     def before_phase(self, phase) -> None: ...
-    def before_augment(self, images, labels, is_old, stage, epoch: int):
-        """uint8 images [B, 3, S, S] of a training batch (on the device) -> images to augment."""
+    def before_stage(self, phase, stage, images, labels, index) -> None:
+        """The stage's data: uint8 images [N, 3, S, S] (or a streamed source), labels [N], and
+        ``index`` [N], the training-set index of new-class images (-1 for exemplars)."""
+    def before_augment(self, images, labels, index, stage, epoch: int):
+        """uint8 images [B, 3, S, S] of a training batch (on the device), their labels and
+        training-set indices (-1 = exemplar) -> the images to augment."""
         return images
-    def after_epoch(self, phase, stage, epoch: int) -> None: ...
+    def after_epoch(self, phase, stage, epoch: int, lr: float) -> None:
+        """After an epoch's pass; ``lr`` is the learning rate that epoch used."""
+    def after_stage(self, phase, stage) -> None: ...
+    def owned_parameters(self) -> list:
+        """Parameters this plugin optimises itself; the stages' optimisers leave them out."""
+        return []
     def compressor(self, phase):
         """A memory Compressor for this phase's new classes, or None."""
         return None
     def after_phase(self, phase) -> None: ...
+    def phase_report(self, phase) -> dict:
+        return {}
     def state_dict(self) -> dict: return {}
     def load_state_dict(self, state: dict) -> None: ...

@@ -32,6 +32,7 @@ def _import_all() -> None:
     import models.foster  # noqa: F401
     import models.icarl  # noqa: F401
     import models.lucir  # noqa: F401
+    import models.cim  # noqa: F401  (plugin: exemplar compression)
 
 
 _import_all()

@@ -45,6 +45,10 @@ __all__ = [
     "box_area_fraction",
     "extract_crops",
     "rebuild_compressed",
+    "needed_small_pixels",
+    "encode_compressed",
+    "decode_compressed",
+    "stored_pixel_counts",
 ]
 
 _Size = Union[Sequence[int], torch.Size]
@@ -333,3 +337,78 @@ def rebuild_compressed(small: Union[torch.Tensor, Sequence[torch.Tensor]],
             raise ValueError(f"crop {i} has shape {tuple(crop.shape)}, box needs (3, {h}, {w})")
         out[i, :, y0:y1, x0:x1] = crop.to(device=out.device, dtype=out.dtype)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Packed storage: only the pixels a compressed exemplar needs (what the memory keeps)
+# --------------------------------------------------------------------------------------------
+def _source_rows(out_size: int, in_size: int, device: torch.device) -> torch.Tensor:
+    """int64 [out_size]: the source index ``F.interpolate(mode="nearest")`` reads for each output
+    row when resizing ``in_size`` -> ``out_size`` (taken from interpolate itself, so it is exact)."""
+    src = torch.arange(in_size, device=device, dtype=torch.float32).view(1, 1, in_size, 1)
+    return F.interpolate(src, size=(out_size, 1), mode="nearest").view(out_size).round().long()
+
+
+def needed_small_pixels(boxes: torch.Tensor, size: _Size, ratio: float) -> torch.Tensor:
+    """Boolean ``[B, h', w']``: the pixels of the downsampled image that some pixel *outside* the box
+    reads when it is upsampled back to ``size`` — the only ones a compressed exemplar must keep.
+
+    With a full box nothing is needed; with the empty box every pixel is. Batched (scatter-max).
+    """
+    H, W = int(size[0]), int(size[1])
+    h, w = downsampled_size((H, W), ratio)
+    B = boxes.shape[0]
+    device = boxes.device
+    outside = ~_box_mask(boxes, (H, W), device)                          # [B, H, W]
+    rows, cols = _source_rows(H, h, device), _source_rows(W, w, device)  # [H], [W]
+    flat = (rows[:, None] * w + cols[None, :]).reshape(1, H * W).expand(B, -1)
+    needed = torch.zeros(B, h * w, dtype=torch.uint8, device=device)
+    needed.scatter_reduce_(1, flat, outside.reshape(B, H * W).to(torch.uint8), reduce="amax")
+    return needed.view(B, h, w).bool()
+
+
+def stored_pixel_counts(boxes: torch.Tensor, size: _Size, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per exemplar, the number of stored full-resolution (box) pixels and of stored downsampled
+    pixels: two int64 ``[B]`` (each pixel is 3 bytes)."""
+    H, W = int(size[0]), int(size[1])
+    crop = (box_area_fraction(boxes, (H, W)) * (H * W)).round().long()
+    small = needed_small_pixels(boxes, (H, W), ratio).flatten(1).sum(1)
+    return crop, small
+
+
+def encode_compressed(images: torch.Tensor, boxes: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack compressed exemplars into the pixels they need, batched.
+
+    Args:
+        images: uint8 ``[B, 3, H, W]`` originals; boxes: int64 ``[B, 4]``; ratio: area factor η.
+    Returns:
+        ``box_pixels`` uint8 ``[Kb, 3]``: the full-resolution pixels inside the boxes, image after
+        image, row-major; ``small_pixels`` uint8 ``[Ks, 3]``: the pixels of the downsampled images
+        that the outside of the boxes needs (:func:`needed_small_pixels`), in the same order.
+        Their bytes are ≈ ``exemplar_cost × 3·H·W`` (up to the rounding of the box border).
+    """
+    _check_ratio(ratio)
+    size = images.shape[-2:]
+    inside = _box_mask(boxes, size, images.device)                      # [B, H, W]
+    box_pixels = images.permute(0, 2, 3, 1)[inside]                     # [Kb, 3]
+    small = downsample_image(images, ratio)
+    needed = needed_small_pixels(boxes.to(images.device), size, ratio)
+    small_pixels = small.permute(0, 2, 3, 1)[needed]                    # [Ks, 3]
+    return box_pixels.contiguous(), small_pixels.contiguous()
+
+
+def decode_compressed(box_pixels: torch.Tensor, small_pixels: torch.Tensor, boxes: torch.Tensor,
+                      size: _Size, ratio: float) -> torch.Tensor:
+    """Inverse of :func:`encode_compressed`: uint8 ``[B, 3, H, W]`` equal to
+    ``compress_images(images, boxes, ratio)`` bit for bit. Batched, no per-image loop."""
+    H, W = int(size[0]), int(size[1])
+    h, w = downsampled_size((H, W), ratio)
+    B = boxes.shape[0]
+    device = box_pixels.device
+    boxes = boxes.to(device)
+    small = torch.zeros(B, h, w, 3, dtype=torch.uint8, device=device)
+    small[needed_small_pixels(boxes, (H, W), ratio)] = small_pixels
+    out = upsample_nearest(small.permute(0, 3, 1, 2), (H, W))
+    out = out.permute(0, 2, 3, 1).clone()                              # [B, H, W, 3]
+    out[_box_mask(boxes, (H, W), device)] = box_pixels
+    return out.permute(0, 3, 1, 2).contiguous()

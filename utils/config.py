@@ -250,6 +250,10 @@ def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"Config key 'device' is {json.dumps(dev)}; allowed: auto, cpu, cuda, cuda:N.")
     LEARNERS[model_name].check_config(resolved)
+    from models.plugins import PLUGINS
+
+    for plugin in PLUGINS.values():
+        plugin.check_config(resolved, LEARNERS[model_name])
     return resolved
 
 

@@ -1,0 +1,345 @@
+"""Class-incremental exemplar compression (CIM, CVPR 2023) as a plugin for every learner.
+
+Config key ``compression`` picks the policy (SPEC.md §3 step 8; same memory budget for all):
+
+* ``none``   — plain exemplars (the plugin is off);
+* ``full``   — the whole exemplar downsampled (empty box, cost 1/η);
+* ``random`` — a box of area ``box_area`` at a random position;
+* ``center`` — a centred box of area ``box_area``;
+* ``cam``    — the box around the CIL model's CAM above ``mask_threshold``;
+* ``cim``    — the same with the CAM of the CIM model (the network with every activation replaced by
+  its learnable Padé unit, φ trained by the bilevel step below).
+
+What the plugin does in a phase (hooks of ``models/plugins.py``):
+
+1. ``after_grow``: with ``cim``, every activation site of the learner's networks gets a PAU
+   (initialised to the ReLU fit); new backbones of DER/FOSTER copy their source's PAUs.
+2. Artifact augmentation (``before_augment``): a new-class training image is replaced by its
+   compressed version with probability p = ``randombbxblur_prob_incre`` · ⌊epoch /
+   ``cam_update_interval``⌋; the boxes of the new-class images are recomputed every
+   ``cam_update_interval`` epochs. Old-class exemplars come from the memory already compressed.
+3. Bilevel step (``after_epoch``, ``cim`` only, stages that train the CAM network on the phase
+   data): ``int(num_meta_iters_per_cls × new classes)`` mask-level iterations (SPEC.md §3.2),
+   written once for every learner through ``Stage.forward(x, net)`` and ``Stage.loss``.
+4. ``compressor``: the boxes of the memory update (computed with the final model of the phase).
+5. ``after_phase``: ``exemplars_phase_<k>.png`` (stored exemplars, kept box, CAM overlay).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from convs.activation import activation_sites
+from convs.pau import PAU, pau_parameters
+from models.base import Batch, Phase, Stage
+from models.plugins import Plugin, register_plugin
+from utils import batching
+from utils.augment import normalize
+from utils.compression import (class_activation_map, compress_images, mask_box, soft_compress,
+                               upsample_cam)
+from utils.config import Option
+from utils.errors import ConfigError
+from utils.seeding import phase_seed
+
+POLICIES = ("none", "full", "random", "center", "cam", "cim")
+
+
+def center_boxes(n: int, size: int, area: float) -> torch.Tensor:
+    """int64 [n, 4]: the centred square box of area fraction ``area`` (side rounded to pixels)."""
+    side = min(size, max(0, round(size * math.sqrt(area))))
+    lo = (size - side) // 2
+    return torch.tensor([lo, lo + side, lo, lo + side], dtype=torch.long).repeat(n, 1)
+
+
+def random_boxes(n: int, size: int, area: float, generator: torch.Generator) -> torch.Tensor:
+    """int64 [n, 4]: square boxes of area fraction ``area`` at uniformly random positions."""
+    side = min(size, max(0, round(size * math.sqrt(area))))
+    y0 = torch.randint(0, size - side + 1, (n,), generator=generator)
+    x0 = torch.randint(0, size - side + 1, (n,), generator=generator)
+    return torch.stack([y0, y0 + side, x0, x0 + side], dim=1)
+
+
+def is_backbone_parameter(name: str) -> bool:
+    """θ of the inner step: backbone parameters only (SPEC.md §3.2), never the classifiers."""
+    return name.startswith(("backbone.", "backbones."))
+
+
+@register_plugin("cim")
+class ExemplarCompression(Plugin):
+    options = {
+        "compression": Option("none", "str", "Exemplar compression policy (SPEC.md §3): none | full (whole image "
+                                             "downsampled) | random / center (box of area `box_area`) | cam (CAM "
+                                             "of the CIL model) | cim (CAM of the PAU model, bilevel-trained).",
+                              choices=POLICIES),
+        "compress_ratio": Option(4.0, "float", "Area factor η of the downsampled part (each side ÷ √η); an "
+                                               "exemplar costs a + (1 − a)/η units.", min=1.0),
+        "mask_threshold": Option(0.6, "float", "CAM threshold τ of the kept box (cam, cim).", min=0.0, max=1.0),
+        "box_area": Option(0.25, "float", "Area fraction of the square box of the random and center policies.",
+                           min=0.0, max=1.0),
+        "cam_update_interval": Option(40, "int", "Epochs between recomputations of the new-class boxes used by "
+                                                 "artifact augmentation.", min=1),
+        "randombbxblur_prob_incre": Option(0.1, "float", "Artifact augmentation: a new-class image is compressed "
+                                                         "with p = this × ⌊epoch / cam_update_interval⌋.",
+                                           min=0.0, max=1.0),
+        "cam_batch_size": Option(16, "int", "Batch size of the CAM/box computations.", min=1),
+        "meta_batch_size": Option(16, "int", "Size of each of the two batches of a bilevel iteration.", min=2),
+        "num_meta_iters_per_cls": Option(0.5, "float", "Bilevel iterations per epoch = int(this × new classes).",
+                                         min=0.0),
+        "init_phi_lr": Option(0.01, "float", "Adam learning rate of φ (PAU coefficients) in phase 0.", min=0.0),
+        "incre_phi_lr": Option(0.01, "float", "Adam learning rate of φ in later phases.", min=0.0),
+        "phi_weight_decay": Option(5e-4, "float", "Adam weight decay of φ.", min=0.0),
+        "lr_ratio": Option(0.1, "float", "Inner step size β1 = lr_ratio × the current θ learning rate.", min=0.0),
+        "max_phi_grad_norm": Option(1.0, "float", "Clip of φ's gradient norm in phase 0.", min=0.0),
+        "incre_max_phi_grad_norm": Option(math.sqrt(2.0), "float", "Clip of φ's gradient norm in later phases.",
+                                          min=0.0),
+        "div_coef": Option(0.2, "float", "Weight μ′ of CE(CIM logits) in the outer loss.", min=0.0),
+        "reg_coef": Option(0.1, "float", "Weight μ of mean(CAM²) in the outer loss (smaller masks).", min=0.0),
+        "exemplar_figure": Option(True, "bool", "Write exemplars_phase_<k>.png after each phase (compression on)."),
+    }
+
+    @classmethod
+    def enabled(cls, cfg: dict) -> bool:
+        return cfg["compression"] != "none"
+
+    @classmethod
+    def check_config(cls, cfg: dict, learner_cls: type) -> None:
+        if cfg["compression"] != "none" and not learner_cls.uses_memory:
+            raise ConfigError(f"Config key 'compression' is '{cfg['compression']}' but model_name "
+                              f"'{cfg['model_name']}' keeps no exemplar memory; use 'none' or a learner with memory.")
+
+    def __init__(self, cfg: dict, trainer):
+        super().__init__(cfg, trainer)
+        self.policy = cfg["compression"]
+        self.ratio = cfg["compress_ratio"]
+        self.generator = torch.Generator()
+        self.phase: Phase | None = None
+        self.box_table: torch.Tensor | None = None   # int64 [N_train, 4] on the device
+        self.stage_data = None
+        self.phi_opt = None
+        self.phi_sched = None
+        self.meta_iterations = 0
+        self.meta_skipped = 0
+        self.meta_seconds = 0.0
+        self.last_outer_loss: float | None = None
+
+    # ---- the CIM model ------------------------------------------------------------------------
+    def after_grow(self, phase: Phase) -> None:
+        if self.policy != "cim":
+            return
+        for module in self.trainer.learner.modules().values():
+            if module is None:
+                continue
+            for site in activation_sites(module):
+                if site.pau is None:
+                    site.pau = PAU()
+
+    def phi(self) -> list[torch.nn.Parameter]:
+        """φ: the PAU coefficients of the CAM network (every backbone's, frozen backbones included)."""
+        return pau_parameters(self.trainer.learner.cam_network()) if self.policy == "cim" else []
+
+    def owned_parameters(self) -> list:
+        if self.policy != "cim":
+            return []
+        return [p for m in self.trainer.learner.modules().values() if m is not None for p in pau_parameters(m)]
+
+    # ---- CAMs and boxes -----------------------------------------------------------------------
+    def cam_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] -> normalised float [B, 3, I, I]: the whole image (resized, not cropped,
+        so that the CAM covers every stored pixel)."""
+        t = self.trainer
+        x = normalize(images.to(t.device), t.data.mean, t.data.std)
+        if x.shape[-1] != t.input_size:
+            x = F.interpolate(x, size=(t.input_size, t.input_size), mode="bilinear", align_corners=False)
+        return x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
+
+    @torch.no_grad()
+    def cams(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """float [B, h, w] CAMs of uint8 ``images`` for ``labels`` from the CAM network in eval mode
+        (its PAU version with ``cim``), in ``cam_batch_size`` chunks."""
+        net = self.trainer.learner.cam_network()
+        net.eval()
+        mode = "pau" if self.policy == "cim" else "relu"
+        out = []
+        bs = self.cfg["cam_batch_size"]
+        with net.activations(mode):
+            for i in range(0, images.shape[0], bs):
+                x = self.cam_input(images[i:i + bs])
+                y = labels[i:i + bs].to(x.device)
+                with self.trainer.autocast():
+                    fmap = net(x)["fmap"]
+                rows = net.classifier.weight_rows()[y]
+                out.append(class_activation_map(fmap.float(), rows.float()))
+        return torch.cat(out) if out else torch.empty(0)
+
+    def boxes(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """int64 [B, 4] boxes (on the images' device) of the policy for uint8 ``images`` [B, 3, S, S]."""
+        n, size = images.shape[0], images.shape[-1]
+        if self.policy == "full":
+            b = torch.zeros(n, 4, dtype=torch.long)
+        elif self.policy == "center":
+            b = center_boxes(n, size, self.cfg["box_area"])
+        elif self.policy == "random":
+            b = random_boxes(n, size, self.cfg["box_area"], self.generator)
+        else:
+            b = mask_box(self.cams(images, labels), (size, size), self.cfg["mask_threshold"])
+        return b.to(images.device)
+
+    def compressor(self, phase: Phase):
+        def compress(images: torch.Tensor, label: int) -> torch.Tensor:
+            return self.boxes(images, torch.full((images.shape[0],), label, dtype=torch.long))
+        return compress
+
+    # ---- phase and stage ----------------------------------------------------------------------
+    def before_phase(self, phase: Phase) -> None:
+        self.phase = phase
+        self.generator.manual_seed(phase_seed(self.cfg["seed"], phase.index) + 7919)
+        self.box_table = None
+        self.meta_iterations = 0
+        self.meta_skipped = 0
+        self.meta_seconds = 0.0
+
+    def _runs_bilevel(self, stage: Stage) -> bool:
+        return (self.policy == "cim" and stage.data == "phase" and stage.model is not None
+                and stage.model is self.trainer.learner.cam_network()
+                and int(self.cfg["num_meta_iters_per_cls"] * self.phase.num_new) > 0)
+
+    def before_stage(self, phase, stage, images, labels, index) -> None:
+        self.stage_data = (images, labels, index)
+        self.box_table = None
+        self.phi_opt = self.phi_sched = None
+        if self._runs_bilevel(stage):
+            phi = self.phi()
+            for p in phi:
+                p.requires_grad_(True)
+            lr = self.cfg["init_phi_lr"] if phase.index == 0 else self.cfg["incre_phi_lr"]
+            self.phi_opt = torch.optim.Adam(phi, lr=lr, weight_decay=self.cfg["phi_weight_decay"])
+            self.phi_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.phi_opt, T_max=max(stage.epochs, 1))
+
+    def after_stage(self, phase, stage) -> None:
+        self.stage_data = None
+        self.box_table = None
+        self.phi_opt = self.phi_sched = None
+
+    def refresh_boxes(self) -> None:
+        """Recompute the boxes of the stage's new-class training images (artifact augmentation)."""
+        images, labels, index = self.stage_data
+        new = (index >= 0).nonzero().flatten()
+        table = torch.zeros(len(self.trainer.train_labels), 4, dtype=torch.long, device=self.trainer.device)
+        bs = max(self.cfg["cam_batch_size"], self.cfg["eval_batch_size"])
+        for i in range(0, new.numel(), bs):
+            sel = new[i:i + bs]
+            imgs = batching.materialize(batching.select(images, sel.to(images.device)
+                                                        if isinstance(images, torch.Tensor) else sel))
+            table[index[sel].to(table.device)] = self.boxes(imgs, labels[sel]).to(table.device)
+        self.box_table = table
+
+    def augment_probability(self, epoch: int) -> float:
+        """p = randombbxblur_prob_incre · ⌊epoch / cam_update_interval⌋ (0 … in the official schedule 0.4)."""
+        return min(1.0, self.cfg["randombbxblur_prob_incre"] * (epoch // self.cfg["cam_update_interval"]))
+
+    def before_augment(self, images, labels, index, stage, epoch):
+        p = self.augment_probability(epoch)
+        if p <= 0.0 or stage.data != "phase":
+            return images
+        if self.box_table is None:
+            self.refresh_boxes()
+        pick = (torch.rand(images.shape[0], generator=self.generator) < p).to(images.device) & (index >= 0)
+        if not bool(pick.any()):
+            return images
+        images = images.clone()
+        images[pick] = compress_images(images[pick], self.box_table[index[pick]], self.ratio)
+        return images
+
+    def after_epoch(self, phase, stage, epoch, lr) -> None:
+        if self.phi_opt is not None:
+            start = time.time()
+            self.bilevel_epoch(phase, stage, lr)
+            self.meta_seconds += time.time() - start
+        # Boxes are recomputed when the next epoch enters a new cam_update_interval block.
+        if stage.data == "phase" and (epoch + 1) % self.cfg["cam_update_interval"] == 0 \
+                and self.augment_probability(epoch + 1) > 0 and epoch + 1 < stage.epochs:
+            self.refresh_boxes()
+
+    # ---- the bilevel step (SPEC.md §3.2) ------------------------------------------------------
+    def _meta_batch(self, phase: Phase):
+        images, labels, _ = self.stage_data
+        n = min(self.cfg["meta_batch_size"], len(labels))
+        pick = torch.randperm(len(labels), generator=self.generator)[:n]
+        dev_pick = pick.to(labels.device)
+        imgs = batching.materialize(batching.select(images, dev_pick if isinstance(images, torch.Tensor) else pick))
+        t = self.trainer
+        x = t.augment(imgs.to(t.device), self.generator)
+        if t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels[dev_pick].to(t.device)
+        return x, y, y < phase.first
+
+    def bilevel_epoch(self, phase: Phase, stage: Stage, lr: float) -> None:
+        model = stage.model
+        phi = self.phi()
+        phi_ids = {id(p) for p in phi}
+        theta = [(name, p) for name, p in model.named_parameters()
+                 if p.requires_grad and id(p) not in phi_ids and is_backbone_parameter(name)]
+        beta = self.cfg["lr_ratio"] * lr
+        clip = self.cfg["max_phi_grad_norm"] if phase.index == 0 else self.cfg["incre_max_phi_grad_norm"]
+        iters = int(self.cfg["num_meta_iters_per_cls"] * phase.num_new)
+        model.eval()
+        for _ in range(iters):
+            xa, ya, olda = self._meta_batch(phase)
+            xb, yb, _ = self._meta_batch(phase)
+            # Batch A through the CIM model: its logits (div term) and its soft CAM (reg term, mask).
+            with model.activations("pau"):
+                out_a = model(xa)
+            div = F.cross_entropy(out_a["logits"].float(), ya)
+            rows = model.classifier.weight_rows()[ya].detach()
+            cam = class_activation_map(out_a["fmap"].float(), rows)          # [B, h, w], no threshold
+            reg = cam.pow(2).mean()
+            x_soft = soft_compress(xa, upsample_cam(cam, xa.shape[-2:]), self.ratio)
+            # Inner step on the CIL model: θ⁺ = θ − β1 ∇θ L_CIL(x̃), kept differentiable w.r.t. φ.
+            inner, _ = stage.loss(stage.forward(x_soft, net=model), Batch(x_soft, ya, olda))
+            grads = torch.autograd.grad(inner, [p for _, p in theta], create_graph=True, allow_unused=True)
+            fast = {name: p - beta * g for (name, p), g in zip(theta, grads) if g is not None}
+            # Outer loss on batch B with the fast weights; gradients to φ only.
+            out_b = stage.forward(xb, net=lambda x: functional_call(model, fast, (x,)))
+            outer = F.cross_entropy(out_b["logits"].float(), yb) + self.cfg["div_coef"] * div \
+                + self.cfg["reg_coef"] * reg
+            grads_phi = torch.autograd.grad(outer, phi, allow_unused=True)
+            if not torch.isfinite(outer) or any(g is not None and not torch.isfinite(g).all() for g in grads_phi):
+                # e.g. an eval-mode network whose BatchNorm statistics are not settled yet (first
+                # epochs): φ must never take a non-finite step.
+                self.meta_skipped += 1
+                continue
+            self.phi_opt.zero_grad(set_to_none=True)
+            for p, g in zip(phi, grads_phi):
+                p.grad = g
+            torch.nn.utils.clip_grad_norm_([p for p in phi if p.grad is not None], clip)
+            self.phi_opt.step()
+            self.meta_iterations += 1
+            self.last_outer_loss = float(outer.detach())
+        self.phi_sched.step()
+
+    # ---- end of phase ----------------------------------------------------------------------
+    def after_phase(self, phase: Phase) -> None:
+        if not self.cfg["exemplar_figure"]:
+            return
+        from utils.exemplar_figure import write_exemplar_figure
+
+        write_exemplar_figure(self, phase, self.trainer.out / f"exemplars_phase_{phase.index}.png")
+
+    def phase_report(self, phase: Phase) -> dict:
+        mem = self.trainer.memory
+        size = self.trainer.image_size
+        areas = [float(((e.boxes[:, 1] - e.boxes[:, 0]).clamp(min=0) * (e.boxes[:, 3] - e.boxes[:, 2]).clamp(min=0))
+                       .float().sum()) for e in mem.classes.values()]
+        n = len(mem)
+        return {"compression": {
+            "policy": self.policy, "ratio": self.ratio,
+            "mean_box_area": round(sum(areas) / (n * size * size), 6) if n else None,
+            "meta_iterations": self.meta_iterations, "meta_skipped_nonfinite": self.meta_skipped,
+            "meta_seconds": round(self.meta_seconds, 3),
+            "last_outer_loss": self.last_outer_loss,
+        }}

@@ -1,0 +1,109 @@
+"""``exemplars_phase_<k>.png``: what a researcher looks at first to trust the masks.
+
+For a few classes, two rows each: the stored exemplars as rebuilt from memory with the kept
+(full-resolution) box outlined in red, and below them the original images with the CAM that chose
+the box overlaid as a heat map.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from utils import batching
+from utils.compression import upsample_cam
+
+
+def jet(values: torch.Tensor) -> torch.Tensor:
+    """float [..., H, W] in [0, 1] -> float [..., 3, H, W] RGB in [0, 1] (a jet-like colour map)."""
+    v = values.clamp(0, 1).unsqueeze(-3)
+    centres = torch.tensor([3.0, 2.0, 1.0], device=values.device).view(3, 1, 1)
+    return (1.5 - (4 * v - centres).abs()).clamp(0, 1)
+
+
+def outline_boxes(images: torch.Tensor, boxes: torch.Tensor, width: int = 1,
+                  colour: tuple[int, int, int] = (255, 0, 0)) -> torch.Tensor:
+    """uint8 [B, 3, H, W] with the border of each half-open box [B, 4] (y0, y1, x0, x1) drawn
+    ``width`` pixels wide inside the box; empty boxes draw nothing."""
+    B, _, H, W = images.shape
+    ys = torch.arange(H).view(1, H, 1)
+    xs = torch.arange(W).view(1, 1, W)
+    y0, y1, x0, x1 = (boxes[:, i].view(B, 1, 1) for i in range(4))
+    inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+    core = (ys >= y0 + width) & (ys < y1 - width) & (xs >= x0 + width) & (xs < x1 - width)
+    border = (inside & ~core).unsqueeze(1)                       # [B, 1, H, W]
+    paint = torch.tensor(colour, dtype=torch.uint8).view(1, 3, 1, 1)
+    return torch.where(border, paint, images)
+
+
+def cam_overlay(images: torch.Tensor, cams: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """uint8 [B, 3, H, W] blended with the jet colours of ``cams`` [B, h, w] (upsampled bilinearly)."""
+    heat = jet(upsample_cam(cams.float(), images.shape[-2:]))    # [B, 3, H, W]
+    out = (1 - alpha) * images.float() / 255 + alpha * heat
+    return (out * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def exemplar_grid(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], columns: int,
+                  pad: int = 2) -> torch.Tensor:
+    """Tile per-class rows into one uint8 [3, H, W] image.
+
+    rows: per class (rebuilt uint8 [n, 3, S, S], originals uint8 [n, 3, S, S], boxes [n, 4],
+    cams [n, h, w]) with n ≤ ``columns``; each class gives two image rows (rebuilt + box, original + CAM).
+    """
+    S = rows[0][0].shape[-1]
+    width = max(1, S // 48)
+    H = len(rows) * 2 * (S + pad) + pad
+    W = columns * (S + pad) + pad
+    canvas = torch.full((3, H, W), 255, dtype=torch.uint8)
+    for r, (rebuilt, originals, boxes, cams) in enumerate(rows):
+        top = outline_boxes(rebuilt, boxes, width)
+        bottom = cam_overlay(originals, cams)
+        for j in range(rebuilt.shape[0]):
+            x = pad + j * (S + pad)
+            y = pad + 2 * r * (S + pad)
+            canvas[:, y:y + S, x:x + S] = top[j]
+            canvas[:, y + S + pad:y + 2 * S + pad, x:x + S] = bottom[j]
+    return canvas
+
+
+def write_png(path: Path, image: torch.Tensor) -> None:
+    """Write uint8 [3, H, W] as PNG atomically (a temporary file renamed into place)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def figure_classes(classes_seen: int, count: int = 4) -> list[int]:
+    """Up to ``count`` classes spread over 0 … classes_seen-1, the newest class always included."""
+    if classes_seen <= count:
+        return list(range(classes_seen))
+    step = (classes_seen - 1) / (count - 1)
+    return sorted({round(i * step) for i in range(count)})
+
+
+def write_exemplar_figure(plugin, phase, path: Path, classes: int = 4, columns: int = 8) -> None:
+    """Render the exemplars of a few seen classes from ``plugin.trainer.memory`` (CAMs from the
+    plugin's CAM network: the PAU model for ``cim``) and write them to ``path``."""
+    trainer = plugin.trainer
+    rows = []
+    for c in figure_classes(phase.last, classes):
+        ex = trainer.memory.classes.get(c)
+        if ex is None or len(ex) == 0:
+            continue
+        head = ex.prefix(min(columns, len(ex)))
+        originals = batching.materialize(batching.select(trainer.train_images, head.source_index))
+        cams = plugin.cams(originals, torch.full((len(head),), c, dtype=torch.long)).cpu()
+        rows.append((head.decode(), originals, head.boxes, cams))
+    if rows:
+        write_png(path, exemplar_grid(rows, columns))
