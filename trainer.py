@@ -233,14 +233,12 @@ class Trainer:
                     f"Training diverged in phase {phase.index}, stage '{stage.name}', epoch {epoch + 1}: "
                     f"losses {losses}. Results of the earlier phases are kept in {self.out}. "
                     f"Try a lower learning rate.")
-            extra_start = time.time()
             for plugin in self.plugins:
                 plugin.after_epoch(phase, stage, epoch, lr)
             record = {"phase": phase.index, "stage": stage.name, "epoch": epoch + 1, "lr": lr,
                       "losses": {k: round(v, 6) for k, v in losses.items()},
                       "train_acc": round(100.0 * correct.item() / max(seen, 1), 4),
-                      "seconds": round(time.time() - start, 3),
-                      "plugin_seconds": round(time.time() - extra_start, 3)}
+                      "seconds": round(time.time() - start, 3)}
             self.log.metric(record)
             bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.3f}", acc=f"{record['train_acc']:.1f}")
         if stage.on_end is not None:

@@ -32,6 +32,8 @@ def build_trainer(raw: dict, epochs: int, out: Path) -> tuple[Trainer, object]:
     phase = trainer.phases()[0]
     trainer.learner.before_grow(phase)
     trainer.learner.grow_network(phase)
+    for plugin in trainer.plugins:
+        plugin.after_grow(phase)
     trainer.learner_to_device()
     trainer.learner.begin_phase(phase, trainer)
     for plugin in trainer.plugins:

@@ -51,6 +51,8 @@ POLICIES = ("none", "full", "random", "center", "cam", "cim")
 def center_boxes(n: int, size: int, area: float) -> torch.Tensor:
     """int64 [n, 4]: the centred square box of area fraction ``area`` (side rounded to pixels)."""
     side = min(size, max(0, round(size * math.sqrt(area))))
+    if side == 0:
+        return torch.zeros(n, 4, dtype=torch.long)
     lo = (size - side) // 2
     return torch.tensor([lo, lo + side, lo, lo + side], dtype=torch.long).repeat(n, 1)
 
@@ -58,6 +60,8 @@ def center_boxes(n: int, size: int, area: float) -> torch.Tensor:
 def random_boxes(n: int, size: int, area: float, generator: torch.Generator) -> torch.Tensor:
     """int64 [n, 4]: square boxes of area fraction ``area`` at uniformly random positions."""
     side = min(size, max(0, round(size * math.sqrt(area))))
+    if side == 0:
+        return torch.zeros(n, 4, dtype=torch.long)
     y0 = torch.randint(0, size - side + 1, (n,), generator=generator)
     x0 = torch.randint(0, size - side + 1, (n,), generator=generator)
     return torch.stack([y0, y0 + side, x0, x0 + side], dim=1)
@@ -120,10 +124,12 @@ class ExemplarCompression(Plugin):
         self.box_table: torch.Tensor | None = None   # int64 [N_train, 4] on the device
         self.stage_data = None
         self.phi_opt = None
-        self.phi_sched = None
+        self.phi_lr = 0.0
         self.meta_iterations = 0
         self.meta_skipped = 0
         self.meta_seconds = 0.0
+        self.refreshes = 0
+        self.refresh_seconds = 0.0
         self.last_outer_loss: float | None = None
 
     # ---- the CIM model ------------------------------------------------------------------------
@@ -201,6 +207,8 @@ class ExemplarCompression(Plugin):
         self.meta_iterations = 0
         self.meta_skipped = 0
         self.meta_seconds = 0.0
+        self.refreshes = 0
+        self.refresh_seconds = 0.0
 
     def _runs_bilevel(self, stage: Stage) -> bool:
         return (self.policy == "cim" and stage.data == "phase" and stage.model is not None
@@ -210,22 +218,23 @@ class ExemplarCompression(Plugin):
     def before_stage(self, phase, stage, images, labels, index) -> None:
         self.stage_data = (images, labels, index)
         self.box_table = None
-        self.phi_opt = self.phi_sched = None
+        self.phi_opt = None
         if self._runs_bilevel(stage):
             phi = self.phi()
             for p in phi:
                 p.requires_grad_(True)
             lr = self.cfg["init_phi_lr"] if phase.index == 0 else self.cfg["incre_phi_lr"]
             self.phi_opt = torch.optim.Adam(phi, lr=lr, weight_decay=self.cfg["phi_weight_decay"])
-            self.phi_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.phi_opt, T_max=max(stage.epochs, 1))
+            self.phi_lr = lr
 
     def after_stage(self, phase, stage) -> None:
         self.stage_data = None
         self.box_table = None
-        self.phi_opt = self.phi_sched = None
+        self.phi_opt = None
 
     def refresh_boxes(self) -> None:
         """Recompute the boxes of the stage's new-class training images (artifact augmentation)."""
+        start = time.time()
         images, labels, index = self.stage_data
         new = (index >= 0).nonzero().flatten()
         table = torch.zeros(len(self.trainer.train_labels), 4, dtype=torch.long, device=self.trainer.device)
@@ -236,6 +245,8 @@ class ExemplarCompression(Plugin):
                                                         if isinstance(images, torch.Tensor) else sel))
             table[index[sel].to(table.device)] = self.boxes(imgs, labels[sel]).to(table.device)
         self.box_table = table
+        self.refreshes += 1
+        self.refresh_seconds += time.time() - start
 
     def augment_probability(self, epoch: int) -> float:
         """p = randombbxblur_prob_incre · ⌊epoch / cam_update_interval⌋ (0 … in the official schedule 0.4)."""
@@ -257,7 +268,7 @@ class ExemplarCompression(Plugin):
     def after_epoch(self, phase, stage, epoch, lr) -> None:
         if self.phi_opt is not None:
             start = time.time()
-            self.bilevel_epoch(phase, stage, lr)
+            self.bilevel_epoch(phase, stage, lr, epoch)
             self.meta_seconds += time.time() - start
         # Boxes are recomputed when the next epoch enters a new cam_update_interval block.
         if stage.data == "phase" and (epoch + 1) % self.cfg["cam_update_interval"] == 0 \
@@ -278,7 +289,11 @@ class ExemplarCompression(Plugin):
         y = labels[dev_pick].to(t.device)
         return x, y, y < phase.first
 
-    def bilevel_epoch(self, phase: Phase, stage: Stage, lr: float) -> None:
+    def bilevel_epoch(self, phase: Phase, stage: Stage, lr: float, epoch: int = 0) -> None:
+        """The mask-level iterations after epoch ``epoch`` of ``stage`` (θ's learning rate was ``lr``).
+        φ's Adam rate follows a cosine over the stage's epochs, like θ's."""
+        for group in self.phi_opt.param_groups:
+            group["lr"] = self.phi_lr * 0.5 * (1 + math.cos(math.pi * epoch / max(stage.epochs, 1)))
         model = stage.model
         phi = self.phi()
         phi_ids = {id(p) for p in phi}
@@ -320,7 +335,6 @@ class ExemplarCompression(Plugin):
             self.phi_opt.step()
             self.meta_iterations += 1
             self.last_outer_loss = float(outer.detach())
-        self.phi_sched.step()
 
     # ---- end of phase ----------------------------------------------------------------------
     def after_phase(self, phase: Phase) -> None:
@@ -339,7 +353,7 @@ class ExemplarCompression(Plugin):
         return {"compression": {
             "policy": self.policy, "ratio": self.ratio,
             "mean_box_area": round(sum(areas) / (n * size * size), 6) if n else None,
-            "meta_iterations": self.meta_iterations, "meta_skipped_nonfinite": self.meta_skipped,
-            "meta_seconds": round(self.meta_seconds, 3),
-            "last_outer_loss": self.last_outer_loss,
+            "bilevel": {"iterations": self.meta_iterations, "skipped_nonfinite": self.meta_skipped,
+                        "last_outer_loss": self.last_outer_loss, "seconds": round(self.meta_seconds, 3)},
+            "box_refresh": {"count": self.refreshes, "seconds": round(self.refresh_seconds, 3)},
         }}

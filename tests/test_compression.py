@@ -244,3 +244,44 @@ def test_soft_compress_through_cam_is_differentiable():
     out = soft_compress(x, upsample_cam(cam, (16, 16)), 4.0)
     out.pow(2).mean().backward()
     assert torch.isfinite(fm.grad).all() and fm.grad.abs().sum() > 0
+
+
+# ---- packed storage ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size,ratio", [(32, 4.0), (33, 4.0), (64, 2.0), (30, 9.0), (17, 3.0), (16, 1.0)])
+def test_encode_decode_is_compress_images_bit_for_bit(size, ratio):
+    from utils.compression import decode_compressed, encode_compressed, stored_pixel_counts
+
+    g = torch.Generator().manual_seed(size)
+    n = 40
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    y0 = torch.randint(0, size, (n,), generator=g)
+    x0 = torch.randint(0, size, (n,), generator=g)
+    y1 = torch.minimum(y0 + torch.randint(0, size, (n,), generator=g), torch.tensor(size))
+    x1 = torch.minimum(x0 + torch.randint(0, size, (n,), generator=g), torch.tensor(size))
+    boxes = torch.stack([y0, y1, x0, x1], dim=1)
+    boxes[0] = torch.tensor([0, 0, 0, 0])
+    boxes[1] = torch.tensor([0, size, 0, size])
+    box_px, small_px = encode_compressed(x, boxes, ratio)
+    assert torch.equal(decode_compressed(box_px, small_px, boxes, (size, size), ratio), compress_images(x, boxes, ratio))
+    crop, small = stored_pixel_counts(boxes, (size, size), ratio)
+    assert crop.sum() == box_px.shape[0] and small.sum() == small_px.shape[0]
+    h, w = downsampled_size((size, size), ratio)
+    assert small[0] == h * w and crop[0] == 0            # empty box: the whole small image
+    assert small[1] == 0 and crop[1] == size * size      # full box: the crop only
+    # stored pixels follow the cost formula up to the box border
+    stored = (crop + small).float() / (size * size)
+    assert stored.mean().item() == pytest.approx(exemplar_cost(boxes, (size, size), ratio).mean().item(), abs=0.03)
+
+
+def test_needed_small_pixels_known_answer():
+    from utils.compression import needed_small_pixels
+
+    # 8x8 image, ratio 4 -> 4x4 small image; box rows 2..5, cols 2..5 covers small pixels (1..2, 1..2)
+    need = needed_small_pixels(torch.tensor([[2, 6, 2, 6]]), (8, 8), 4.0)[0]
+    expect = torch.ones(4, 4, dtype=torch.bool)
+    expect[1:3, 1:3] = False
+    assert torch.equal(need, expect)
+    # a box on odd borders keeps the partly covered small pixels
+    need = needed_small_pixels(torch.tensor([[1, 6, 2, 6]]), (8, 8), 4.0)[0]
+    assert need[:, 1].tolist() == [True, False, False, True]   # small row 0 covers image rows 0 (out) and 1 (in)

@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from utils.compression import compress_images, exemplar_cost
 from utils.memory import ExemplarMemory
 from utils.nme import class_means, nme_logits
 
@@ -42,16 +44,77 @@ def test_memory_never_exceeds_budget_across_phases_and_shrinks_by_prefix():
 
 
 def test_costs_let_more_exemplars_fit():
-    mem = ExemplarMemory(memory_size=10, memory_per_class=0, fixed_memory=False)
+    mem = ExemplarMemory(memory_size=10, memory_per_class=0, fixed_memory=False, compress_ratio=4.0)
 
-    def quarter_cost(images, c):
-        return images, torch.full((len(images),), 0.25), torch.zeros(len(images), 4, dtype=torch.long)
+    def empty_boxes(images, c):       # the whole image downsampled: cost 1/4
+        return torch.zeros(len(images), 4, dtype=torch.long)
 
-    mem.update(range(0, 1), _class_data, _features, classes_seen=1, compressor=quarter_cost)
+    mem.update(range(0, 1), _class_data, _features, classes_seen=1, compressor=empty_boxes)
     assert len(mem) == 30            # all 30 fit: 30 * 0.25 = 7.5 <= 10
-    mem.update(range(1, 2), _class_data, _features, classes_seen=2, compressor=quarter_cost)
+    mem.update(range(1, 2), _class_data, _features, classes_seen=2, compressor=empty_boxes)
     assert mem.counts(2) == [20, 20]  # 5 units each: 20 * 0.25
     assert mem.used() <= 10
+
+
+def _random_boxes(n, size, generator):
+    y0 = torch.randint(0, size, (n,), generator=generator)
+    x0 = torch.randint(0, size, (n,), generator=generator)
+    y1 = torch.minimum(y0 + torch.randint(0, size, (n,), generator=generator), torch.tensor(size))
+    x1 = torch.minimum(x0 + torch.randint(0, size, (n,), generator=generator), torch.tensor(size))
+    return torch.stack([y0, y1, x0, x1], dim=1)
+
+
+def test_compressed_memory_stays_in_budget_and_stores_compressed_pixels():
+    g = torch.Generator().manual_seed(0)
+    mem = ExemplarMemory(memory_size=24, memory_per_class=0, fixed_memory=False, compress_ratio=4.0)
+    plain = ExemplarMemory(memory_size=24, memory_per_class=0, fixed_memory=False)
+    boxes_of = {}
+
+    def boxes(images, c):
+        boxes_of[c] = _random_boxes(len(images), images.shape[-1], g)
+        return boxes_of[c]
+
+    history = {}
+    for lo, hi in [(0, 2), (2, 4), (4, 6)]:
+        mem.update(range(lo, hi), _class_data, _features, classes_seen=hi, compressor=boxes)
+        plain.update(range(lo, hi), _class_data, _features, classes_seen=hi)
+        st = mem.stats(hi, image_bytes=3 * 8 * 8)
+        assert st["used"] <= st["budget"] + 1e-9
+        assert st["exemplars"] > plain.stats(hi)["exemplars"]        # smaller boxes: more exemplars
+        # Bytes follow the cost up to the box border: a downsampled pixel is kept whole when any of
+        # the 2x2 pixels it stands for lies outside the box (a few % on these 8 px images).
+        assert st["bytes"] <= st["bytes_budget"] * 1.1
+        assert st["bytes"] == pytest.approx(st["used"] * 3 * 8 * 8, rel=0.15)
+        for c in range(hi):
+            ex = mem.classes[c]
+            assert ex.compressed and ex.images is None
+            assert float(ex.costs.double().sum()) <= mem.class_budget(hi) + 1e-9
+            # what the memory gives back is exactly the compressed original
+            originals, _ = _class_data(c)
+            expect = compress_images(originals[ex.source_index - 100 * c], ex.boxes, 4.0)
+            assert torch.equal(ex.decode(), expect)
+            assert torch.allclose(ex.costs, exemplar_cost(ex.boxes, (8, 8), 4.0))
+            idx = ex.source_index.tolist()
+            if c in history:
+                assert idx == history[c][:len(idx)]              # shrinking keeps a prefix
+            history[c] = idx
+    other = ExemplarMemory(24, 0, False, 4.0)
+    other.load_state_dict(mem.state_dict())
+    assert torch.equal(other.tensors()[0], mem.tensors()[0]) and other.nbytes() == mem.nbytes()
+
+
+def test_herding_sees_the_compressed_images():
+    seen = []
+    mem = ExemplarMemory(memory_size=10, memory_per_class=0, fixed_memory=False, compress_ratio=4.0)
+
+    def features(images):
+        seen.append(images.clone())
+        return _features(images)
+
+    mem.update(range(0, 1), _class_data, features, classes_seen=1,
+               compressor=lambda images, c: torch.tensor([[2, 6, 2, 6]]).repeat(len(images), 1))
+    originals, _ = _class_data(0)
+    assert torch.equal(seen[0], compress_images(originals, torch.tensor([[2, 6, 2, 6]]).repeat(30, 1), 4.0))
 
 
 def test_counts_are_counts_not_index_sums():

@@ -1,0 +1,236 @@
+"""The CIM plugin (models/cim.py): policies, artifact augmentation, the bilevel step, the memory
+with compression on, every learner end to end, resume equality, the exemplar figure."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import REPO, run, tiny_config, without_seconds
+from convs.activation import activation_sites
+from models.cim import ExemplarCompression, center_boxes, random_boxes
+from trainer import Trainer
+from utils.compression import compress_images, exemplar_cost
+from utils.config import resolve_config
+from utils.errors import ConfigError
+
+# One epoch per phase: enough to exercise every hook (boxes refreshed every epoch, p > 0 from epoch 1).
+QUICK = {"init_epochs": 2, "epochs": 2, "cam_update_interval": 1, "randombbxblur_prob_incre": 0.5,
+         "num_meta_iters_per_cls": 1.0, "meta_batch_size": 8}
+
+
+def _trainer(tmp_path, **overrides) -> Trainer:
+    return Trainer(resolve_config(tiny_config(**{**QUICK, **overrides})), tmp_path / "run", "tiny")
+
+
+# ---- boxes of the simple policies ---------------------------------------------------------------
+
+def test_center_and_random_boxes_have_the_asked_area():
+    assert center_boxes(2, 16, 0.25).tolist() == [[4, 12, 4, 12]] * 2
+    assert center_boxes(1, 15, 1.0).tolist() == [[0, 15, 0, 15]]
+    assert center_boxes(1, 16, 0.0).tolist() == [[0, 0, 0, 0]]          # the empty-box convention
+    assert random_boxes(3, 16, 0.0, torch.Generator()).tolist() == [[0, 0, 0, 0]] * 3
+    b = random_boxes(500, 20, 0.36, torch.Generator().manual_seed(0))
+    assert ((b[:, 1] - b[:, 0]) == 12).all() and ((b[:, 3] - b[:, 2]) == 12).all()
+    assert b.min() >= 0 and b[:, 1].max() <= 20 and b[:, 3].max() <= 20
+    assert len({tuple(r) for r in b.tolist()}) > 50          # positions really vary
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+def test_compression_needs_a_learner_with_memory():
+    with pytest.raises(ConfigError, match="compression"):
+        resolve_config(tiny_config(model_name="finetune", compression="cam"))
+    with pytest.raises(ConfigError, match="compression"):
+        resolve_config(tiny_config(compression="blur"))
+    with pytest.raises(ConfigError, match="compress_ratio"):
+        resolve_config(tiny_config(compression="cam", compress_ratio=0.5))
+
+
+def test_plugin_is_off_without_compression(tmp_path):
+    t = Trainer(resolve_config(tiny_config()), tmp_path / "run", "tiny")
+    assert t.plugins == []
+
+
+# ---- PAU switching and the bilevel step ------------------------------------------------------------
+
+def _ready_for_bilevel(tmp_path, **overrides):
+    """A trainer in phase 0 of a ``cim`` run, just before the first epoch (stage data set up)."""
+    t = _trainer(tmp_path, compression="cim", **overrides)
+    plugin: ExemplarCompression = t.plugins[0]
+    phase = t.phases()[0]
+    t.learner.grow_network(phase)
+    plugin.after_grow(phase)
+    t.learner_to_device()
+    t.learner.begin_phase(phase, t)
+    plugin.before_phase(phase)
+    stage = t.learner.stages(phase)[0]
+    images, labels, _, index = t.phase_data(phase, stage.data)
+    plugin.before_stage(phase, stage, images, labels, index)
+    return t, plugin, phase, stage
+
+
+def test_every_activation_site_gets_a_pau_and_switches(tmp_path):
+    t, plugin, phase, stage = _ready_for_bilevel(tmp_path)
+    net = t.learner.net
+    sites = activation_sites(net)
+    assert sites and all(s.pau is not None for s in sites)
+    assert len(plugin.phi()) == 2 * len(sites)                 # numerator + denominator per site
+    with net.activations("pau"):
+        assert all(s.mode == "pau" for s in sites)
+    assert all(s.mode == "relu" for s in sites)
+    # The PAUs are φ's, never θ's: the stage optimiser leaves them out.
+    opt, _ = t._optimizer(stage)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for p in plugin.phi()}
+
+
+def test_bilevel_step_changes_phi_and_only_phi(tmp_path):
+    t, plugin, phase, stage = _ready_for_bilevel(tmp_path)
+    net = t.learner.net
+    phi_ids = {id(p) for p in plugin.phi()}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    phi_before = [p.detach().clone() for p in plugin.phi()]
+    plugin.bilevel_epoch(phase, stage, lr=0.1)
+    assert plugin.meta_iterations == int(QUICK["num_meta_iters_per_cls"] * phase.num_new)
+    assert plugin.meta_skipped == 0
+    changed = [not torch.equal(a, p.detach()) for a, p in zip(phi_before, plugin.phi())]
+    assert any(changed)
+    names_of_phi = {n for n, p in net.named_parameters() if id(p) in phi_ids}
+    for k, v in net.state_dict().items():
+        if k not in names_of_phi:
+            assert torch.equal(v, before[k]), f"{k} changed in the bilevel step"
+    for _, p in net.named_parameters():
+        if id(p) not in phi_ids:
+            assert p.grad is None or not p.grad.abs().sum()
+
+
+def test_phi_gradient_flows_through_the_inner_step(tmp_path):
+    """With div and reg switched off, φ still gets a gradient: only through θ⁺ = θ − β∇θL(x̃(φ))."""
+    t, plugin, phase, stage = _ready_for_bilevel(tmp_path, div_coef=0.0, reg_coef=0.0)
+    phi_before = [p.detach().clone() for p in plugin.phi()]
+    plugin.bilevel_epoch(phase, stage, lr=0.1)
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(phi_before, plugin.phi()))
+    # and with a zero inner step size nothing reaches φ through θ⁺:
+    t2, plugin2, phase2, stage2 = _ready_for_bilevel(tmp_path / "b", div_coef=0.0, reg_coef=0.0, lr_ratio=0.0,
+                                                     phi_weight_decay=0.0)
+    phi2 = [p.detach().clone() for p in plugin2.phi()]
+    plugin2.bilevel_epoch(phase2, stage2, lr=0.1)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(phi2, plugin2.phi()))
+
+
+# ---- artifact augmentation ------------------------------------------------------------------------
+
+def test_artifact_probability_grows_by_interval(tmp_path):
+    t = _trainer(tmp_path, compression="cam", cam_update_interval=40, randombbxblur_prob_incre=0.1)
+    p = t.plugins[0].augment_probability
+    assert [p(e) for e in (0, 39, 40, 79, 80, 169)] == pytest.approx([0, 0, 0.1, 0.1, 0.2, 0.4])
+
+
+def test_artifact_augmentation_compresses_new_images_only(tmp_path):
+    t = _trainer(tmp_path, compression="center", box_area=0.25, randombbxblur_prob_incre=1.0,
+                 cam_update_interval=1)
+    plugin = t.plugins[0]
+    phase = t.phases()[0]
+    plugin.before_phase(phase)
+    images, labels, _, index = t.phase_data(phase, "phase")
+    plugin.before_stage(phase, None, images, labels, index)
+    stage = type("S", (), {"data": "phase"})()
+    batch = images[:6].clone()
+    idx = index[:6].clone()
+    idx[:2] = -1                                                   # two "exemplars"
+    out = plugin.before_augment(batch, labels[:6], idx, stage, epoch=1)   # p = 1
+    assert torch.equal(out[:2], batch[:2])
+    expect = compress_images(batch[2:], center_boxes(4, 16, 0.25), 4.0)
+    assert torch.equal(out[2:], expect) and not torch.equal(out[2:], batch[2:])
+    assert torch.equal(plugin.before_augment(batch, labels[:6], idx, stage, epoch=0), batch)   # p = 0
+
+
+# ---- memory with compression on -------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["full", "center", "cam"])
+def test_memory_within_budget_and_more_exemplars_than_plain(tmp_path, policy):
+    plain = run(tiny_config(**QUICK), tmp_path / "plain")
+    res = run(tiny_config(compression=policy, box_area=0.25, **QUICK), tmp_path / policy)
+    for p, q in zip(res["phases"], plain["phases"]):
+        mem = p["memory"]
+        assert mem["used"] <= mem["budget"] + 1e-6
+        assert mem["exemplars"] > q["memory"]["exemplars"]
+        assert mem["bytes"] <= mem["bytes_budget"] * 1.02     # bytes ≈ cost × full-image bytes
+        assert mem["bytes"] == pytest.approx(mem["used"] * 3 * 16 * 16, rel=0.1)
+        if policy == "full":
+            assert mem["mean_cost"] == pytest.approx(0.25)
+        if policy == "center":
+            assert mem["mean_cost"] == pytest.approx(0.25 + 0.75 / 4)
+
+
+def test_ratio_is_honoured_by_the_stored_exemplars(tmp_path):
+    t = _trainer(tmp_path, compression="full", compress_ratio=16.0)
+    t.run()
+    ex = t.memory.classes[0]
+    assert ex.compressed and ex.ratio == 16.0
+    assert torch.allclose(ex.costs, torch.full_like(ex.costs, 1 / 16))
+    originals = t.train_images[ex.source_index]
+    assert torch.equal(ex.decode(), compress_images(originals, ex.boxes, 16.0))
+    assert ex.nbytes() == len(ex) * 3 * 4 * 4                      # 16 px / sqrt(16) = 4 px
+
+
+# ---- every learner x policy end to end --------------------------------------------------------------
+
+LEARNER_KEYS = {"icarl": {}, "lucir": {"cbf_epochs": 1, "cbf_milestones": []}, "der": {},
+                "foster": {"compression_epochs": 1, "beta1": 0.96}}
+
+
+@pytest.mark.parametrize("learner", sorted(LEARNER_KEYS))
+@pytest.mark.parametrize("policy", ["none", "cam", "cim"])
+def test_every_learner_runs_with_every_policy(tmp_path, learner, policy):
+    raw = tiny_config(model_name=learner, compression=policy, **{**QUICK, "init_epochs": 1, "epochs": 1},
+                      **LEARNER_KEYS[learner])
+    res = run(raw, tmp_path / "run")
+    assert len(res["phases"]) == 3
+    for p in res["phases"]:
+        assert math.isfinite(p["cnn"]["top1"])
+        assert p["memory"]["used"] <= p["memory"]["budget"] + 1e-6
+        if policy != "none":
+            assert p["compression"]["policy"] == policy
+            assert (tmp_path / "run" / f"exemplars_phase_{p['phase']}.png").exists()
+    if policy == "cim":
+        assert res["phases"][0]["compression"]["bilevel"]["iterations"] >= 1
+
+
+def test_foster_student_takes_over_the_teachers_paus(tmp_path):
+    raw = tiny_config(model_name="foster", compression="cim", compression_epochs=1, **QUICK)
+    t = Trainer(resolve_config(raw), tmp_path / "run", "tiny", stop_after_phase=1)
+    t.run()
+    teacher_new = activation_sites(t.learner.teacher.backbones[1])
+    student = activation_sites(t.learner.net.backbone)
+    assert all(torch.equal(a.pau.numerator, b.pau.numerator) for a, b in zip(teacher_new, student))
+
+
+def test_cim_resume_matches_uninterrupted(tmp_path):
+    raw = tiny_config(compression="cim", **QUICK)
+    full = run(raw, tmp_path / "full")
+    run(raw, tmp_path / "resumed", stop_after_phase=0)
+    resumed = run(raw, tmp_path / "resumed", resume=True)
+    assert without_seconds(resumed) == without_seconds(full)
+
+
+def test_exemplar_figure_shows_every_class_row(tmp_path):
+    from PIL import Image
+
+    raw = tiny_config(compression="cam", **QUICK)
+    run(raw, tmp_path / "run")
+    img = Image.open(tmp_path / "run" / "exemplars_phase_2.png")
+    # 4 classes x 2 rows of 16 px + 2 px padding; 8 columns.
+    assert img.size == (8 * 18 + 2, 4 * 2 * 18 + 2)
+
+
+def test_smoke_cli_accepts_every_learner_and_policy(capsys, monkeypatch):
+    import main
+
+    monkeypatch.chdir(REPO)
+    for learner in ("icarl", "lucir", "der", "foster"):
+        for policy in ("none", "full", "random", "center", "cam", "cim"):
+            assert main.main(["--config", "smoke", "--set", f"model_name={learner}",
+                              "--set", f"compression={policy}", "--check"]) == 0
