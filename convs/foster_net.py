@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from convs.activation import SwitchableActivations
-
 from convs.der_net import clone_backbone, freeze
 from convs.incremental_net import IncrementalNet
 from convs.linears import SimpleLinear, expand_linear

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from convs.activation import SwitchableActivations
-
 from convs.registry import create_backbone
 
 
