@@ -359,9 +359,18 @@ class Trainer:
         if state["config_hash"] != self.hash:
             raise UserError(f"Cannot resume from {ckpts[-1]}: it was written with another config "
                             f"(hash {state['config_hash']}, this run {self.hash}).")
+        last = self.load_state(state)
+        self.results = state["results"]
+        self._drop_metrics_after(last)
+        set_rng_states(state["rng"])
+        self.log.info(f"resume: restored phase {last} from {ckpts[-1]}")
+        return last + 1
+
+    def load_state(self, state: dict) -> int:
+        """Rebuild the network of a checkpoint's phase and load its weights, memory and plugin state;
+        returns that phase's index. The old model of distillation is snapshotted again when the
+        next phase starts, as in an uninterrupted run."""
         last = state["phase"]
-        # Rebuild the network's structure phase by phase, then load the weights. The old model of
-        # distillation is snapshotted again when the next phase starts, as in an uninterrupted run.
         for phase in self.phases()[:last + 1]:
             self.learner.grow_network(phase)
             for plugin in self.plugins:
@@ -371,11 +380,7 @@ class Trainer:
         self.memory.load_state_dict(state["memory"])
         for plugin, s in zip(self.plugins, state["plugins"]):
             plugin.load_state_dict(s)
-        self.results = state["results"]
-        self._drop_metrics_after(last)
-        set_rng_states(state["rng"])
-        self.log.info(f"resume: restored phase {last} from {ckpts[-1]}")
-        return last + 1
+        return last
 
     def _drop_metrics_after(self, last: int) -> None:
         """Keep metrics.jsonl's epochs of phases ≤ ``last``: an interrupted phase is run again on resume,

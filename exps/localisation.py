@@ -57,14 +57,7 @@ def restore(run: Path) -> tuple[Trainer, int]:
         raise SystemExit(f"{run} has no checkpoints/phase_*.pt")
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
     trainer = Trainer(cfg, run / "_localisation_unused")
-    last = state["phase"]
-    for phase in trainer.phases()[:last + 1]:
-        trainer.learner.grow_network(phase)
-        for plugin in trainer.plugins:
-            plugin.after_grow(phase)
-    trainer.learner_to_device()
-    trainer.learner.load_state_dict(state["learner"])
-    return trainer, last
+    return trainer, trainer.load_state(state)
 
 
 def main() -> None:

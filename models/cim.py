@@ -125,12 +125,16 @@ class ExemplarCompression(Plugin):
         self.stage_data = None
         self.phi_opt = None
         self.phi_lr = 0.0
+        self.last_outer_loss: float | None = None
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """The per-phase counts and times reported in ``phases[k].compression``."""
         self.meta_iterations = 0
         self.meta_skipped = 0
         self.meta_seconds = 0.0
         self.refreshes = 0
         self.refresh_seconds = 0.0
-        self.last_outer_loss: float | None = None
 
     # ---- the CIM model ------------------------------------------------------------------------
     def after_grow(self, phase: Phase) -> None:
@@ -204,11 +208,7 @@ class ExemplarCompression(Plugin):
         self.phase = phase
         self.generator.manual_seed(phase_seed(self.cfg["seed"], phase.index) + 7919)
         self.box_table = None
-        self.meta_iterations = 0
-        self.meta_skipped = 0
-        self.meta_seconds = 0.0
-        self.refreshes = 0
-        self.refresh_seconds = 0.0
+        self.reset_counters()
 
     def _runs_bilevel(self, stage: Stage) -> bool:
         return (self.policy == "cim" and stage.data == "phase" and stage.model is not None
