@@ -43,7 +43,7 @@ from utils.compression import (class_activation_map, compress_images, mask_box, 
                                upsample_cam)
 from utils.config import Option
 from utils.errors import ConfigError
-from utils.seeding import phase_seed
+from utils.seeding import stream_seed
 
 POLICIES = ("none", "full", "random", "center", "cam", "cim")
 
@@ -98,8 +98,9 @@ class ExemplarCompression(Plugin):
         "phi_weight_decay": Option(5e-4, "float", "Adam weight decay of φ.", min=0.0),
         "lr_ratio": Option(0.1, "float", "Inner step size β1 = lr_ratio × the current θ learning rate.", min=0.0),
         "max_phi_grad_norm": Option(1.0, "float", "Clip of φ's gradient norm in phase 0.", min=0.0),
-        "incre_max_phi_grad_norm": Option(math.sqrt(2.0), "float", "Clip of φ's gradient norm in later phases.",
-                                          min=0.0),
+        "incre_max_phi_grad_norm": Option(None, "float", "Clip of φ's gradient norm in later phases; null = "
+                                                         "√2 × max_phi_grad_norm (official).", min=0.0,
+                                          nullable=True),
         "div_coef": Option(0.2, "float", "Weight μ′ of CE(CIM logits) in the outer loss.", min=0.0),
         "reg_coef": Option(0.1, "float", "Weight μ of mean(CAM²) in the outer loss (smaller masks).", min=0.0),
         "exemplar_figure": Option(True, "bool", "Write exemplars_phase_<k>.png after each phase (compression on)."),
@@ -122,6 +123,8 @@ class ExemplarCompression(Plugin):
         self.generator = torch.Generator()
         self.phase: Phase | None = None
         self.box_table: torch.Tensor | None = None   # int64 [N_train, 4] on the device
+        self.fixed_p: float | None = None            # artifact probability held for a whole stage
+        self.carried = None                           # (p, box table) the CAM-training stage ended with
         self.stage_data = None
         self.phi_opt = None
         self.phi_lr = 0.0
@@ -171,23 +174,29 @@ class ExemplarCompression(Plugin):
         """float [B, h, w] CAMs of uint8 ``images`` for ``labels`` from the CAM network in eval mode
         (its PAU version with ``cim``), in ``cam_batch_size`` chunks."""
         net = self.trainer.learner.cam_network()
+        was_training = net.training
         net.eval()
         mode = "pau" if self.policy == "cim" else "relu"
         out = []
         bs = self.cfg["cam_batch_size"]
-        with net.activations(mode):
-            for i in range(0, images.shape[0], bs):
-                x = self.cam_input(images[i:i + bs])
-                y = labels[i:i + bs].to(x.device)
-                with self.trainer.autocast():
-                    fmap = net(x)["fmap"]
-                rows = net.classifier.weight_rows()[y]
-                out.append(class_activation_map(fmap.float(), rows.float()))
-        return torch.cat(out) if out else torch.empty(0)
+        try:
+            with net.activations(mode):
+                for i in range(0, images.shape[0], bs):
+                    x = self.cam_input(images[i:i + bs])
+                    y = labels[i:i + bs].to(x.device)
+                    with self.trainer.autocast():
+                        fmap = net(x)["fmap"]
+                    rows = net.classifier.weight_rows()[y]
+                    out.append(class_activation_map(fmap.float(), rows.float()))
+        finally:
+            net.train(was_training)
+        return torch.cat(out)
 
     def boxes(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """int64 [B, 4] boxes (on the images' device) of the policy for uint8 ``images`` [B, 3, S, S]."""
         n, size = images.shape[0], images.shape[-1]
+        if n == 0:
+            return torch.zeros(0, 4, dtype=torch.long, device=images.device)
         if self.policy == "full":
             b = torch.zeros(n, 4, dtype=torch.long)
         elif self.policy == "center":
@@ -206,19 +215,29 @@ class ExemplarCompression(Plugin):
     # ---- phase and stage ----------------------------------------------------------------------
     def before_phase(self, phase: Phase) -> None:
         self.phase = phase
-        self.generator.manual_seed(phase_seed(self.cfg["seed"], phase.index) + 7919)
+        self.generator.manual_seed(stream_seed(self.cfg["seed"], phase.index, "cim"))
         self.box_table = None
+        self.carried = None
         self.reset_counters()
 
+    def _trains_cam_network(self, stage: Stage) -> bool:
+        return (stage.data == "phase" and stage.model is not None
+                and stage.model is self.trainer.learner.cam_network())
+
     def _runs_bilevel(self, stage: Stage) -> bool:
-        return (self.policy == "cim" and stage.data == "phase" and stage.model is not None
-                and stage.model is self.trainer.learner.cam_network()
+        return (self.policy == "cim" and self._trains_cam_network(stage)
                 and int(self.cfg["num_meta_iters_per_cls"] * self.phase.num_new) > 0)
 
     def before_stage(self, phase, stage, images, labels, index) -> None:
         self.stage_data = (images, labels, index)
         self.box_table = None
+        self.fixed_p = None
         self.phi_opt = None
+        if stage.data == "phase" and not self._trains_cam_network(stage) and self.carried is not None:
+            # A later stage on the same data that does not train the CAM network (FOSTER's
+            # compression) goes on with the probability and boxes the CAM-training stage ended
+            # with, as the official code, whose two stages share one loader.
+            self.fixed_p, self.box_table = self.carried
         if self._runs_bilevel(stage):
             phi = self.phi()
             for p in phi:
@@ -228,6 +247,8 @@ class ExemplarCompression(Plugin):
             self.phi_lr = lr
 
     def after_stage(self, phase, stage) -> None:
+        if self._trains_cam_network(stage):
+            self.carried = (self.augment_probability(stage.epochs - 1), self.box_table)
         self.stage_data = None
         self.box_table = None
         self.phi_opt = None
@@ -253,7 +274,7 @@ class ExemplarCompression(Plugin):
         return min(1.0, self.cfg["randombbxblur_prob_incre"] * (epoch // self.cfg["cam_update_interval"]))
 
     def before_augment(self, images, labels, index, stage, epoch):
-        p = self.augment_probability(epoch)
+        p = self.augment_probability(epoch) if self.fixed_p is None else self.fixed_p
         if p <= 0.0 or stage.data != "phase":
             return images
         if self.box_table is None:
@@ -271,15 +292,21 @@ class ExemplarCompression(Plugin):
             self.bilevel_epoch(phase, stage, lr, epoch)
             self.meta_seconds += time.time() - start
         # Boxes are recomputed when the next epoch enters a new cam_update_interval block.
-        if stage.data == "phase" and (epoch + 1) % self.cfg["cam_update_interval"] == 0 \
+        if stage.data == "phase" and self.fixed_p is None and (epoch + 1) % self.cfg["cam_update_interval"] == 0 \
                 and self.augment_probability(epoch + 1) > 0 and epoch + 1 < stage.epochs:
             self.refresh_boxes()
 
     # ---- the bilevel step (SPEC.md §3.2) ------------------------------------------------------
-    def _meta_batch(self, phase: Phase):
+    def _meta_order(self, iters: int) -> torch.Tensor:
+        """int64 [2·iters·b]: the stage's sample indices of an epoch's bilevel batches, consecutive
+        slices of shuffled passes over the data (batches A and B never overlap while the data lasts)."""
+        n = len(self.stage_data[1])
+        need = 2 * iters * min(self.cfg["meta_batch_size"], n)
+        passes = [torch.randperm(n, generator=self.generator) for _ in range(-(-need // n))]
+        return torch.cat(passes)[:need]
+
+    def _meta_batch(self, phase: Phase, pick: torch.Tensor):
         images, labels, _ = self.stage_data
-        n = min(self.cfg["meta_batch_size"], len(labels))
-        pick = torch.randperm(len(labels), generator=self.generator)[:n]
         dev_pick = pick.to(labels.device)
         imgs = batching.materialize(batching.select(images, dev_pick if isinstance(images, torch.Tensor) else pick))
         t = self.trainer
@@ -300,12 +327,14 @@ class ExemplarCompression(Plugin):
         theta = [(name, p) for name, p in model.named_parameters()
                  if p.requires_grad and id(p) not in phi_ids and is_backbone_parameter(name)]
         beta = self.cfg["lr_ratio"] * lr
-        clip = self.cfg["max_phi_grad_norm"] if phase.index == 0 else self.cfg["incre_max_phi_grad_norm"]
+        clip = self.phi_clip(phase)
         iters = int(self.cfg["num_meta_iters_per_cls"] * phase.num_new)
+        order = self._meta_order(iters).view(2 * iters, -1)
+        was_training = model.training
         model.eval()
-        for _ in range(iters):
-            xa, ya, olda = self._meta_batch(phase)
-            xb, yb, _ = self._meta_batch(phase)
+        for it in range(iters):
+            xa, ya, olda = self._meta_batch(phase, order[2 * it])
+            xb, yb, _ = self._meta_batch(phase, order[2 * it + 1])
             # Batch A through the CIM model: its logits (div term) and its soft CAM (reg term, mask).
             with model.activations("pau"):
                 out_a = model(xa)
@@ -323,7 +352,9 @@ class ExemplarCompression(Plugin):
             outer = F.cross_entropy(out_b["logits"].float(), yb) + self.cfg["div_coef"] * div \
                 + self.cfg["reg_coef"] * reg
             grads_phi = torch.autograd.grad(outer, phi, allow_unused=True)
-            if not torch.isfinite(outer) or any(g is not None and not torch.isfinite(g).all() for g in grads_phi):
+            finite = torch.stack([torch.isfinite(outer)] + [torch.isfinite(g).all() for g in grads_phi
+                                                            if g is not None]).all()
+            if not bool(finite):  # one device sync per iteration
                 # e.g. an eval-mode network whose BatchNorm statistics are not settled yet (first
                 # epochs): φ must never take a non-finite step.
                 self.meta_skipped += 1
@@ -335,6 +366,15 @@ class ExemplarCompression(Plugin):
             self.phi_opt.step()
             self.meta_iterations += 1
             self.last_outer_loss = float(outer.detach())
+        model.train(was_training)
+
+    def phi_clip(self, phase: Phase) -> float:
+        """Clip of φ's gradient norm: max_phi_grad_norm in phase 0, incre_max_phi_grad_norm later
+        (null: √2 × max_phi_grad_norm, SPEC.md §3.2)."""
+        if phase.index == 0:
+            return self.cfg["max_phi_grad_norm"]
+        later = self.cfg["incre_max_phi_grad_norm"]
+        return math.sqrt(2.0) * self.cfg["max_phi_grad_norm"] if later is None else later
 
     # ---- end of phase ----------------------------------------------------------------------
     def after_phase(self, phase: Phase) -> None:

@@ -135,8 +135,8 @@ def test_artifact_augmentation_compresses_new_images_only(tmp_path):
     phase = t.phases()[0]
     plugin.before_phase(phase)
     images, labels, _, index = t.phase_data(phase, "phase")
-    plugin.before_stage(phase, None, images, labels, index)
-    stage = type("S", (), {"data": "phase"})()
+    stage = type("S", (), {"data": "phase", "model": None})()
+    plugin.before_stage(phase, stage, images, labels, index)
     batch = images[:6].clone()
     idx = index[:6].clone()
     idx[:2] = -1                                                   # two "exemplars"
@@ -145,6 +145,66 @@ def test_artifact_augmentation_compresses_new_images_only(tmp_path):
     expect = compress_images(batch[2:], center_boxes(4, 16, 0.25), 4.0)
     assert torch.equal(out[2:], expect) and not torch.equal(out[2:], batch[2:])
     assert torch.equal(plugin.before_augment(batch, labels[:6], idx, stage, epoch=0), batch)   # p = 0
+
+
+def test_foster_compression_stage_keeps_the_boosting_probability_and_boxes(tmp_path):
+    """FOSTER's compression stage trains the student, not the CAM network (the teacher): as in the
+    official code (one loader for both stages) it goes on with the p and the boxes boosting ended
+    with, instead of starting the schedule again at p = 0."""
+    t = _trainer(tmp_path, model_name="foster", compression="center", epochs=3, compression_epochs=2,
+                 cam_update_interval=1, randombbxblur_prob_incre=0.25)
+    plugin = t.plugins[0]
+    seen = []
+    original = plugin.before_augment
+
+    def spy(images, labels, index, stage, epoch):
+        out = original(images, labels, index, stage, epoch)
+        p = plugin.augment_probability(epoch) if plugin.fixed_p is None else plugin.fixed_p
+        seen.append((plugin.phase.index, stage.name, epoch, p, plugin.refreshes, plugin.box_table))
+        return out
+
+    plugin.before_augment = spy
+    t.run()
+    later = [s for s in seen if s[0] == 1]
+    boosting = {e: (p, n, tab) for _, name, e, p, n, tab in later if name == "boosting"}
+    compression = {e: (p, n, tab) for _, name, e, p, n, tab in later if name == "compression"}
+    assert [boosting[e][0] for e in range(3)] == pytest.approx([0.0, 0.25, 0.5])
+    assert [compression[e][0] for e in range(2)] == pytest.approx([0.5, 0.5])
+    refreshes_at_end_of_boosting = boosting[2][1]
+    assert all(n == refreshes_at_end_of_boosting for _, n, _ in compression.values())   # no new refresh
+    assert all(tab is boosting[2][2] for _, _, tab in compression.values())            # the same boxes
+
+
+def test_cams_leave_the_network_mode_and_empty_input_alone(tmp_path):
+    t, plugin, phase, stage = _ready_for_bilevel(tmp_path)
+    net = t.learner.cam_network()
+    images, labels, _, _ = t.phase_data(phase, "phase")
+    net.train()
+    plugin.cams(images[:3], labels[:3])
+    assert net.training
+    net.eval()
+    plugin.cams(images[:3], labels[:3])
+    assert not net.training
+    assert plugin.boxes(images[:0], labels[:0]).shape == (0, 4)
+
+
+def test_bilevel_batches_do_not_overlap_within_an_epoch(tmp_path):
+    t, plugin, phase, stage = _ready_for_bilevel(tmp_path, meta_batch_size=4)
+    order = plugin._meta_order(3)
+    n = len(plugin.stage_data[1])
+    assert order.numel() == 24 <= n
+    assert len(set(order.tolist())) == 24                       # one shuffled pass: no repeats
+    long = plugin._meta_order(n)                                # more than one pass: every index twice
+    assert torch.equal(torch.bincount(long[:2 * n], minlength=n), torch.full((n,), 2))
+
+
+def test_later_phase_clip_defaults_to_sqrt2_times_the_first(tmp_path):
+    t = _trainer(tmp_path, compression="cim", max_phi_grad_norm=3.0)
+    plugin, phases = t.plugins[0], t.phases()
+    assert plugin.phi_clip(phases[0]) == 3.0
+    assert plugin.phi_clip(phases[1]) == pytest.approx(3.0 * math.sqrt(2.0))
+    t2 = _trainer(tmp_path / "b", compression="cim", max_phi_grad_norm=3.0, incre_max_phi_grad_norm=0.5)
+    assert t2.plugins[0].phi_clip(t2.phases()[1]) == 0.5
 
 
 # ---- memory with compression on -------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import numpy as np
 import torch
@@ -11,6 +12,15 @@ def phase_seed(seed: int, phase: int) -> int:
     """The seed of one phase: each phase's randomness depends only on (seed, phase) and the model
     state, so a run resumed after phase k draws the same numbers as an uninterrupted one."""
     return (seed * 1_000_003 + phase * 7_919) % (2 ** 63)
+
+
+def stream_seed(seed: int, phase: int, stream: str) -> int:
+    """The seed of a named random stream of one phase (e.g. a plugin's), decorrelated from
+    ``phase_seed`` of every phase: (seed, phase, stream) go through a SplitMix64 finaliser."""
+    z = (phase_seed(seed, phase) + 0x9E3779B97F4A7C15 * (1 + zlib.crc32(stream.encode()))) % (2 ** 64)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (2 ** 64)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (2 ** 64)
+    return (z ^ (z >> 31)) % (2 ** 63)
 
 
 def seed_everything(seed: int) -> torch.Generator:
