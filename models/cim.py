@@ -18,6 +18,8 @@ What the plugin does in a phase (hooks of ``models/plugins.py``):
    compressed version with probability p = ``randombbxblur_prob_incre`` · ⌊epoch /
    ``cam_update_interval``⌋; the boxes of the new-class images are recomputed every
    ``cam_update_interval`` epochs. Old-class exemplars come from the memory already compressed.
+   A later stage on the phase data that does not train the CAM network (FOSTER's compression)
+   keeps the p and boxes the CAM-training stage ended with.
 3. Bilevel step (``after_epoch``, ``cim`` only, stages that train the CAM network on the phase
    data): ``int(num_meta_iters_per_cls × new classes)`` mask-level iterations (SPEC.md §3.2),
    written once for every learner through ``Stage.forward(x, net)`` and ``Stage.loss``.
