@@ -1,9 +1,11 @@
 """How well the kept boxes cover the object: CAM (CIL model) vs CIM (PAU model) on ground-truth boxes.
 
-    python exps/localisation.py --run OUTPUT_FOLDER [--split test|train] [--per-class 50] [--threads 1]
+    python exps/localisation.py --run OUTPUT_FOLDER [--phase K] [--split test|train] [--per-class 50]
+                                [--threads 1]
 
 For a finished (or stopped) run on a dataset with object boxes (``tinyimagenet``: its
-``*_boxes.txt`` / ``val_annotations.txt``), restores the newest checkpoint and, for the images of
+``*_boxes.txt`` / ``val_annotations.txt``), restores the newest checkpoint (or phase K's, when the run
+kept it: ``checkpoints: "all"``) and, for the images of
 every class seen so far, computes the box each policy would keep with the run's ``mask_threshold``:
 
 * ``cam``: the CAM of the CIL model (all activations ReLU);
@@ -49,13 +51,16 @@ def box_scores(kept: torch.Tensor, truth: torch.Tensor, size: int, ratio: float)
             "cost": round(float(exemplar_cost(kept, (size, size), ratio).mean()), 4)}
 
 
-def restore(run: Path) -> tuple[Trainer, int]:
-    """A Trainer holding the newest checkpoint of ``run`` (nothing is written to ``run``)."""
+def restore(run: Path, phase: int | None = None) -> tuple[Trainer, int]:
+    """A Trainer holding the checkpoint of ``phase`` (default: the newest) of ``run``; returns it and
+    the restored phase's index. Nothing is written to ``run``."""
     cfg = resolve_config(json.loads((run / "config.json").read_text()))
-    ckpts = sorted(run.glob("checkpoints/phase_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    ckpts = {int(p.stem.split("_")[1]): p for p in run.glob("checkpoints/phase_*.pt")}
     if not ckpts:
         raise SystemExit(f"{run} has no checkpoints/phase_*.pt")
-    state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    if phase is not None and phase not in ckpts:
+        raise SystemExit(f"{run} has no checkpoint of phase {phase}; it has phases {sorted(ckpts)}")
+    state = torch.load(ckpts[max(ckpts) if phase is None else phase], map_location="cpu", weights_only=False)
     trainer = Trainer(cfg, run / "_localisation_unused")
     return trainer, trainer.load_state(state)
 
@@ -63,13 +68,14 @@ def restore(run: Path) -> tuple[Trainer, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--phase", type=int, default=None, help="the phase whose checkpoint to score (default: newest)")
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--per-class", type=int, default=50, help="images per class (the first ones of the split)")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    trainer, last = restore(a.run)
+    trainer, last = restore(a.run, a.phase)
     split = trainer.data.test if a.split == "test" else trainer.data.train
     if split.boxes is None:
         raise SystemExit(f"dataset {trainer.cfg['dataset']} has no object boxes")
