@@ -1,19 +1,21 @@
 """Time per phase of a learner with exemplar compression beside the same config without it.
 
     python exps/bench_cim_overhead.py --config configs/foster-tinyimagenet50.json --phases 2 \
-        [--set KEY=VALUE ...] [--policy cim] [--threads 1] [--out /tmp/bench]
+        [--set KEY=VALUE ...] [--policy cim] [--threads 1] [--parallel] [--out /tmp/bench]
 
 Runs the config twice through the real trainer for phases 0 … phases-1: once with
 ``compression=none`` and once with ``compression=<policy>`` (every other key equal), and prints per
 phase the wall-clock seconds, the part spent in the bilevel step, and the ratio. The compressed run
 also does the CAM box refreshes and the artifact augmentation, so the ratio is the whole cost of
 CIM in a phase. The goal (issue #4) is a ratio ≤ 1.15. Only compare runs made on the same machine
-under the same load.
+under the same load: ``--parallel`` runs the two at the same time in two processes (``--threads``
+each), so that whatever else loads the machine loads both alike.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,9 @@ from trainer import Trainer  # noqa: E402
 from utils.config import load_config_file, parse_set, resolve_config  # noqa: E402
 
 
-def timed_run(raw: dict, phases: int, out: Path) -> list[dict]:
+def timed_run(raw: dict, phases: int, out: Path, threads: int | None = None) -> list[dict]:
+    if threads:
+        torch.set_num_threads(threads)
     cfg = resolve_config({**raw, "checkpoints": "none", "exemplar_figure": False})
     start = time.time()
     results = Trainer(cfg, out, "bench", stop_after_phase=phases - 1).run()
@@ -41,6 +45,7 @@ def main() -> None:
     p.add_argument("--policy", default="cim")
     p.add_argument("--phases", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parallel", action="store_true", help="run both configurations at the same time")
     p.add_argument("--out", default="/tmp/bench_cim_overhead")
     a = p.parse_args()
     if a.threads:
@@ -48,9 +53,13 @@ def main() -> None:
     raw, _ = load_config_file(a.config)
     raw.update(parse_set(a.set))
     out = Path(a.out)
-    rows = {}
-    for policy in ("none", a.policy):
-        rows[policy] = timed_run({**raw, "compression": policy}, a.phases, out / policy)
+    policies = ("none", a.policy)
+    jobs = [({**raw, "compression": policy}, a.phases, out / policy, a.threads) for policy in policies]
+    if a.parallel:
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            rows = dict(zip(policies, pool.starmap(timed_run, jobs)))
+    else:
+        rows = {policy: timed_run(*job) for policy, job in zip(policies, jobs)}
     report = []
     for base, comp in zip(rows["none"], rows[a.policy]):
         bil = (comp.get("compression") or {}).get("bilevel", {}).get("seconds", 0.0)
@@ -60,7 +69,7 @@ def main() -> None:
               f"(bilevel {bil:.1f}s): ratio {comp['seconds'] / base['seconds']:.3f}")
     total = sum(r[f"{a.policy}_s"] for r in report) / sum(r["none_s"] for r in report)
     print(f"all phases: ratio {total:.3f}")
-    print(json.dumps({"config": a.config, "set": a.set, "policy": a.policy, "phases": report,
+    print(json.dumps({"config": a.config, "set": a.set, "policy": a.policy, "parallel": a.parallel, "phases": report,
                       "ratio": round(total, 4)}))
 
 
