@@ -10,7 +10,9 @@ every class seen so far, computes the box each policy would keep with the run's 
 
 * ``cam``: the CAM of the CIL model (all activations ReLU);
 * ``cim``: the CAM of the CIM model (every activation its trained PAU) — only if the run used ``cim``;
-* ``center``: a centred square box of the same mean area as the ``cam`` boxes (a reference).
+* ``center@cam`` / ``center@cim``: a centred square box of the same mean area as the ``cam`` /
+  ``cim`` boxes (references: coverage grows with area, so compare a policy with the centred box
+  of its own area).
 
 Reported per policy: ``coverage`` = mean |GT ∩ kept| / |GT| (the fraction of the true object box
 kept at full resolution), ``iou`` = mean IoU of the two boxes, ``area`` = mean kept-box area
@@ -91,13 +93,14 @@ def main() -> None:
     for policy in ("cam", "cim") if has_pau else ("cam",):
         plugin.policy = policy
         rows[policy] = box_scores(plugin.boxes(imgs, y).cpu(), truth, size, cfg["compress_ratio"])
-    ref_area = rows["cam"]["area"]
-    rows["center"] = box_scores(center_boxes(len(y), size, ref_area), truth, size, cfg["compress_ratio"])
+    for policy in list(rows):
+        rows[f"center@{policy}"] = box_scores(center_boxes(len(y), size, rows[policy]["area"]), truth, size,
+                                              cfg["compress_ratio"])
     print(f"run {a.run} (phase {last}, {seen} classes, {len(y)} {a.split} images, threshold {cfg['mask_threshold']}, "
           f"ratio {cfg['compress_ratio']})")
-    print(f"{'policy':8s} {'coverage':>9s} {'iou':>7s} {'area':>7s} {'cost':>7s}")
+    print(f"{'policy':11s} {'coverage':>9s} {'iou':>7s} {'area':>7s} {'cost':>7s}")
     for name, r in rows.items():
-        print(f"{name:8s} {r['coverage']:9.4f} {r['iou']:7.4f} {r['area']:7.4f} {r['cost']:7.4f}")
+        print(f"{name:11s} {r['coverage']:9.4f} {r['iou']:7.4f} {r['area']:7.4f} {r['cost']:7.4f}")
     print(json.dumps({"run": str(a.run), "phase": last, "classes": seen, "images": len(y), "split": a.split,
                       "scores": rows}))
 
