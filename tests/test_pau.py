@@ -45,6 +45,14 @@ def test_matches_direct_formula_and_shape():
     assert y.shape == x.shape and y.dtype == x.dtype
     torch.testing.assert_close(y.double(), _reference(x, p.numerator, p.denominator),
                                rtol=1e-5, atol=1e-5)
+    # The in-place inference path gives the same values and leaves its input alone.
+    x_before = x.clone()
+    with torch.no_grad():
+        y_inference = p(x)
+    assert torch.equal(x, x_before)
+    torch.testing.assert_close(y_inference.double(), _reference(x, p.numerator, p.denominator),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_inference, y.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_half_input_and_autocast():
