@@ -68,7 +68,7 @@ class PAU(nn.Module):
                 den = torch.addcmul(b[k], den, ax)
             out = num / torch.addcmul(torch.ones_like(b[0]), den, ax)
         else:
-            # Inference (CAMs and boxes): the same steps in place in two buffers, several times
+            # Inference (CAMs and boxes): the same steps in place in three buffers, several times
             # faster on CPU than allocating a tensor per step.
             num = (xf * a[-1]).add_(a[-2])
             for k in range(a.numel() - 3, -1, -1):
