@@ -57,6 +57,11 @@ def class_order(num_classes: int, seed: int, shuffle: bool) -> list[int]:
     return np.random.RandomState(seed).permutation(num_classes).tolist()
 
 
+def saved_checkpoints(out: Path) -> dict[int, Path]:
+    """The phase checkpoints a run folder holds: {phase index: path of checkpoints/phase_<k>.pt}."""
+    return {int(p.stem.split("_")[1]): p for p in Path(out).glob("checkpoints/phase_*.pt")}
+
+
 class Trainer:
     def __init__(self, cfg: dict, output_dir: str | Path, config_name: str = "run",
                  stop_after_phase: int | None = None):
@@ -349,7 +354,8 @@ class Trainer:
 
     def restore(self) -> int:
         """Load the newest checkpoint; return the index of the first phase still to run (0 if none)."""
-        ckpts = sorted(self.out.glob("checkpoints/phase_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        found = saved_checkpoints(self.out)
+        ckpts = [found[k] for k in sorted(found)]
         if not ckpts:
             self.log.info("resume: no checkpoint found, starting from phase 0")
             self._drop_metrics_after(-1)        # epochs of an unfinished earlier attempt are run again

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from models.cim import ExemplarCompression, center_boxes  # noqa: E402
-from trainer import Trainer  # noqa: E402
+from trainer import Trainer, saved_checkpoints  # noqa: E402
 from utils.compression import box_area_fraction, exemplar_cost  # noqa: E402
 from utils.config import resolve_config  # noqa: E402
 
@@ -57,7 +57,7 @@ def restore(run: Path, phase: int | None = None) -> tuple[Trainer, int]:
     """A Trainer holding the checkpoint of ``phase`` (default: the newest) of ``run``; returns it and
     the restored phase's index. Nothing is written to ``run``."""
     cfg = resolve_config(json.loads((run / "config.json").read_text()))
-    ckpts = {int(p.stem.split("_")[1]): p for p in run.glob("checkpoints/phase_*.pt")}
+    ckpts = saved_checkpoints(run)
     if not ckpts:
         raise SystemExit(f"{run} has no checkpoints/phase_*.pt")
     if phase is not None and phase not in ckpts:
