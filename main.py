@@ -41,7 +41,7 @@ def print_plan(cfg: dict, config_name: str, outputs: list[Path]) -> None:
     from utils.datasets import describe_dataset
     from utils.memory import ExemplarMemory
 
-    info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], synthetic=cfg["synthetic"])
+    info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], shapes=cfg["shapes"])
     plan = phase_plan(cfg, info["num_classes"])
     memory = ExemplarMemory(cfg["memory_size"], cfg["memory_per_class"], cfg["fixed_memory"])
     print(f"config {config_name}: learner {cfg['model_name']}, backbone {cfg['convnet_type']}, dataset {cfg['dataset']} "
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         from utils.config import phase_plan
         from utils.datasets import describe_dataset
 
-        info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], synthetic=cfg["synthetic"])
+        info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], shapes=cfg["shapes"])
         phase_plan(cfg, info["num_classes"])
         from trainer import Trainer, TrainingDiverged
 

@@ -2,29 +2,30 @@
 logs and checkpoints. Learners (``models/``) supply network changes, stages and losses; plugins
 (``models/plugins.py``) attach to named hooks.
 
-Per phase k: build the training data (new classes + exemplars) → learner grows its network →
-run the learner's stages → end-of-training step → memory update (herding) → post-memory stages →
-evaluation (CNN, NME, extra models) → checkpoint and results.json, both atomic.
+Per phase k: learner grows its network → run the learner's stages, each on data assembled from
+a list of sources (new-class images, the exemplar memory, and what plugins add, e.g. synthetic
+replay; ``utils/stage_data.py``) → end-of-training step → memory update (herding) → post-memory
+stages → evaluation (CNN, NME, extra models) → checkpoint and results.json, both atomic.
+
+Learners and plugins see a :class:`models.context.RunContext`, never the trainer.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.base import Batch, Learner, Phase, Stage
+from models.context import RunContext
 from models.plugins import PLUGINS
 from models.registry import get_learner_class
 from utils import batching
-from utils.augment import TrainAugment, test_transform
+from utils.augment import TrainAugment
 from utils.config import config_hash, phase_plan
 from utils.datasets import DATASETS, load_dataset
 from utils.errors import UserError
@@ -34,6 +35,7 @@ from utils.metrics import accuracy_report, summarize
 from utils.nme import class_means, nme_logits
 from utils.run_log import RunLog
 from utils.seeding import phase_seed, rng_states, seed_everything, set_rng_states
+from utils.stage_data import EXEMPLAR, NEW, SourceData, StageData
 
 
 class TrainingDiverged(Exception):
@@ -85,7 +87,7 @@ class Trainer:
         self.data = load_dataset(cfg["dataset"], cfg["data_root"], image_size=self.image_size,
                                  class_list=cfg["class_list"], cache_dir=cfg["cache_dir"],
                                  skip_unreadable=cfg["skip_unreadable"], in_memory=cfg["in_memory"],
-                                 synthetic=cfg["synthetic"], num_workers=cfg["num_workers"] or None)
+                                 shapes=cfg["shapes"], num_workers=cfg["num_workers"] or None)
         self.num_classes = len(self.data.class_names)
         self.plan = phase_plan(cfg, self.num_classes)
         self.order = class_order(self.num_classes, cfg["seed"], cfg["shuffle"])
@@ -100,12 +102,20 @@ class Trainer:
             self.input_size, self.data.mean, self.data.std, mode=cfg["augment"] or info.augment,
             padding=cfg["crop_padding"], scale=tuple(cfg["rrc_scale"]), flip=cfg["flip"],
             color_jitter=cfg["color_jitter"], autoaugment=cfg["autoaugment"], cutout=cfg["cutout"])
-        self.learner: Learner = get_learner_class(cfg["model_name"])(cfg, self)
         self.memory = ExemplarMemory(cfg["memory_size"], cfg["memory_per_class"], cfg["fixed_memory"],
                                      cfg["compress_ratio"])
-        self.plugins = [cls(cfg, self) for cls in PLUGINS.values() if cls.enabled(cfg)]
+        self.ctx = RunContext(
+            cfg=cfg, device=self.device, amp=self.amp, channels_last=self.channels_last,
+            image_size=self.image_size, input_size=self.input_size, mean=self.data.mean, std=self.data.std,
+            augment=self.augment, log=self.log, out=self.out, train_images=self.train_images,
+            train_labels=self.train_labels, memory=self.memory, class_counts=self.class_counts,
+            class_names=[self.data.class_names[c] for c in self.order], plan=self.plan)
+        self.learner: Learner = get_learner_class(cfg["model_name"])(cfg, self.ctx)
+        self.ctx.learner = self.learner
+        self.plugins = [cls(cfg, self.ctx) for cls in PLUGINS.values() if cls.enabled(cfg)]
         self.results = {"config": cfg, "config_hash": self.hash, "class_order": self.order,
-                        "class_names": [self.data.class_names[c] for c in self.order], "phases": [], "summary": {}}
+                        "class_names": [self.data.class_names[c] for c in self.order],
+                        **{k: v for p in self.plugins for k, v in p.run_info().items()}, "phases": [], "summary": {}}
 
     # ---- data ---------------------------------------------------------------------------------
     def _source(self, split) -> batching.Images:
@@ -115,24 +125,22 @@ class Trainer:
             return split.images
         return FileImages(split.paths, self.image_size)   # streamed: decoded by loader workers
 
-    def class_images(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [n, 3, S, S] training images of class ``label`` (after remapping) and their indices."""
-        index = (self.train_labels == label).nonzero().flatten()
-        images = batching.materialize(batching.select(self.train_images, index), self.cfg["num_workers"])
-        return images, index
-
-    def phase_data(self, phase: Phase, kind: str) -> tuple[batching.Images, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, labels, is_old, index) of a stage: "phase" = new-class images + exemplars;
-        "memory" = exemplars. ``index`` [N]: the training-set index of a new-class image, -1 for an
-        exemplar (exemplars are stored, possibly compressed, copies)."""
+    def stage_sources(self, phase: Phase, kind: str) -> list[SourceData]:
+        """The sources of a stage's data, in order: for ``kind`` "phase" the new classes' training
+        images, then the exemplar memory (for "memory" the memory alone), then what the plugins add
+        (e.g. synthetic replay)."""
+        parts = []
+        if kind == "phase":
+            new = ((self.train_labels >= phase.first) & (self.train_labels < phase.last)).nonzero().flatten()
+            parts.append(SourceData("new", batching.select(self.train_images, new), self.train_labels[new], NEW, new))
         mem_images, mem_labels = self.memory.tensors()
-        if kind == "memory":
-            return mem_images, mem_labels, mem_labels < phase.first, torch.full_like(mem_labels, -1)
-        new = ((self.train_labels >= phase.first) & (self.train_labels < phase.last)).nonzero().flatten()
-        images = batching.concat_images([batching.select(self.train_images, new), mem_images])
-        labels = torch.cat([self.train_labels[new], mem_labels])
-        index = torch.cat([new, torch.full_like(mem_labels, -1)])
-        return images, labels, labels < phase.first, index
+        parts.append(SourceData("exemplars", mem_images, mem_labels, EXEMPLAR))
+        for plugin in self.plugins:
+            parts += plugin.sources(phase, kind)
+        return parts
+
+    def stage_data(self, phase: Phase, kind: str) -> StageData:
+        return StageData.assemble(self.stage_sources(phase, kind))
 
     def class_counts(self, phase: Phase) -> torch.Tensor:
         """float [classes seen]: real per-class sample counts of the phase data — training images for
@@ -141,35 +149,6 @@ class Trainer:
         counts = torch.bincount(new, minlength=phase.last)
         counts[:phase.first] = torch.tensor(self.memory.counts(phase.first), dtype=counts.dtype)
         return counts.float()
-
-    def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Test-time transform of uint8 images on the device (no augmentation)."""
-        x = test_transform(images.to(self.device, non_blocking=True), self.input_size, self.data.mean, self.data.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def autocast(self):
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    @torch.no_grad()
-    def embed(self, images: batching.Images, fn: Callable[[torch.Tensor], torch.Tensor], flip: bool = False) -> torch.Tensor:
-        """fn(x) for uint8 ``images`` in eval mode, batched: float32 [N, d] on the CPU.
-
-        With ``flip``, the mean of the normalised features of the image and its mirror (iCaRL's means).
-        """
-        for m in self.learner.modules().values():
-            if m is not None:
-                m.eval()
-        outs = []
-        for (imgs,) in batching.iterate(images, batch_size=self.cfg["eval_batch_size"], num_workers=self.cfg["num_workers"]):
-            x = self.to_input(imgs)
-            with self.autocast():
-                f = fn(x).float()
-                if flip:
-                    f = F.normalize(f, dim=1) + F.normalize(fn(torch.flip(x, dims=[3])).float(), dim=1)
-            outs.append(f.cpu())
-        return torch.cat(outs) if outs else torch.empty(0)
 
     # ---- the training loop --------------------------------------------------------------------
     def _optimizer(self, stage: Stage):
@@ -190,17 +169,23 @@ class Trainer:
     def run_stage(self, phase: Phase, stage: Stage, generator: torch.Generator) -> None:
         if stage.epochs == 0:
             return
-        images, labels, is_old, index = self.phase_data(phase, stage.data)
-        if len(labels) < 2:
-            self.log.info(f"  stage {stage.name}: skipped, only {len(labels)} training samples")
+        data = self.stage_data(phase, stage.data)
+        if len(data) < 2:
+            self.log.info(f"  stage {stage.name}: skipped, only {len(data)} training samples")
             return
-        if isinstance(images, torch.Tensor) and self.on_cuda and images.numel() < 2 ** 31:
+        if isinstance(data.images, torch.Tensor) and self.on_cuda and data.images.numel() < 2 ** 31:
             # Small enough: keep the whole stage's data on the device, no per-batch host copies.
-            images, labels, is_old, index = (t.to(self.device) for t in (images, labels, is_old, index))
+            data = data.to(self.device)
         for plugin in self.plugins:
-            plugin.before_stage(phase, stage, images, labels, index)
+            plugin.before_stage(phase, stage, data)
         opt, sched = self._optimizer(stage)
         batch_size = stage.batch_size or self.cfg["batch_size"]
+        mix_generator = self.ctx.stream(f"mix/{stage.name}", phase.index)   # draws of the ratio sources
+        counts = data.counts()
+        if set(counts) - {"new", "exemplar"}:   # a plugin's source joined: say what the stage trains on
+            mixed = "".join(f"; each batch of {batch_size} gets {round(p.ratio * batch_size)} more from {p.name}"
+                            for p in data.mixed)
+            self.log.info(f"  stage {stage.name}: samples by origin {counts}{mixed}")
         bar = tqdm(range(stage.epochs), desc=f"phase {phase.index} {stage.name}", disable=None, leave=False)
         for epoch in bar:
             start = time.time()
@@ -208,17 +193,16 @@ class Trainer:
             sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros((), device=self.device)
             seen = 0
-            for imgs, y, old, idx in batching.iterate(images, labels, is_old, index, batch_size=batch_size,
-                                                      generator=generator, min_batch=2,
-                                                      num_workers=self.cfg["num_workers"]):
-                imgs, y, old, idx = (t.to(self.device, non_blocking=True) for t in (imgs, y, old, idx))
+            for raw in data.batches(batch_size, generator, mix_generator, self.device, self.cfg["num_workers"]):
+                imgs, y = raw.images, raw.labels
                 for plugin in self.plugins:
-                    imgs = plugin.before_augment(imgs, y, idx, stage, epoch)
+                    imgs = plugin.before_augment(imgs, raw, stage, epoch)
                 x = self.augment(imgs, generator)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                batch = Batch(x, y, old)
-                with self.autocast():
+                ce_mask, kd_mask = data.loss_masks(raw.origin)
+                batch = Batch(x, y, y < phase.first, raw.origin, ce_mask, kd_mask)
+                with self.ctx.autocast():
                     out = stage.forward(x)
                     loss, parts = stage.loss(out, batch)
                 opt.zero_grad(set_to_none=True)
@@ -266,8 +250,8 @@ class Trainer:
             if m is not None:
                 m.eval()
         for (imgs,) in batching.iterate(images, batch_size=self.cfg["eval_batch_size"], num_workers=self.cfg["num_workers"]):
-            x = self.to_input(imgs)
-            with self.autocast():
+            x = self.ctx.to_input(imgs)
+            with self.ctx.autocast():
                 for name, fn in models.items():
                     out = fn(x)
                     logits[name].append(out["logits"][:, :phase.last].float().cpu())
@@ -277,7 +261,7 @@ class Trainer:
         report["nme"] = None
         if self.learner.uses_memory and self.cfg["nme"] and len(self.memory) > 0:
             mem_images, mem_labels = self.memory.tensors()
-            mem_feats = self.embed(mem_images, lambda x: self.learner.inference(x)["features"], flip=True)
+            mem_feats = self.ctx.embed(mem_images, lambda x: self.learner.inference(x)["features"], flip=True)
             means = class_means(mem_feats, mem_labels, phase.last)
             report["nme"] = accuracy_report(nme_logits(torch.cat(feats), means), targets, bounds, k)
         return report
@@ -304,7 +288,7 @@ class Trainer:
         for plugin in self.plugins:
             plugin.after_grow(phase)
         self.learner_to_device()
-        learner.begin_phase(phase, self)
+        learner.begin_phase(phase)
         for plugin in self.plugins:
             plugin.before_phase(phase)
         stages = learner.stages(phase)
@@ -314,8 +298,8 @@ class Trainer:
         learner.end_training(phase)
         if learner.uses_memory:
             compressor = next((c for c in (p.compressor(phase) for p in self.plugins) if c is not None), None)
-            self.memory.update(range(phase.first, phase.last), self.class_images,
-                               lambda imgs: self.embed(imgs, lambda x: learner.inference(x)["features"]),
+            self.memory.update(range(phase.first, phase.last), self.ctx.class_images,
+                               lambda imgs: self.ctx.embed(imgs, lambda x: learner.inference(x)["features"]),
                                phase.last, compressor)
         for stage in stages:
             if stage.after_memory:

@@ -35,7 +35,7 @@ def build_trainer(raw: dict, epochs: int, out: Path) -> tuple[Trainer, object]:
     for plugin in trainer.plugins:
         plugin.after_grow(phase)
     trainer.learner_to_device()
-    trainer.learner.begin_phase(phase, trainer)
+    trainer.learner.begin_phase(phase)
     for plugin in trainer.plugins:
         plugin.before_phase(phase)
     return trainer, phase
@@ -49,7 +49,7 @@ def time_framework(raw: dict, epochs: int) -> dict:
         trainer.run_stage(phase, stage, gen)                      # warm-up epoch
         stage = trainer.learner.stages(phase)[0]                  # fresh stage: params may be a generator
         stage.epochs = epochs
-        images, _, _, _ = trainer.phase_data(phase, stage.data)
+        images = trainer.stage_data(phase, stage.data).images
         sync(trainer.device)
         start = time.perf_counter()
         trainer.run_stage(phase, stage, gen)
@@ -66,8 +66,9 @@ def time_plain(raw: dict, epochs: int) -> dict:
         net = trainer.learner.net
         cfg = trainer.cfg
         device = trainer.device
-        images, labels, _, _ = trainer.phase_data(phase, "phase")
-        x_all = trainer.to_input(images)                          # float, normalised, on the device
+        data = trainer.stage_data(phase, "phase")
+        images, labels = data.images, data.labels
+        x_all = trainer.ctx.to_input(images)                          # float, normalised, on the device
         y_all = labels.to(device)
         opt = torch.optim.SGD(net.parameters(), lr=cfg["init_lr"], momentum=cfg["momentum"],
                               weight_decay=cfg["init_weight_decay"])
@@ -79,7 +80,7 @@ def time_plain(raw: dict, epochs: int) -> dict:
             perm = torch.randperm(len(y_all), generator=gen).to(device)
             for i in range(0, len(perm) - bs + 1, bs):
                 idx = perm[i:i + bs]
-                with trainer.autocast():
+                with trainer.ctx.autocast():
                     loss = F.cross_entropy(net(x_all[idx])["logits"], y_all[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

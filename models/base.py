@@ -41,11 +41,20 @@ class Phase:
 
 @dataclass
 class Batch:
-    """A training batch on the device: inputs [B, 3, H, W] float, labels [B], is_old [B] bool."""
+    """A training batch on the device: inputs ``x`` [B, 3, H, W] float, labels ``y`` [B], ``is_old``
+    [B] bool (an old class), ``origin`` [B] int8 (``utils.stage_data``: NEW / EXEMPLAR / SYNTHETIC).
+
+    ``ce_mask`` / ``kd_mask``: bool [B], the samples that count in the classification loss and in
+    the distillation terms (a source may leave its samples out of either); None = every sample,
+    and then a loss is the plain batch mean (``models.losses.masked_mean`` and friends).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     is_old: torch.Tensor
+    origin: torch.Tensor | None = None
+    ce_mask: torch.Tensor | None = None
+    kd_mask: torch.Tensor | None = None
 
 
 LossFn = Callable[[dict, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -91,9 +100,9 @@ class Learner:
     uses_memory: ClassVar[bool] = True
     head_kind: ClassVar[str] = "linear"   # "linear" or "cosine": what the CAM should read
 
-    def __init__(self, cfg: dict, trainer: Any):
+    def __init__(self, cfg: dict, ctx: Any):
         self.cfg = cfg
-        self.trainer = trainer   # gives access to embed() (batched eval-mode features) and the device
+        self.ctx = ctx   # models.context.RunContext: device, embed(), class images, log, ...
         self.net: nn.Module | None = None
         self.old_net: nn.Module | None = None
 
@@ -109,7 +118,7 @@ class Learner:
         """Change the network's structure for ``phase`` (deterministic; replayed on resume)."""
         raise NotImplementedError
 
-    def begin_phase(self, phase: Phase, data: Any) -> None:
+    def begin_phase(self, phase: Phase) -> None:
         """After ``grow_network``: initialise new weights from data, snapshot the old model."""
 
     def stages(self, phase: Phase) -> list[Stage]:

@@ -46,6 +46,7 @@ from utils.compression import (class_activation_map, compress_images, mask_box, 
 from utils.config import Option
 from utils.errors import ConfigError
 from utils.seeding import stream_seed
+from utils.stage_data import NEW
 
 POLICIES = ("none", "full", "random", "center", "cam", "cim")
 
@@ -118,8 +119,8 @@ class ExemplarCompression(Plugin):
             raise ConfigError(f"Config key 'compression' is '{cfg['compression']}' but model_name "
                               f"'{cfg['model_name']}' keeps no exemplar memory; use 'none' or a learner with memory.")
 
-    def __init__(self, cfg: dict, trainer):
-        super().__init__(cfg, trainer)
+    def __init__(self, cfg: dict, ctx):
+        super().__init__(cfg, ctx)
         self.policy = cfg["compression"]
         self.ratio = cfg["compress_ratio"]
         self.generator = torch.Generator()
@@ -130,13 +131,13 @@ class ExemplarCompression(Plugin):
         self.stage_data = None
         self.phi_opt = None
         self.phi_lr = 0.0
-        self.last_outer_loss: float | None = None
         self.reset_counters()
 
     def reset_counters(self) -> None:
         """The per-phase counts and times reported in ``phases[k].compression``."""
         self.meta_iterations = 0
         self.meta_skipped = 0
+        self.last_outer_loss = None   # of this phase: a resumed run must report what an uninterrupted one does
         self.meta_seconds = 0.0
         self.refreshes = 0
         self.refresh_seconds = 0.0
@@ -145,7 +146,7 @@ class ExemplarCompression(Plugin):
     def after_grow(self, phase: Phase) -> None:
         if self.policy != "cim":
             return
-        for module in self.trainer.learner.modules().values():
+        for module in self.ctx.learner.modules().values():
             if module is None:
                 continue
             for site in activation_sites(module):
@@ -154,19 +155,19 @@ class ExemplarCompression(Plugin):
 
     def phi(self) -> list[torch.nn.Parameter]:
         """φ: the PAU coefficients of the CAM network (every backbone's, frozen backbones included)."""
-        return pau_parameters(self.trainer.learner.cam_network()) if self.policy == "cim" else []
+        return pau_parameters(self.ctx.learner.cam_network()) if self.policy == "cim" else []
 
     def owned_parameters(self) -> list:
         if self.policy != "cim":
             return []
-        return [p for m in self.trainer.learner.modules().values() if m is not None for p in pau_parameters(m)]
+        return [p for m in self.ctx.learner.modules().values() if m is not None for p in pau_parameters(m)]
 
     # ---- CAMs and boxes -----------------------------------------------------------------------
     def cam_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] -> normalised float [B, 3, I, I]: the whole image (resized, not cropped,
         so that the CAM covers every stored pixel)."""
-        t = self.trainer
-        x = normalize(images.to(t.device), t.data.mean, t.data.std)
+        t = self.ctx
+        x = normalize(images.to(t.device), t.mean, t.std)
         if x.shape[-1] != t.input_size:
             x = F.interpolate(x, size=(t.input_size, t.input_size), mode="bilinear", align_corners=False)
         return x.contiguous(memory_format=torch.channels_last) if t.channels_last else x
@@ -175,7 +176,7 @@ class ExemplarCompression(Plugin):
     def cams(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """float [B, h, w] CAMs of uint8 ``images`` for ``labels`` from the CAM network in eval mode
         (its PAU version with ``cim``), in ``cam_batch_size`` chunks."""
-        net = self.trainer.learner.cam_network()
+        net = self.ctx.learner.cam_network()
         was_training = net.training
         net.eval()
         mode = "pau" if self.policy == "cim" else "relu"
@@ -186,7 +187,7 @@ class ExemplarCompression(Plugin):
                 for i in range(0, images.shape[0], bs):
                     x = self.cam_input(images[i:i + bs])
                     y = labels[i:i + bs].to(x.device)
-                    with self.trainer.autocast():
+                    with self.ctx.autocast():
                         fmap = net(x)["fmap"]
                     rows = net.classifier.weight_rows()[y]
                     out.append(class_activation_map(fmap.float(), rows.float()))
@@ -224,14 +225,14 @@ class ExemplarCompression(Plugin):
 
     def _trains_cam_network(self, stage: Stage) -> bool:
         return (stage.data == "phase" and stage.model is not None
-                and stage.model is self.trainer.learner.cam_network())
+                and stage.model is self.ctx.learner.cam_network())
 
     def _runs_bilevel(self, stage: Stage) -> bool:
         return (self.policy == "cim" and self._trains_cam_network(stage)
                 and int(self.cfg["num_meta_iters_per_cls"] * self.phase.num_new) > 0)
 
-    def before_stage(self, phase, stage, images, labels, index) -> None:
-        self.stage_data = (images, labels, index)
+    def before_stage(self, phase, stage, data) -> None:
+        self.stage_data = data
         self.box_table = None
         self.fixed_p = None
         self.phi_opt = None
@@ -258,9 +259,10 @@ class ExemplarCompression(Plugin):
     def refresh_boxes(self) -> None:
         """Recompute the boxes of the stage's new-class training images (artifact augmentation)."""
         start = time.time()
-        images, labels, index = self.stage_data
-        new = (index >= 0).nonzero().flatten()
-        table = torch.zeros(len(self.trainer.train_labels), 4, dtype=torch.long, device=self.trainer.device)
+        data = self.stage_data
+        images, labels, index = data.images, data.labels, data.index
+        new = (data.origin == NEW).nonzero().flatten()
+        table = torch.zeros(len(self.ctx.train_labels), 4, dtype=torch.long, device=self.ctx.device)
         bs = max(self.cfg["cam_batch_size"], self.cfg["eval_batch_size"])
         for i in range(0, new.numel(), bs):
             sel = new[i:i + bs]
@@ -275,13 +277,14 @@ class ExemplarCompression(Plugin):
         """p = randombbxblur_prob_incre · ⌊epoch / cam_update_interval⌋ (0 … in the official schedule 0.4)."""
         return min(1.0, self.cfg["randombbxblur_prob_incre"] * (epoch // self.cfg["cam_update_interval"]))
 
-    def before_augment(self, images, labels, index, stage, epoch):
+    def before_augment(self, images, batch, stage, epoch):
         p = self.augment_probability(epoch) if self.fixed_p is None else self.fixed_p
         if p <= 0.0 or stage.data != "phase":
             return images
         if self.box_table is None:
             self.refresh_boxes()
-        pick = (torch.rand(images.shape[0], generator=self.generator) < p).to(images.device) & (index >= 0)
+        index = batch.index
+        pick = (torch.rand(images.shape[0], generator=self.generator) < p).to(images.device) & (batch.origin == NEW)
         if not bool(pick.any()):
             return images
         images = images.clone()
@@ -302,16 +305,16 @@ class ExemplarCompression(Plugin):
     def _meta_order(self, iters: int) -> torch.Tensor:
         """int64 [2·iters·b]: the stage's sample indices of an epoch's bilevel batches, consecutive
         slices of shuffled passes over the data (batches A and B never overlap while the data lasts)."""
-        n = len(self.stage_data[1])
+        n = len(self.stage_data)
         need = 2 * iters * min(self.cfg["meta_batch_size"], n)
         passes = [torch.randperm(n, generator=self.generator) for _ in range(-(-need // n))]
         return torch.cat(passes)[:need]
 
     def _meta_batch(self, phase: Phase, pick: torch.Tensor):
-        images, labels, _ = self.stage_data
+        images, labels = self.stage_data.images, self.stage_data.labels
         dev_pick = pick.to(labels.device)
         imgs = batching.materialize(batching.select(images, dev_pick if isinstance(images, torch.Tensor) else pick))
-        t = self.trainer
+        t = self.ctx
         x = t.augment(imgs.to(t.device), self.generator)
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -384,11 +387,11 @@ class ExemplarCompression(Plugin):
             return
         from utils.exemplar_figure import write_exemplar_figure
 
-        write_exemplar_figure(self, phase, self.trainer.out / f"exemplars_phase_{phase.index}.png")
+        write_exemplar_figure(self, phase, self.ctx.out / f"exemplars_phase_{phase.index}.png")
 
     def phase_report(self, phase: Phase) -> dict:
-        mem = self.trainer.memory
-        size = self.trainer.image_size
+        mem = self.ctx.memory
+        size = self.ctx.image_size
         areas = [float(((e.boxes[:, 1] - e.boxes[:, 0]).clamp(min=0) * (e.boxes[:, 3] - e.boxes[:, 2]).clamp(min=0))
                        .float().sum()) for e in mem.classes.values()]
         n = len(mem)

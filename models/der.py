@@ -14,11 +14,11 @@ network grows by one backbone per phase; ``phases[k].params`` in results.json re
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from convs.der_net import DERNet, parameter_count
 from convs.linears import SimpleLinear, expand_linear
 from models.base import Batch, Learner, Phase, schedule_options
+from models.losses import cross_entropy
 from models.registry import register_learner
 from models.weight_align import align_weights, alignment_gamma
 from utils.config import Option
@@ -53,13 +53,13 @@ class DER(Learner):
     # backbones in eval mode and the trainer skips their parameters (requires_grad False).
 
     def loss(self, out: dict, batch: Batch):
-        ce = F.cross_entropy(out["logits"], batch.y)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
         if "aux_logits" not in out:
             return ce, {"ce": ce}
         num_old = out["logits"].shape[1] - (out["aux_logits"].shape[1] - 1)
         # Old classes share bucket 0; new class c becomes c - num_old + 1.
         aux_y = torch.where(batch.y >= num_old, batch.y - num_old + 1, torch.zeros_like(batch.y))
-        aux = F.cross_entropy(out["aux_logits"], aux_y)
+        aux = cross_entropy(out["aux_logits"], aux_y, batch.ce_mask)
         return ce + self.cfg["aux_weight"] * aux, {"ce": ce, "aux": aux}
 
     def end_training(self, phase: Phase) -> None:
@@ -69,7 +69,7 @@ class DER(Learner):
         gamma = alignment_gamma(fc.weight, phase.num_old)
         with torch.no_grad():
             fc.weight.copy_(align_weights(fc.weight, phase.num_old))
-        self.trainer.log.info(f"  weight alignment: new-class rows × {gamma:.4f}")
+        self.ctx.log.info(f"  weight alignment: new-class rows × {gamma:.4f}")
 
     # ---- reporting ------------------------------------------------------------------------
     def phase_report(self, phase: Phase) -> dict:

@@ -1,11 +1,11 @@
 """Finetune: plain training on the new classes only — no memory, no distillation (the lower bound)."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from convs.incremental_net import IncrementalNet
 from convs.linears import SimpleLinear, expand_linear
 from models.base import Batch, Learner, Phase, schedule_options
+from models.losses import cross_entropy
 from models.registry import register_learner
 
 
@@ -25,5 +25,5 @@ class Finetune(Learner):
             self.net.head = expand_linear(self.net.head, phase.last)
 
     def loss(self, out: dict, batch: Batch):
-        ce = F.cross_entropy(out["logits"], batch.y)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
         return ce, {"ce": ce}

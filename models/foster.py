@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from convs.activation import activation_sites
 from convs.der_net import clone_backbone, parameter_count
@@ -37,7 +36,7 @@ from convs.foster_net import FosterNet
 from convs.incremental_net import IncrementalNet
 from convs.linears import SimpleLinear, expand_linear
 from models.base import Batch, Learner, Phase, Stage, schedule_options
-from models.losses import balanced_kd_loss, class_balanced_weights, kd_loss
+from models.losses import balanced_kd_loss, class_balanced_weights, cross_entropy, kd_loss
 from models.registry import register_learner
 from models.weight_align import align_weights, alignment_gamma
 from utils.config import Option
@@ -68,8 +67,8 @@ class FOSTER(Learner):
         "wa_value": Option(1.0, "float", "Extra alignment factor: gamma is multiplied by wa_value^(old/new).", min=0.0),
     }
 
-    def __init__(self, cfg: dict, trainer):
-        super().__init__(cfg, trainer)
+    def __init__(self, cfg: dict, ctx):
+        super().__init__(cfg, ctx)
         self.teacher: FosterNet | None = None
         self.boost_weights: torch.Tensor | None = None     # [classes], from beta1
         self.distill_weights: torch.Tensor | None = None   # [classes], from beta2
@@ -95,16 +94,16 @@ class FOSTER(Learner):
         student.head = expand_linear(old.head, phase.last)
         self.net = student
 
-    def begin_phase(self, phase: Phase, data) -> None:
+    def begin_phase(self, phase: Phase) -> None:
         if phase.index == 0:
             return
-        counts = self.trainer.class_counts(phase)
-        device = self.trainer.device
+        counts = self.ctx.class_counts(phase)
+        device = self.ctx.device
         self.boost_weights = class_balanced_weights(counts, self.cfg["beta1"]).to(device)
         self.distill_weights = class_balanced_weights(counts, self.cfg["beta2"]).to(device)
         n = counts.long().tolist()
-        self.trainer.log.info(f"  class counts: old {n[:phase.first]}, new {n[phase.first:]}")
-        self.trainer.log.info(f"  class-balanced weights (beta1 {self.cfg['beta1']}): "
+        self.ctx.log.info(f"  class counts: old {n[:phase.first]}, new {n[phase.first:]}")
+        self.ctx.log.info(f"  class-balanced weights (beta1 {self.cfg['beta1']}): "
                               f"old {self.boost_weights[0].item():.4f}, new {self.boost_weights[-1].item():.4f}")
 
     # ---- training -------------------------------------------------------------------------
@@ -148,7 +147,7 @@ class FOSTER(Learner):
         return (net or self.net)(x)
 
     def ce_loss(self, out: dict, batch: Batch):
-        ce = F.cross_entropy(out["logits"], batch.y)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
         return ce, {"ce": ce}
 
     def forward_boosting(self, x, net=None) -> dict:
@@ -157,9 +156,10 @@ class FOSTER(Learner):
     def boosting_loss(self, out: dict, batch: Batch):
         logits = out["logits"].float()
         old_logits = out["old_logits"].detach()
-        clf = F.cross_entropy(logits / self.boost_weights, batch.y)
-        fe = F.cross_entropy(out["fe_logits"].float(), batch.y)
-        kd = self.cfg["lambda_okd"] * kd_loss(logits[:, :old_logits.shape[1]], old_logits, self.cfg["T"])
+        clf = cross_entropy(logits / self.boost_weights, batch.y, batch.ce_mask)
+        fe = cross_entropy(out["fe_logits"].float(), batch.y, batch.ce_mask)
+        kd = self.cfg["lambda_okd"] * kd_loss(logits[:, :old_logits.shape[1]], old_logits, self.cfg["T"],
+                                               batch.kd_mask)
         return clf + fe + kd, {"clf": clf, "fe": fe, "kd": kd}
 
     def forward_compression(self, x, net=None) -> dict:
@@ -169,14 +169,15 @@ class FOSTER(Learner):
         return out
 
     def compression_loss(self, out: dict, batch: Batch):
-        bkd = balanced_kd_loss(out["logits"], out["teacher_logits"], self.cfg["T"], self.distill_weights)
+        bkd = balanced_kd_loss(out["logits"], out["teacher_logits"], self.cfg["T"], self.distill_weights,
+                               batch.kd_mask)
         return bkd, {"bkd": bkd}
 
     def align(self, head: SimpleLinear, phase: Phase, which: str) -> None:
         gamma = alignment_gamma(head.weight, phase.num_old, self.cfg["wa_value"])
         with torch.no_grad():
             head.weight.copy_(align_weights(head.weight, phase.num_old, self.cfg["wa_value"]))
-        self.trainer.log.info(f"  weight alignment ({which}): new-class rows × {gamma:.4f}")
+        self.ctx.log.info(f"  weight alignment ({which}): new-class rows × {gamma:.4f}")
 
     # ---- deployed model, teacher, checkpoint ------------------------------------------------
     def teacher_inference(self, x: torch.Tensor) -> dict:

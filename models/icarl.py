@@ -7,11 +7,10 @@ The NME classifier is reported by the trainer for every learner with a memory.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from models.base import Batch, Phase
 from models.finetune import Finetune
-from models.losses import kd_loss
+from models.losses import cross_entropy, kd_loss
 from models.registry import register_learner
 from utils.config import Option
 
@@ -35,9 +34,9 @@ class ICaRL(Finetune):
         return out
 
     def loss(self, out: dict, batch: Batch):
-        ce = F.cross_entropy(out["logits"], batch.y)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
         if "old_logits" not in out:
             return ce, {"ce": ce}
         old = out["old_logits"].shape[1]
-        kd = kd_loss(out["logits"][:, :old], out["old_logits"], self.cfg["T"])
+        kd = kd_loss(out["logits"][:, :old], out["old_logits"], self.cfg["T"], batch.kd_mask)
         return ce + kd, {"ce": ce, "kd": kd}

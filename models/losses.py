@@ -5,14 +5,32 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """Knowledge distillation: cross-entropy between softened teacher and student, batch mean.
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-sample ``values`` [B] over the bool ``mask`` [B]; None = the plain mean; an empty
+    mask gives 0 (a batch with no sample for a term contributes nothing to it)."""
+    if mask is None:
+        return values.mean()
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of logits [B, C] and labels [B], mean over the samples of ``mask`` (all if None,
+    then exactly ``F.cross_entropy``)."""
+    if mask is None:
+        return F.cross_entropy(logits, y)
+    return masked_mean(F.cross_entropy(logits, y, reduction="none"), mask)
+
+
+def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Knowledge distillation: cross-entropy between softened teacher and student, mean over the
+    samples of ``mask`` (all if None).
 
     logits, teacher_logits: [B, C]. As in PyCIL (no T² factor), so published defaults carry over.
     """
     log_p = F.log_softmax(logits.float() / T, dim=1)
     q = F.softmax(teacher_logits.float() / T, dim=1)
-    return -(q * log_p).sum(dim=1).mean()
+    return masked_mean(-(q * log_p).sum(dim=1), mask)
 
 
 def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
@@ -29,13 +47,14 @@ def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def balanced_kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
-                     weights: torch.Tensor) -> torch.Tensor:
+                     weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """FOSTER's class-balanced distillation ("BKD"): the teacher's softened probabilities are
     reweighted per class and renormalised before the cross-entropy with the student's.
 
-    logits, teacher_logits: [B, C]; weights: [C] (from :func:`class_balanced_weights`). Batch mean.
+    logits, teacher_logits: [B, C]; weights: [C] (from :func:`class_balanced_weights`). Mean over
+    the samples of ``mask`` (all if None).
     """
     log_p = F.log_softmax(logits.float() / T, dim=1)
     q = F.softmax(teacher_logits.float() / T, dim=1) * weights
     q = q / q.sum(dim=1, keepdim=True)
-    return -(q * log_p).sum(dim=1).mean()
+    return masked_mean(-(q * log_p).sum(dim=1), mask)

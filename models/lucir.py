@@ -20,6 +20,7 @@ from convs.incremental_net import IncrementalNet
 from convs.linears import CosineLinear, split_cosine
 from convs.registry import backbone_names
 from models.base import Batch, Learner, Phase, Stage, schedule_options
+from models.losses import cross_entropy, masked_mean
 from models.registry import register_learner
 from utils.config import Option
 from utils.errors import ConfigError
@@ -70,15 +71,15 @@ class LUCIR(Learner):
         # Every class seen so far becomes fc1 (old), the new classes fc2; σ is kept.
         self.net.head = split_cosine(self.net.head, phase.num_new)
 
-    def begin_phase(self, phase: Phase, data) -> None:
+    def begin_phase(self, phase: Phase) -> None:
         if phase.index == 0 or not self.cfg["imprint"]:
             return
         head = self.net.head
         with torch.no_grad():
             target_norm = head.fc1.weight.norm(dim=1).mean()
             for j, c in enumerate(range(phase.first, phase.last)):
-                images, _ = self.trainer.class_images(c)
-                feats = self.trainer.embed(images, lambda x: self.net.backbone(x)["features"])
+                images, _ = self.ctx.class_images(c)
+                feats = self.ctx.embed(images, lambda x: self.net.backbone(x)["features"])
                 mean = F.normalize(F.normalize(feats, dim=1).mean(dim=0), dim=0)
                 head.fc2.weight[j] = (mean * target_norm).to(head.fc2.weight)
 
@@ -112,19 +113,22 @@ class LUCIR(Learner):
         return {"features": feats, **self.net.head(feats)}
 
     def ce_loss(self, out: dict, batch: Batch):
-        ce = F.cross_entropy(out["logits"], batch.y)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
         return ce, {"ce": ce}
 
     def loss(self, out: dict, batch: Batch):
-        ce = F.cross_entropy(out["logits"], batch.y)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
         if "old_features" not in out:
             return ce, {"ce": ce}
         cos = out["cosine"]
         num_old = self.net.head.fc1.out_dim
         num_new = cos.shape[1] - num_old
         lam = self.cfg["lambda_base"] * math.sqrt(num_old / num_new)
-        lf = (1 - F.cosine_similarity(out["features"].float(), out["old_features"].float(), dim=1)).mean() * lam
+        lf = masked_mean(1 - F.cosine_similarity(out["features"].float(), out["old_features"].float(), dim=1),
+                         batch.kd_mask) * lam
         old_rows = batch.y < num_old
+        if batch.kd_mask is not None:   # margin ranking is a distillation term too
+            old_rows = old_rows & batch.kd_mask
         if old_rows.any():
             k = min(self.cfg["K"], num_new)
             c = cos[old_rows].float()

@@ -1,11 +1,15 @@
 """Plugins: behaviour attached to the one training loop at named points (Avalanche-style).
 
-A plugin declares its config ``options`` and is enabled by its config (``enabled(cfg)``). Hooks, all
-optional, are called by the trainer in this order within a phase:
+A plugin declares its config ``options`` and is enabled by its config (``enabled(cfg)``); only an
+enabled plugin's keys identify a run. It is built with the run's config and a
+:class:`models.context.RunContext` (``self.ctx``), never the trainer. Hooks, all optional, are called
+by the trainer in this order within a phase:
 ``after_grow`` (after the learner changed its network; also replayed on resume) → ``before_phase`` →
-per stage: ``before_stage`` → per epoch: ``before_augment`` (per batch, may change the uint8 images)
-→ ``after_epoch`` → ``after_stage``; then ``compressor`` (used by the memory update) →
-``after_phase`` → ``phase_report`` (extra fields of results.json ``phases[k]``).
+per stage: ``sources`` (samples this plugin adds to the stage's data) → ``before_stage`` → per
+epoch: ``before_augment`` (per batch, may change the uint8 images) → ``after_epoch`` →
+``after_stage``; then ``compressor`` (used by the memory update) → ``after_phase`` →
+``phase_report`` (extra fields of results.json ``phases[k]``). ``run_info`` adds top-level fields
+to results.json once.
 """
 from __future__ import annotations
 
@@ -26,9 +30,9 @@ def register_plugin(name: str):
 class Plugin:
     options: ClassVar[dict[str, Option]] = {}
 
-    def __init__(self, cfg: dict, trainer: Any):
+    def __init__(self, cfg: dict, ctx: Any):
         self.cfg = cfg
-        self.trainer = trainer
+        self.ctx = ctx
 
     @classmethod
     def enabled(cls, cfg: dict) -> bool:
@@ -40,12 +44,16 @@ class Plugin:
 
     def after_grow(self, phase) -> None: ...
     def before_phase(self, phase) -> None: ...
-    def before_stage(self, phase, stage, images, labels, index) -> None:
-        """The stage's data: uint8 images [N, 3, S, S] (or a streamed source), labels [N], and
-        ``index`` [N], the training-set index of new-class images (-1 for exemplars)."""
-    def before_augment(self, images, labels, index, stage, epoch: int):
-        """uint8 images [B, 3, S, S] of a training batch (on the device), their labels and
-        training-set indices (-1 = exemplar) -> the images to augment."""
+    def sources(self, phase, kind: str) -> list:
+        """``utils.stage_data.SourceData`` this plugin adds to a stage whose data is ``kind``
+        ("phase": new classes + memory; "memory": the memory alone)."""
+        return []
+    def before_stage(self, phase, stage, data) -> None:
+        """The stage's ``utils.stage_data.StageData``: the epoch part's uint8 images [N, 3, S, S]
+        (or a streamed source), labels, origin and training-set index [N], and the mixed sources."""
+    def before_augment(self, images, batch, stage, epoch: int):
+        """uint8 images [B, 3, S, S] of a training batch (on the device) and its
+        ``utils.stage_data.RawBatch`` (labels, origin, training-set index) -> the images to augment."""
         return images
     def after_epoch(self, phase, stage, epoch: int, lr: float) -> None:
         """After an epoch's pass; ``lr`` is the learning rate that epoch used."""
@@ -58,6 +66,9 @@ class Plugin:
         return None
     def after_phase(self, phase) -> None: ...
     def phase_report(self, phase) -> dict:
+        return {}
+    def run_info(self) -> dict:
+        """Top-level fields of results.json (e.g. that an external generator was used)."""
         return {}
     def state_dict(self) -> dict: return {}
     def load_state_dict(self, state: dict) -> None: ...

@@ -26,13 +26,15 @@ def get_learner_class(name: str) -> type:
 
 
 def _import_all() -> None:
-    # Importing the modules runs their @register_learner decorators.
-    import models.der  # noqa: F401
-    import models.finetune  # noqa: F401
-    import models.foster  # noqa: F401
-    import models.icarl  # noqa: F401
-    import models.lucir  # noqa: F401
-    import models.cim  # noqa: F401  (plugin: exemplar compression)
+    """Import every module of ``models/``: their ``@register_learner`` / ``@register_plugin``
+    decorators fill the registries, so a new learner or plugin file needs no edit elsewhere."""
+    import importlib
+    import pkgutil
+
+    import models
+
+    for info in pkgutil.iter_modules(models.__path__):
+        importlib.import_module(f"models.{info.name}")
 
 
 _import_all()

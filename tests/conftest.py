@@ -1,7 +1,7 @@
-"""Shared helpers for the tests: a fast synthetic config and a one-call run.
+"""Shared helpers for the tests: a fast procedural-data config and a one-call run.
 
 ``tiny_config(**overrides)`` returns a raw (unresolved) config dict for a run that takes a few
-seconds on a CPU: 6 synthetic classes at 16 px, 3 phases of 2 classes, a small ResNet, few epochs.
+seconds on a CPU: 6 procedural shape classes at 16 px, 3 phases of 2 classes, a small ResNet, few epochs.
 ``run(raw, out, **trainer_kwargs)`` resolves it and runs a :class:`trainer.Trainer` into ``out``.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ if str(REPO) not in sys.path:
 
 # 6 classes x 40 training images at 16 px: ~2 s per phase with resnet20 on one CPU core.
 TINY = {
-    "dataset": "synthetic",
-    "synthetic": {"num_classes": 6, "train_per_class": 40, "test_per_class": 20},
+    "dataset": "shapes",
+    "shapes": {"num_classes": 6, "train_per_class": 40, "test_per_class": 20},
     "image_size": 16,
     "input_size": 16,
     "shuffle": True,
@@ -57,7 +57,7 @@ LUCIR_CBF = {"cbf_epochs": 4, "cbf_milestones": []}
 
 
 def tiny_config(**overrides) -> dict:
-    """A raw config dict for a fast synthetic CPU run; ``overrides`` replace or add keys."""
+    """A raw config dict for a fast CPU run on the procedural shapes set; ``overrides`` replace or add keys."""
     raw = copy.deepcopy(TINY)
     raw.update(copy.deepcopy(overrides))
     return raw

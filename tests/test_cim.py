@@ -14,6 +14,7 @@ from trainer import Trainer
 from utils.compression import compress_images, exemplar_cost
 from utils.config import resolve_config
 from utils.errors import ConfigError
+from utils.stage_data import EXEMPLAR, RawBatch
 
 # One epoch per phase: enough to exercise every hook (boxes refreshed every epoch, p > 0 from epoch 1).
 QUICK = {"init_epochs": 2, "epochs": 2, "cam_update_interval": 1, "randombbxblur_prob_incre": 0.5,
@@ -63,11 +64,10 @@ def _ready_for_bilevel(tmp_path, **overrides):
     t.learner.grow_network(phase)
     plugin.after_grow(phase)
     t.learner_to_device()
-    t.learner.begin_phase(phase, t)
+    t.learner.begin_phase(phase)
     plugin.before_phase(phase)
     stage = t.learner.stages(phase)[0]
-    images, labels, _, index = t.phase_data(phase, stage.data)
-    plugin.before_stage(phase, stage, images, labels, index)
+    plugin.before_stage(phase, stage, t.stage_data(phase, stage.data))
     return t, plugin, phase, stage
 
 
@@ -134,17 +134,18 @@ def test_artifact_augmentation_compresses_new_images_only(tmp_path):
     plugin = t.plugins[0]
     phase = t.phases()[0]
     plugin.before_phase(phase)
-    images, labels, _, index = t.phase_data(phase, "phase")
+    data = t.stage_data(phase, "phase")
     stage = type("S", (), {"data": "phase", "model": None})()
-    plugin.before_stage(phase, stage, images, labels, index)
-    batch = images[:6].clone()
-    idx = index[:6].clone()
-    idx[:2] = -1                                                   # two "exemplars"
-    out = plugin.before_augment(batch, labels[:6], idx, stage, epoch=1)   # p = 1
+    plugin.before_stage(phase, stage, data)
+    batch = data.images[:6].clone()
+    origin = data.origin[:6].clone()
+    origin[:2] = EXEMPLAR                                          # two "exemplars"
+    raw = RawBatch(batch, data.labels[:6], origin, data.index[:6])
+    out = plugin.before_augment(batch, raw, stage, epoch=1)   # p = 1
     assert torch.equal(out[:2], batch[:2])
     expect = compress_images(batch[2:], center_boxes(4, 16, 0.25), 4.0)
     assert torch.equal(out[2:], expect) and not torch.equal(out[2:], batch[2:])
-    assert torch.equal(plugin.before_augment(batch, labels[:6], idx, stage, epoch=0), batch)   # p = 0
+    assert torch.equal(plugin.before_augment(batch, raw, stage, epoch=0), batch)   # p = 0
 
 
 def test_foster_compression_stage_keeps_the_boosting_probability_and_boxes(tmp_path):
@@ -157,8 +158,8 @@ def test_foster_compression_stage_keeps_the_boosting_probability_and_boxes(tmp_p
     seen = []
     original = plugin.before_augment
 
-    def spy(images, labels, index, stage, epoch):
-        out = original(images, labels, index, stage, epoch)
+    def spy(images, batch, stage, epoch):
+        out = original(images, batch, stage, epoch)
         p = plugin.augment_probability(epoch) if plugin.fixed_p is None else plugin.fixed_p
         seen.append((plugin.phase.index, stage.name, epoch, p, plugin.refreshes, plugin.box_table))
         return out
@@ -178,7 +179,8 @@ def test_foster_compression_stage_keeps_the_boosting_probability_and_boxes(tmp_p
 def test_cams_leave_the_network_mode_and_empty_input_alone(tmp_path):
     t, plugin, phase, stage = _ready_for_bilevel(tmp_path)
     net = t.learner.cam_network()
-    images, labels, _, _ = t.phase_data(phase, "phase")
+    data = t.stage_data(phase, "phase")
+    images, labels = data.images, data.labels
     net.train()
     plugin.cams(images[:3], labels[:3])
     assert net.training
@@ -191,7 +193,7 @@ def test_cams_leave_the_network_mode_and_empty_input_alone(tmp_path):
 def test_bilevel_batches_do_not_overlap_within_an_epoch(tmp_path):
     t, plugin, phase, stage = _ready_for_bilevel(tmp_path, meta_batch_size=4)
     order = plugin._meta_order(3)
-    n = len(plugin.stage_data[1])
+    n = len(plugin.stage_data)
     assert order.numel() == 24 <= n
     assert len(set(order.tolist())) == 24                       # one shuffled pass: no repeats
     long = plugin._meta_order(n)                                # more than one pass: every index twice

@@ -51,14 +51,14 @@ def _one_paragraph(err):
     ({"fixed_memory": "yes"}, ["'fixed_memory'", "true or false"]),
     ({"init_milestones": [10, "x"]}, ["'init_milestones'", "list of integers"]),
     ({"model_name": "icarll"}, ["'model_name'", "icarll", "allowed:", "finetune", "lucir", "Did you mean icarl?"]),
-    ({"dataset": "cifar1000"}, ["'dataset'", "cifar1000", "allowed:", "cifar100", "synthetic"]),
+    ({"dataset": "cifar1000"}, ["'dataset'", "cifar1000", "allowed:", "cifar100", "shapes"]),
     ({"convnet_type": "resnet33"}, ["'convnet_type'", "resnet33", "allowed:", "resnet32", "resnet18"]),
     ({"device": "gpu"}, ["'device'", "allowed: auto, cpu, cuda, cuda:N"]),
     ({"scheduler": "step"}, ["'scheduler'", "allowed: multistep, cosine, constant"]),
     # init_cls + increment·(num_phases−1) > the dataset's 6 classes
     ({"num_phases": 4}, ["num_phases=4", "need 8 classes", "has 6", "at most num_phases=3"]),
     ({"init_cls": 7}, ["'init_cls'", "7", "only 6 classes"]),
-    ({"synthetic": {"num_classes": 6, "n_train": 3}}, ["'synthetic'", "n_train", "allowed"]),
+    ({"shapes": {"num_classes": 6, "n_train": 3}}, ["'shapes'", "n_train", "allowed"]),
 ], ids=lambda v: None if isinstance(v, list) else "-".join(f"{k}={v[k]}" for k in v)[:40])
 def test_config_errors_exit_2_with_a_message(tmp_path, monkeypatch, capsys, overrides, needles):
     code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(**overrides))
@@ -158,14 +158,14 @@ def test_set_with_a_bad_value_is_a_config_error(tmp_path, monkeypatch, capsys):
 
 
 def test_folder_dataset_without_data_root(tmp_path, monkeypatch, capsys):
-    raw = tiny_config(dataset="folder", synthetic={})
+    raw = tiny_config(dataset="folder", shapes={})
     code, err = _main_error(tmp_path, monkeypatch, capsys, raw)
     _assert_user_error(code, err, tmp_path, "needs data_root", "train/<class>")
 
 
 def test_folder_dataset_with_a_missing_data_root_names_the_path(tmp_path, monkeypatch, capsys):
     missing = tmp_path / "no" / "such" / "folder"
-    raw = tiny_config(dataset="folder", synthetic={}, data_root=str(missing))
+    raw = tiny_config(dataset="folder", shapes={}, data_root=str(missing))
     code, err = _main_error(tmp_path, monkeypatch, capsys, raw)
     _assert_user_error(code, err, tmp_path, str(missing), "is not a folder", "train/<class>")
     # --check reports it the same way.
@@ -186,7 +186,7 @@ def test_check_prints_the_plan_and_trains_nothing(tmp_path, monkeypatch, capsys)
     assert "phase 1: classes [2, 4) — 2 new; memory budget 15 units per class (60 total)" in out
     assert "phase 2: classes [4, 6) — 2 new; memory budget 10 units per class (60 total)" in out
     assert "phase 3" not in out
-    expected = f"logs/icarl/synthetic/tiny-{config_hash(resolve_config(raw))}/seed1993"
+    expected = f"logs/icarl/shapes/tiny-{config_hash(resolve_config(raw))}/seed1993"
     assert f"output: {expected}" in out.replace("\\", "/")
     assert not (tmp_path / "logs").exists()
     assert list(tmp_path.iterdir()) == [tmp_path / "tiny.json"]
@@ -240,4 +240,14 @@ def test_config_error_in_a_subprocess_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "did you mean memory_size?" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0    # one paragraph
-    assert not list((REPO / "logs" / "icarl" / "synthetic").glob("bad-*"))   # nothing written
+    assert not list((REPO / "logs" / "icarl" / "shapes").glob("bad-*"))   # nothing written
+
+
+def test_the_old_dataset_name_synthetic_is_read_as_shapes_with_a_notice(capsys):
+    raw = tiny_config()
+    raw["dataset"] = "synthetic"
+    raw["synthetic"] = raw.pop("shapes")
+    cfg = resolve_config(raw)
+    assert cfg["dataset"] == "shapes" and cfg["shapes"]["num_classes"] == 6 and "synthetic" not in cfg
+    err = capsys.readouterr().err
+    assert "dataset 'synthetic' is now called 'shapes'" in err and "config key 'synthetic' is now called 'shapes'" in err

@@ -148,7 +148,7 @@ def test_describe_counts_without_decoding(tmp_path, monkeypatch):
     root = make_folder_tree(tmp_path / "data")
     monkeypatch.setattr(image_cache, "decode_image", _must_not_decode)
     assert describe_dataset("folder", str(root)) == {"num_classes": 2, "num_train": 5, "num_test": 2}
-    assert describe_dataset("synthetic", None, synthetic={"num_classes": 4}) == \
+    assert describe_dataset("shapes", None, shapes={"num_classes": 4}) == \
         {"num_classes": 4, "num_train": 400, "num_test": 120}
 
 
@@ -409,7 +409,7 @@ def test_food101_layout(tmp_path):
 
 
 def test_registry_defaults():
-    assert set(DATASETS) == {"synthetic", "folder", "cifar10", "cifar100", "tinyimagenet", "imagenet100",
+    assert set(DATASETS) == {"shapes", "folder", "cifar10", "cifar100", "tinyimagenet", "imagenet100",
                              "imagenet1000", "food101"}
     assert [n for n, i in DATASETS.items() if i.streamed] == ["imagenet1000"]
     assert (DATASETS["tinyimagenet"].image_size, DATASETS["tinyimagenet"].input_size) == (64, 64)
@@ -419,11 +419,11 @@ def test_registry_defaults():
 
 @pytest.mark.parametrize("kwargs", [
     dict(name="mnist", data_root=None, image_size=32),
-    dict(name="synthetic", data_root=None, image_size=4),
-    dict(name="synthetic", data_root=None, image_size=32.0),
+    dict(name="shapes", data_root=None, image_size=4),
+    dict(name="shapes", data_root=None, image_size=32.0),
     dict(name="cifar10", data_root="x", image_size=32, class_list="classes.txt"),
     dict(name="cifar10", data_root="x", image_size=32, in_memory=False),
-    dict(name="folder", data_root="x", image_size=32, synthetic={"num_classes": 3}),
+    dict(name="folder", data_root="x", image_size=32, shapes={"num_classes": 3}),
 ])
 def test_bad_arguments_raise_config_error(kwargs):
     name = kwargs.pop("name")

@@ -1,4 +1,4 @@
-"""DER on synthetic data: a frozen backbone per phase, the auxiliary loss, weight alignment,
+"""DER on the procedural shapes data: a frozen backbone per phase, the auxiliary loss, weight alignment,
 parameter reports, learning and resumption.
 
 Accuracy bound (6 classes, chance 16.7 %): 2.5x chance for the last phase, well below what was
@@ -19,7 +19,7 @@ from models.der import DER
 
 CHANCE = 100 / 6
 DER_RUN = dict(model_name="der", convnet_type="resnet20",
-               synthetic={"num_classes": 6, "train_per_class": 40, "test_per_class": 20},
+               shapes={"num_classes": 6, "train_per_class": 40, "test_per_class": 20},
                batch_size=32, init_epochs=10, init_lr=0.1, init_milestones=[], epochs=8, lr=0.05, milestones=[],
                scheduler="cosine", checkpoints="all")
 
@@ -76,7 +76,7 @@ def test_forward_concatenates_backbones_and_the_aux_head_reads_the_newest():
 
 
 def test_aux_loss_maps_old_classes_to_one_bucket():
-    learner = DER({"aux_weight": 0.5}, trainer=None)
+    learner = DER({"aux_weight": 0.5}, ctx=None)
     logits = torch.randn(4, 5)            # 2 old + 3 new classes
     aux = torch.randn(4, 4)               # 3 new + 1 "old" bucket
     y = torch.tensor([0, 1, 2, 4])

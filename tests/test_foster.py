@@ -1,4 +1,4 @@
-"""FOSTER on synthetic data: class-balanced weights from real counts, the two-backbone teacher and
+"""FOSTER on the procedural shapes data: class-balanced weights from real counts, the two-backbone teacher and
 the one-backbone student, both reported, learning and resumption (student and teacher states).
 
 Accuracy bounds (6 classes, chance 16.7 %): 2.5x chance for the last phase, well below what was
@@ -28,7 +28,7 @@ from utils.config import resolve_config
 
 CHANCE = 100 / 6
 FOSTER_RUN = dict(model_name="foster", convnet_type="resnet20",
-                  synthetic={"num_classes": 6, "train_per_class": 40, "test_per_class": 20},
+                  shapes={"num_classes": 6, "train_per_class": 40, "test_per_class": 20},
                   batch_size=32, init_epochs=10, init_lr=0.1, epochs=8, lr=0.05, compression_epochs=12,
                   scheduler="cosine", checkpoints="all")
 
@@ -82,17 +82,17 @@ def test_balanced_kd_reweights_the_teacher_probabilities():
 def test_weights_come_from_the_trainers_real_counts():
     counts = torch.tensor([7.0, 9.0, 40.0, 40.0])   # old: exemplars in memory; new: training images
     logged = []
-    trainer = types.SimpleNamespace(class_counts=lambda phase: counts, device=torch.device("cpu"),
+    ctx = types.SimpleNamespace(class_counts=lambda phase: counts, device=torch.device("cpu"),
                                     log=types.SimpleNamespace(info=logged.append))
-    learner = FOSTER({"beta1": 0.95, "beta2": 0.97}, trainer)
-    learner.begin_phase(Phase(1, 2, 4, ((0, 2), (2, 4))), trainer)
+    learner = FOSTER({"beta1": 0.95, "beta2": 0.97}, ctx)
+    learner.begin_phase(Phase(1, 2, 4, ((0, 2), (2, 4))))
     assert torch.allclose(learner.boost_weights, class_balanced_weights(counts, 0.95))
     assert torch.allclose(learner.distill_weights, class_balanced_weights(counts, 0.97))
     assert "old [7, 9], new [40, 40]" in logged[0]
 
 
 def test_boosting_loss_is_balanced_ce_plus_fe_ce_plus_kd_on_old_classes():
-    learner = FOSTER({"lambda_okd": 0.5, "T": 2.0}, trainer=None)
+    learner = FOSTER({"lambda_okd": 0.5, "T": 2.0}, ctx=None)
     learner.boost_weights = torch.tensor([1.2, 1.1, 0.9, 0.8])
     torch.manual_seed(1)
     out = {"logits": torch.randn(5, 4), "fe_logits": torch.randn(5, 4), "old_logits": torch.randn(5, 2)}

@@ -1,4 +1,4 @@
-"""iCaRL, LUCIR and finetune end to end on synthetic data, and LUCIR's parts checked on a real run.
+"""iCaRL, LUCIR and finetune end to end on the procedural shapes data, and LUCIR's parts checked on a real run.
 
 Accuracy bounds (6 classes, chance 16.7 %) are set well below what was measured with seeds 1993 / 1 / 7
 (see ``conftest.LEARN``) and at 2.5x chance.
@@ -90,8 +90,8 @@ class ProbedTrainer(Trainer):
                                        else h.weight).detach().clone()
             original_before_grow(phase)
 
-        def begin_phase(phase, data):
-            original_begin(phase, data)
+        def begin_phase(phase):
+            original_begin(phase)
             head = learner.net.head
             self.probe["heads"][phase.index] = type(head).__name__
             if phase.index == 0:
@@ -101,8 +101,8 @@ class ProbedTrainer(Trainer):
             target = head.fc1.weight.norm(dim=1).mean()
             rows = []
             for j, c in enumerate(range(phase.first, phase.last)):
-                images, _ = self.class_images(c)
-                feats = self.embed(images, lambda x: learner.net.backbone(x)["features"])
+                images, _ = self.ctx.class_images(c)
+                feats = self.ctx.embed(images, lambda x: learner.net.backbone(x)["features"])
                 mean = F.normalize(F.normalize(feats, dim=1).mean(0), dim=0)
                 w = head.fc2.weight[j].detach()
                 rows.append((F.cosine_similarity(w, mean, dim=0).item(), (w.norm() / target).item()))
@@ -146,8 +146,8 @@ def test_lucir_uses_the_cosine_backbone_without_last_relu(lucir_run):
     assert backbone.last_relu is False
     assert isinstance(backbone.layer3[-1].act2, torch.nn.Identity)          # the removed final activation
     assert not isinstance(backbone.layer3[-2].act2, torch.nn.Identity)      # the others are kept
-    images, _ = trainer.class_images(0)
-    feats = trainer.embed(images, lambda x: backbone(x)["features"])
+    images, _ = trainer.ctx.class_images(0)
+    feats = trainer.ctx.embed(images, lambda x: backbone(x)["features"])
     assert (feats < 0).any(), "features after the last block must be able to go negative (no final ReLU)"
 
 
@@ -193,7 +193,7 @@ def test_lucir_loss_parts_and_balanced_finetuning_are_logged(lucir_run):
 
 
 def _lucir_for_loss(num_old, num_new, **overrides):
-    learner = LUCIR(resolve_config(tiny_config(model_name="lucir", **overrides)), trainer=None)
+    learner = LUCIR(resolve_config(tiny_config(model_name="lucir", **overrides)), ctx=None)
     learner.net = types.SimpleNamespace(head=SplitCosineLinear(2, num_old, num_new))
     return learner
 

@@ -16,7 +16,7 @@ def test_default_output_folder_and_one_run_per_seed(tmp_path, monkeypatch, capsy
     raw = tiny_config(seed=[1, 2], **FAST)
     write_config(tmp_path / "tiny.json", raw)
     assert main.main(["--config", "tiny", "--device", "cpu"]) == 0
-    base = Path("logs") / "icarl" / "synthetic" / f"tiny-{config_hash(resolve_config(raw))}"
+    base = Path("logs") / "icarl" / "shapes" / f"tiny-{config_hash(resolve_config(raw))}"
     assert sorted(p.name for p in (tmp_path / "logs").rglob("seed*")) == ["seed1", "seed2"]
     orders = []
     for seed in (1, 2):
@@ -39,8 +39,8 @@ def test_prefix_names_the_folder_and_explicit_output_with_seed_list(tmp_path, mo
     assert main.main(["--config", "tiny.json", "--check"]) == 0
     out = capsys.readouterr().out.replace("\\", "/")
     h = config_hash(resolve_config(raw))
-    assert f"output: logs/icarl/synthetic/myrun-{h}/seed3" in out
-    assert f"output: logs/icarl/synthetic/myrun-{h}/seed4" in out
+    assert f"output: logs/icarl/shapes/myrun-{h}/seed3" in out
+    assert f"output: logs/icarl/shapes/myrun-{h}/seed4" in out
     write_config(tmp_path / "one.json", tiny_config(seed=5))
     assert main.main(["--config", "one", "--check", "--output", "somewhere"]) == 0
     assert "output: somewhere\n" in capsys.readouterr().out.replace("\\", "/")

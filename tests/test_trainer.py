@@ -1,4 +1,4 @@
-"""The phase loop on real (synthetic-data) runs: outputs, memory budget, resume, determinism, divergence."""
+"""The phase loop on real (procedural-data) runs: outputs, memory budget, resume, determinism, divergence."""
 from __future__ import annotations
 
 import json

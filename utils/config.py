@@ -27,6 +27,9 @@ class Option:
 
     ``kind`` is one of: "int", "float", "bool", "str", "int_list", "float_list", "dict",
     "int_or_int_list". ``nullable`` allows JSON null (meaning "the dataset's/learner's default").
+    ``fields``: for a "dict" key that is a block of keys of its own (e.g. ``synthetic_replay``),
+    their Options; the block is checked key by key (``block.key`` in messages) and its defaults
+    filled in.
     """
 
     default: Any
@@ -37,6 +40,7 @@ class Option:
     max: float | None = None
     nullable: bool = False
     length: int | None = None  # exact list length, when fixed
+    fields: dict | None = None  # dict blocks: the Options of their keys
 
 
 def _dataset_names() -> tuple:
@@ -51,10 +55,10 @@ COMMON_OPTIONS: dict[str, Option] = {
     "seed": Option(1993, "int_or_int_list", "Random seed; a list runs once per seed. Also seeds the class order."),
     "device": Option("auto", "str", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'."),
     # data
-    "dataset": Option("synthetic", "str", "Dataset format (see README: Datasets).", choices=None),
-    "data_root": Option(None, "str", "Folder holding the dataset (unused for synthetic).", nullable=True),
+    "dataset": Option("shapes", "str", "Dataset format (see README: Datasets).", choices=None),
+    "data_root": Option(None, "str", "Folder holding the dataset (unused for shapes).", nullable=True),
     "class_list": Option(None, "str", "imagenet100: file with one wnid per line (the 100 classes).", nullable=True),
-    "synthetic": Option({}, "dict", "synthetic dataset: {num_classes, train_per_class, test_per_class}."),
+    "shapes": Option({}, "dict", "shapes dataset (procedural): {num_classes, train_per_class, test_per_class, seed}."),
     "image_size": Option(None, "int", "Side of the stored (decoded) square images; null = dataset default.", min=8, nullable=True),
     "input_size": Option(None, "int", "Side of the network input; null = dataset default.", min=8, nullable=True),
     "cache_dir": Option(".cache/data", "str", "Folder for the decoded-image cache; null disables it.", nullable=True),
@@ -153,7 +157,19 @@ def check_value(key: str, value: Any, opt: Option) -> Any:
                 raise ConfigError(f"Config key '{key}' is {json.dumps(value)}; it must be ≤ {opt.max}. {opt.doc}")
     if opt.length is not None and len(value) != opt.length:
         raise ConfigError(f"Config key '{key}' must have exactly {opt.length} entries, got {json.dumps(value)}.")
+    if opt.fields is not None:
+        value = check_block(key, value, opt.fields)
     return value
+
+
+def check_block(key: str, value: dict, fields: dict[str, Option]) -> dict:
+    """A block of keys (a "dict" Option with ``fields``) checked key by key, defaults filled in."""
+    for sub in value:
+        if sub not in fields:
+            close = difflib.get_close_matches(str(sub), list(fields), n=1, cutoff=0.6)
+            hint = f" Did you mean {key}.{close[0]}?" if close else ""
+            raise ConfigError(f"Unknown config key '{key}.{sub}'.{hint} Allowed in '{key}': {', '.join(fields)}.")
+    return {sub: check_value(f"{key}.{sub}", value.get(sub, opt.default), opt) for sub, opt in fields.items()}
 
 
 def _all_option_tables() -> dict[str, dict[str, Option]]:
@@ -211,6 +227,25 @@ def _unknown_key_error(key: str, valid: Iterable[str], model_name: str) -> Confi
     return ConfigError(msg)
 
 
+def renamed_keys(raw: Mapping[str, Any], notice=None) -> dict[str, Any]:
+    """``raw`` with names that were renamed mapped to the new ones (one notice line each, on stderr).
+
+    The procedural dataset was called ``synthetic`` (dataset and options key) before synthetic
+    replay existed; it is ``shapes`` now.
+    """
+    import sys
+
+    notice = notice or (lambda msg: print(f"notice: {msg}", file=sys.stderr))
+    out = dict(raw)
+    if out.get("dataset") == "synthetic":
+        out["dataset"] = "shapes"
+        notice("dataset 'synthetic' is now called 'shapes' (the procedural shapes set); using 'shapes'.")
+    if "synthetic" in out and "shapes" not in out:
+        out["shapes"] = out.pop("synthetic")
+        notice("config key 'synthetic' is now called 'shapes'; using it as 'shapes'.")
+    return out
+
+
 def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Validate ``raw`` and return the resolved config (every key present, defaults filled in).
 
@@ -221,6 +256,7 @@ def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("A config must be a JSON object of key: value pairs.")
     from models.registry import LEARNERS
 
+    raw = renamed_keys(raw)
     model_name = raw.get("model_name", COMMON_OPTIONS["model_name"].default)
     if not isinstance(model_name, str) or model_name not in LEARNERS:
         close = difflib.get_close_matches(str(model_name), list(LEARNERS), n=1)
@@ -325,5 +361,8 @@ def describe_keys() -> str:
         for key, opt in table.items():
             allowed = f" Allowed: {', '.join(map(str, opt.choices))}." if opt.choices else ""
             lines.append(f"| `{key}` | `{json.dumps(opt.default)}` | {opt.doc}{allowed} |")
+            for sub, field in (opt.fields or {}).items():
+                allowed = f" Allowed: {', '.join(map(str, field.choices))}." if field.choices else ""
+                lines.append(f"| `{key}.{sub}` | `{json.dumps(field.default)}` | {field.doc}{allowed} |")
         lines.append("")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ Conventions:
     so that runs are reproducible.
   - Decoding (see :mod:`utils.image_cache`): RGB, short side resized to ``image_size`` (bilinear,
     antialiased), centre ``image_size x image_size`` crop.
-  - Boxes (synthetic, Tiny-ImageNet) are ``(y0, y1, x0, x1)``, half-open, in stored-image pixels.
+  - Boxes (shapes, Tiny-ImageNet) are ``(y0, y1, x0, x1)``, half-open, in stored-image pixels.
 
 ImageNet-100 without ``class_list`` uses this documented, deterministic rule
 (:func:`default_imagenet100_classes`): sort the wnids of the ``train/`` folders, shuffle them with
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data
 
-from utils import image_cache, synthetic as synth
+from utils import image_cache, shapes as shapes_set
 from utils.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -127,9 +127,9 @@ data_root/                  (or data_root/{sub}/)
 The "CIFAR python version" archive from https://www.cs.toronto.edu/~kriz/cifar.html, extracted."""
 
 DATASETS: dict[str, DatasetInfo] = {
-    "synthetic": DatasetInfo(
-        "synthetic", 32, 32, "crop_flip", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False,
-        "(generated from the `synthetic` options, whose `seed` is the data seed; data_root is ignored)", file_based=False),
+    "shapes": DatasetInfo(
+        "shapes", 32, 32, "crop_flip", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False,
+        "(generated from the `shapes` options, whose `seed` is the data seed; data_root is ignored)", file_based=False),
     "folder": DatasetInfo(
         "folder", 256, 224, "resized_crop", _IMAGENET_MEAN, _IMAGENET_STD, False, _FOLDER_LAYOUT),
     "cifar10": DatasetInfo(
@@ -186,7 +186,7 @@ def default_imagenet100_classes(wnids: list[str]) -> list[str]:
 def load_dataset(name: str, data_root: str | None, *, image_size: int,
                  class_list: str | None = None, cache_dir: str | None = None,
                  skip_unreadable: bool = False, in_memory: bool | None = None,
-                 synthetic: dict | None = None, progress: bool = True,
+                 shapes: dict | None = None, progress: bool = True,
                  num_workers: int | None = None) -> Dataset:
     """Load dataset ``name`` from ``data_root`` with images stored at ``image_size`` px square.
 
@@ -197,16 +197,16 @@ def load_dataset(name: str, data_root: str | None, *, image_size: int,
     (streamed sets are not decoded here: an unreadable file raises when :class:`FileImages` reads it).
     ``in_memory``: None = the format's default (everything but imagenet1000 is decoded into
     memory); False streams a file-based set from disk (``ImageSet.images`` None, see
-    :class:`FileImages`). ``synthetic``: options of the synthetic set (its ``seed`` is the data
+    :class:`FileImages`). ``shapes``: options of the procedural shapes set (its ``seed`` is the data
     seed, independent of a run's seed). ``progress``: tqdm bar.
     ``num_workers``: decoding processes (None = all usable cores, 0/1 = this process).
     Raises ConfigError for bad arguments and DataError for missing, malformed or unreadable data.
     """
-    info = _check_arguments(name, class_list, in_memory, synthetic)
+    info = _check_arguments(name, class_list, in_memory, shapes)
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
         raise ConfigError(f"image_size must be an integer >= 8, got {image_size!r}.")
-    if name == "synthetic":
-        return _load_synthetic(info, image_size, synthetic)
+    if name == "shapes":
+        return _load_shapes(info, image_size, shapes)
     root = _check_root(info, data_root)
     if name in ("cifar10", "cifar100"):
         return _load_cifar(info, root, image_size)
@@ -245,15 +245,15 @@ def load_dataset(name: str, data_root: str | None, *, image_size: int,
 
 
 def describe_dataset(name: str, data_root: str | None, *, class_list: str | None = None,
-                     synthetic: dict | None = None) -> dict:
+                     shapes: dict | None = None) -> dict:
     """Check the layout without decoding any image: ``{"num_classes", "num_train", "num_test"}``.
 
     Raises the same ConfigError/DataError as :func:`load_dataset` for a bad name, data root,
     layout or class list (not for unreadable image files, which need decoding to find).
     """
-    info = _check_arguments(name, class_list, None, synthetic)
-    if name == "synthetic":
-        opts = synth.check_options(synthetic)
+    info = _check_arguments(name, class_list, None, shapes)
+    if name == "shapes":
+        opts = shapes_set.check_options(shapes)
         return {"num_classes": opts["num_classes"], "num_train": opts["num_classes"] * opts["train_per_class"],
                 "num_test": opts["num_classes"] * opts["test_per_class"]}
     root = _check_root(info, data_root)
@@ -292,7 +292,7 @@ class FileImages(torch.utils.data.Dataset):
 # Argument and root checks
 
 
-def _check_arguments(name, class_list, in_memory, synthetic) -> DatasetInfo:
+def _check_arguments(name, class_list, in_memory, shapes) -> DatasetInfo:
     if name not in DATASETS:
         raise ConfigError(f"Unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}.")
     info = DATASETS[name]
@@ -301,8 +301,8 @@ def _check_arguments(name, class_list, in_memory, synthetic) -> DatasetInfo:
                           "imagenet100, imagenet1000 and food101).")
     if not info.file_based and in_memory is False:
         raise ConfigError(f"in_memory=false does not apply to dataset {name!r}: it has no image files to stream.")
-    if synthetic and name != "synthetic":
-        raise ConfigError(f"The 'synthetic' options only apply to dataset 'synthetic', not {name!r}.")
+    if shapes and name != "shapes":
+        raise ConfigError(f"The 'shapes' options only apply to dataset 'shapes', not {name!r}.")
     return info
 
 
@@ -328,13 +328,13 @@ def _make_dataset(info, class_names, train, test, image_size) -> Dataset:
     return Dataset(info.name, list(class_names), train, test, image_size, info.mean, info.std)
 
 
-def _load_synthetic(info, image_size, options) -> Dataset:
-    opts = synth.check_options(options)
+def _load_shapes(info, image_size, options) -> Dataset:
+    opts = shapes_set.check_options(options)
     sets = []
     for split, per_class in (("train", opts["train_per_class"]), ("test", opts["test_per_class"])):
-        s = synth.generate_split(opts["num_classes"], per_class, image_size, opts["seed"], split)
+        s = shapes_set.generate_split(opts["num_classes"], per_class, image_size, opts["seed"], split)
         sets.append(ImageSet(labels=s.labels, images=s.images, boxes=s.boxes))
-    return _make_dataset(info, synth.class_names(opts["num_classes"]), *sets, image_size)
+    return _make_dataset(info, shapes_set.class_names(opts["num_classes"]), *sets, image_size)
 
 
 _CIFAR_FILES = {

@@ -93,16 +93,16 @@ def figure_classes(classes_seen: int, count: int = 4) -> list[int]:
 
 
 def write_exemplar_figure(plugin, phase, path: Path, classes: int = 4, columns: int = 8) -> None:
-    """Render the exemplars of a few seen classes from ``plugin.trainer.memory`` (CAMs from the
+    """Render the exemplars of a few seen classes from ``plugin.ctx.memory`` (CAMs from the
     plugin's CAM network: the PAU model for ``cim``) and write them to ``path``."""
-    trainer = plugin.trainer
+    ctx = plugin.ctx
     rows = []
     for c in figure_classes(phase.last, classes):
-        ex = trainer.memory.classes.get(c)
+        ex = ctx.memory.classes.get(c)
         if ex is None or len(ex) == 0:
             continue
         head = ex.prefix(min(columns, len(ex)))
-        originals = batching.materialize(batching.select(trainer.train_images, head.source_index))
+        originals = batching.materialize(batching.select(ctx.train_images, head.source_index))
         cams = plugin.cams(originals, torch.full((len(head),), c, dtype=torch.long)).cpu()
         rows.append((head.decode(), originals, head.boxes, cams))
     if rows:

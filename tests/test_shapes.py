@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from utils import synthetic as synth
+from utils import shapes as synth
 from utils.datasets import load_dataset
 from utils.errors import ConfigError
 
@@ -20,9 +20,9 @@ def test_same_seed_is_bit_identical_and_seeds_and_splits_differ():
 
 
 def test_load_dataset_shapes_dtypes_and_counts():
-    d = load_dataset("synthetic", None, image_size=32, synthetic={"num_classes": 12, "train_per_class": 7,
+    d = load_dataset("shapes", None, image_size=32, shapes={"num_classes": 12, "train_per_class": 7,
                                                                   "test_per_class": 3})
-    assert d.name == "synthetic" and d.image_size == 32 and len(d.class_names) == 12
+    assert d.name == "shapes" and d.image_size == 32 and len(d.class_names) == 12
     assert d.mean == (0.5, 0.5, 0.5) and d.std == (0.25, 0.25, 0.25)
     for split, per_class in ((d.train, 7), (d.test, 3)):
         assert split.images.shape == (12 * per_class, 3, 32, 32) and split.images.dtype == torch.uint8
@@ -33,9 +33,9 @@ def test_load_dataset_shapes_dtypes_and_counts():
 
 
 def test_defaults_and_seed_through_load_dataset():
-    a = load_dataset("synthetic", "ignored", image_size=32, synthetic={"seed": 3})
-    b = load_dataset("synthetic", None, image_size=32, synthetic={"seed": 3})
-    c = load_dataset("synthetic", None, image_size=32)
+    a = load_dataset("shapes", "ignored", image_size=32, shapes={"seed": 3})
+    b = load_dataset("shapes", None, image_size=32, shapes={"seed": 3})
+    c = load_dataset("shapes", None, image_size=32)
     assert len(a.train) == 1000 and len(a.test) == 300
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
     assert not torch.equal(a.train.images, c.train.images)
@@ -86,7 +86,7 @@ def test_many_classes_have_distinct_names_and_attributes():
     for c in range(99):
         a, b = synth.class_attributes(c), synth.class_attributes(c + 1)
         assert a[0] != b[0] and a[1] != b[1]
-    d = load_dataset("synthetic", None, image_size=16, synthetic={"num_classes": 200, "train_per_class": 1,
+    d = load_dataset("shapes", None, image_size=16, shapes={"num_classes": 200, "train_per_class": 1,
                                                                   "test_per_class": 1})
     assert len(d.class_names) == 200 and d.train.images.shape == (200, 3, 16, 16)
 
@@ -95,11 +95,11 @@ def test_many_classes_have_distinct_names_and_attributes():
                                      {"train_per_class": 0}, {"test_per_class": 2.5}])
 def test_bad_options_raise_config_error(options):
     with pytest.raises(ConfigError):
-        load_dataset("synthetic", None, image_size=32, synthetic=options)
+        load_dataset("shapes", None, image_size=32, shapes=options)
 
 
 def test_default_set_generates_fast():
-    load_dataset("synthetic", None, image_size=32)  # warm-up (first torch calls)
+    load_dataset("shapes", None, image_size=32)  # warm-up (first torch calls)
     start = time.perf_counter()
-    load_dataset("synthetic", None, image_size=32)
+    load_dataset("shapes", None, image_size=32)
     assert time.perf_counter() - start < 1.0

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from utils.errors import ConfigError
 
 # "seed" is the data seed: the images stay the same when a run's seed (class order, init) changes.
-SYNTHETIC_DEFAULTS = {"num_classes": 10, "train_per_class": 100, "test_per_class": 30, "seed": 0}
+SHAPES_DEFAULTS = {"num_classes": 10, "train_per_class": 100, "test_per_class": 30, "seed": 0}
 
 SHAPES = ("disc", "square", "triangle", "plus", "ring", "diamond", "cross", "frame", "bars", "dome")
 COLOURS = {
@@ -43,18 +43,18 @@ _CHUNK = 256  # images rendered at once: bounds memory at large image sizes
 
 
 def check_options(options: dict | None) -> dict:
-    """``options`` (the ``synthetic`` config dict) with defaults filled in; ConfigError if bad."""
+    """``options`` (the ``shapes`` config dict) with defaults filled in; ConfigError if bad."""
     options = dict(options or {})
-    unknown = sorted(set(options) - set(SYNTHETIC_DEFAULTS))
+    unknown = sorted(set(options) - set(SHAPES_DEFAULTS))
     if unknown:
-        raise ConfigError(f"Unknown key(s) {unknown} in 'synthetic'; allowed: {sorted(SYNTHETIC_DEFAULTS)}.")
-    resolved = {**SYNTHETIC_DEFAULTS, **options}
+        raise ConfigError(f"Unknown key(s) {unknown} in 'shapes'; allowed: {sorted(SHAPES_DEFAULTS)}.")
+    resolved = {**SHAPES_DEFAULTS, **options}
     for key, value in resolved.items():
         low = 0 if key == "seed" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"'synthetic.{key}' must be an integer ≥ {low}, got {value!r}.")
+            raise ConfigError(f"'shapes.{key}' must be an integer ≥ {low}, got {value!r}.")
     if resolved["num_classes"] < 2 or resolved["num_classes"] > MAX_CLASSES:
-        raise ConfigError(f"'synthetic.num_classes' must be between 2 and {MAX_CLASSES}, "
+        raise ConfigError(f"'shapes.num_classes' must be between 2 and {MAX_CLASSES}, "
                           f"got {resolved['num_classes']}.")
     return resolved
 
@@ -76,7 +76,7 @@ def class_names(num_classes: int) -> list[str]:
 
 
 @dataclass
-class SyntheticSplit:
+class ShapesSplit:
     """One generated split. ``images`` uint8 [N,3,S,S]; ``labels`` int64 [N] (class-sorted);
     ``boxes`` int64 [N,4] tight object box (y0, y1, x0, x1), half-open; ``masks`` bool [N,S,S]
     object pixels and ``backgrounds`` uint8 [N,3,S,S] the image without the object (only with
@@ -96,10 +96,10 @@ def split_generator(seed: int, split: str) -> torch.Generator:
 
 
 def generate_split(num_classes: int, per_class: int, image_size: int, seed: int, split: str,
-                   *, return_parts: bool = False) -> SyntheticSplit:
+                   *, return_parts: bool = False) -> ShapesSplit:
     """Render ``per_class`` images of each of ``num_classes`` classes at side ``image_size``."""
     if image_size < 8:
-        raise ConfigError(f"image_size must be >= 8 for the synthetic dataset, got {image_size}.")
+        raise ConfigError(f"image_size must be >= 8 for the shapes dataset, got {image_size}.")
     g = split_generator(seed, split)
     n, S = num_classes * per_class, image_size
     labels = torch.arange(num_classes).repeat_interleave(per_class)
@@ -138,7 +138,7 @@ def generate_split(num_classes: int, per_class: int, image_size: int, seed: int,
         img += 0.03 * torch.randn(img.shape, generator=g)  # sensor-like grain over everything
         images[a:b] = _to_uint8(img)
         boxes[a:b] = _tight_boxes(m)
-    return SyntheticSplit(images, labels, boxes, masks, backgrounds)
+    return ShapesSplit(images, labels, boxes, masks, backgrounds)
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""What a learner or a plugin may use of a run: a small context object instead of the trainer.
+
+The trainer builds one :class:`RunContext` per run and hands it to the learner and to every plugin.
+It holds the device and precision, the test transform and the train augmentation, batched
+eval-mode feature extraction (``embed``), the training images of a class, the real per-class
+sample counts of a phase, the exemplar memory (read it; the trainer updates it), the run log and
+folder, named random streams, and the process's place in a distributed run (``rank``,
+``world_size``; 0 and 1 in a single process). Learners and plugins touch nothing else of the
+trainer, so the training loop can change (more sources, more processes) without them.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from utils import batching
+from utils.augment import test_transform
+from utils.seeding import stream_seed
+
+
+class RunContext:
+    def __init__(self, *, cfg: dict, device: torch.device, amp: bool, channels_last: bool,
+                 image_size: int, input_size: int, mean, std, augment: Callable, log, out: Path,
+                 train_images: batching.Images, train_labels: torch.Tensor, memory,
+                 class_counts: Callable, class_names: list[str], plan: list[tuple[int, int]],
+                 rank: int = 0, world_size: int = 1):
+        self.cfg = cfg
+        self.device = device
+        self.amp = amp
+        self.channels_last = channels_last
+        self.image_size = image_size          # side of the stored uint8 images
+        self.input_size = input_size          # side of the network input
+        self.mean, self.std = mean, std
+        self.augment = augment                # (uint8 [B, 3, S, S] on the device, generator) -> float input
+        self.log = log
+        self.out = Path(out)                  # the run folder (figures); written by rank 0 only
+        self.train_images = train_images      # uint8 [N, 3, S, S] or a streamed source
+        self.train_labels = train_labels      # int64 [N], after remapping to class-order position
+        self.memory = memory                  # the ExemplarMemory (read-only for learners and plugins)
+        self._class_counts = class_counts
+        self.class_names = class_names        # the dataset's class names in class-order position
+        self.plan = plan                      # [(first, last)] class ranges of every phase
+        self.rank = rank
+        self.world_size = world_size
+        self.learner: Any = None              # set by the trainer once the learner exists
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes files and logs (rank 0)."""
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def stream(self, name: str, phase: int) -> torch.Generator:
+        """A CPU generator of its own for ``name`` in ``phase`` (decorrelated from the data order)."""
+        g = torch.Generator()
+        g.manual_seed(stream_seed(self.cfg["seed"], phase, name))
+        return g
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Test-time transform of uint8 images on the device (no augmentation)."""
+        x = test_transform(images.to(self.device, non_blocking=True), self.input_size, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def class_images(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [n, 3, S, S] training images of class ``label`` (after remapping) and their indices."""
+        index = (self.train_labels == label).nonzero().flatten()
+        images = batching.materialize(batching.select(self.train_images, index), self.cfg["num_workers"])
+        return images, index
+
+    def class_counts(self, phase) -> torch.Tensor:
+        """float [classes seen]: real per-class sample counts of the phase data — training images for
+        new classes, stored exemplars for old ones (a count, never a sum of indices)."""
+        return self._class_counts(phase)
+
+    @torch.no_grad()
+    def embed(self, images: batching.Images, fn: Callable[[torch.Tensor], torch.Tensor], flip: bool = False) -> torch.Tensor:
+        """fn(x) for uint8 ``images`` with every learner module in eval mode, batched: float32 [N, d]
+        on the CPU. With ``flip``, the sum of the normalised features of the image and its mirror
+        (iCaRL's class means)."""
+        for m in self.learner.modules().values():
+            if m is not None:
+                m.eval()
+        outs = []
+        for (imgs,) in batching.iterate(images, batch_size=self.cfg["eval_batch_size"],
+                                        num_workers=self.cfg["num_workers"]):
+            x = self.to_input(imgs)
+            with self.autocast():
+                f = fn(x).float()
+                if flip:
+                    f = F.normalize(f, dim=1) + F.normalize(fn(torch.flip(x, dims=[3])).float(), dim=1)
+            outs.append(f.cpu())
+        return torch.cat(outs) if outs else torch.empty(0)

@@ -1,0 +1,48 @@
+"""A stage's data from a list of sources: origins, the epoch pass, ratio mixing, loss masks."""
+from __future__ import annotations
+
+import torch
+
+from utils import batching
+from utils.stage_data import EXEMPLAR, NEW, SYNTHETIC, SourceData, StageData
+
+
+def _source(name, n, origin, label0=0, ratio=None, **kw):
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).clone() + 100 * origin
+    return SourceData(name, images, torch.arange(n) % 3 + label0, origin, ratio=ratio, **kw)
+
+
+def test_assembly_keeps_source_order_and_tags_every_sample():
+    new = SourceData("new", torch.zeros(5, 3, 2, 2, dtype=torch.uint8), torch.full((5,), 4), NEW, torch.arange(10, 15))
+    data = StageData.assemble([new, _source("exemplars", 3, EXEMPLAR)])
+    assert len(data) == 8 and data.origin.tolist() == [NEW] * 5 + [EXEMPLAR] * 3
+    assert data.index.tolist() == list(range(10, 15)) + [-1] * 3
+    assert data.counts() == {"new": 5, "exemplar": 3}
+    assert data.loss_masks(data.origin) == (None, None)
+
+
+def test_the_epoch_order_is_a_plain_shuffled_pass_and_mixing_leaves_it_alone():
+    parts = [_source("new", 10, NEW), _source("exemplars", 4, EXEMPLAR)]
+    plain = StageData.assemble(parts)
+    mixed = StageData.assemble(parts + [_source("synthetic", 7, SYNTHETIC, label0=5, ratio=0.5)])
+    reference = list(batching.iterate(plain.images, plain.labels, batch_size=4, generator=torch.Generator().manual_seed(1),
+                                      min_batch=2))
+    a = list(plain.batches(4, torch.Generator().manual_seed(1)))
+    b = list(mixed.batches(4, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)))
+    assert len(a) == len(b) == len(reference) == 4                        # 14 samples: 4+4+4+2
+    for (ref_imgs, ref_y), x, y in zip(reference, a, b):
+        assert torch.equal(x.images, ref_imgs) and torch.equal(x.labels, ref_y)
+        n = len(ref_y)
+        assert torch.equal(y.images[:n], ref_imgs) and torch.equal(y.labels[:n], ref_y)
+        extra = round(0.5 * n)
+        assert len(y.labels) == n + extra and y.origin[n:].tolist() == [SYNTHETIC] * extra
+        assert bool((y.labels[n:] >= 5).all()) and y.index[n:].tolist() == [-1] * extra
+    # The mixed draws cycle through shuffled passes: 2+2+2+1 = 7 draws, every synthetic image once.
+    drawn = torch.cat([y.images[len(r[1]):, 0, 0, 0] for r, y in zip(reference, b)])
+    assert sorted(drawn.tolist()) == [200 + i for i in range(7)]
+
+
+def test_a_source_can_leave_its_samples_out_of_a_loss():
+    data = StageData.assemble([_source("new", 3, NEW), _source("synthetic", 3, SYNTHETIC, in_kd=False)])
+    ce, kd = data.loss_masks(torch.tensor([NEW, SYNTHETIC, EXEMPLAR], dtype=torch.int8))
+    assert ce is None and kd.tolist() == [True, False, True]

@@ -1,0 +1,160 @@
+"""A stage's training data, assembled from a list of sources, every sample tagged with its origin.
+
+A *source* contributes the samples of one origin to a stage (:class:`SourceData`): the new classes'
+training images, the exemplar memory, synthetic replay, later others. Two ways to join a stage:
+
+* ``ratio`` None — the samples join the epoch's shuffled pass, each once per epoch (new-class
+  images and exemplars, as in every CIL method);
+* ``ratio`` r > 0 — the samples are drawn alongside every batch: a batch of b epoch samples gets
+  ``round(r · b)`` more from this source, cycling through shuffled passes of it, so the epoch's
+  length stays that of the real data (synthetic replay's ``ratio``).
+
+Each source also says whether its samples count in the classification loss (``in_ce``) and in the
+learner's distillation terms (``in_kd``); a batch carries the per-sample masks (None when every
+sample counts, which keeps the learners' losses exactly the plain batch means).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from utils import batching
+
+ORIGINS = ("new", "exemplar", "synthetic")
+NEW, EXEMPLAR, SYNTHETIC = range(len(ORIGINS))
+
+
+@dataclass
+class SourceData:
+    """What one source gives a stage: uint8 ``images`` [n, 3, S, S] (or a streamed source),
+    int64 ``labels`` [n], one ``origin`` (NEW / EXEMPLAR / SYNTHETIC), and int64 ``index`` [n], the
+    training-set index of each sample (-1 where the sample is not a training-set image: exemplars
+    are stored, possibly compressed copies; synthetic images are generated)."""
+
+    name: str
+    images: batching.Images
+    labels: torch.Tensor
+    origin: int
+    index: torch.Tensor | None = None
+    ratio: float | None = None
+    in_ce: bool = True
+    in_kd: bool = True
+
+    def __post_init__(self):
+        if self.index is None:
+            self.index = torch.full_like(self.labels, -1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class RawBatch:
+    """A batch before augmentation, on the device: uint8 ``images`` [B, 3, S, S], ``labels`` [B],
+    int8 ``origin`` [B], ``index`` [B] (training-set index or -1)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    origin: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass
+class StageData:
+    """The data of one stage: the epoch part (the ``ratio``-None sources, concatenated in list
+    order) and the mixed sources (drawn per batch)."""
+
+    images: batching.Images
+    labels: torch.Tensor
+    origin: torch.Tensor
+    index: torch.Tensor
+    mixed: list[SourceData] = field(default_factory=list)
+    ce_origins: tuple[int, ...] = tuple(range(len(ORIGINS)))
+    kd_origins: tuple[int, ...] = tuple(range(len(ORIGINS)))
+
+    @classmethod
+    def assemble(cls, parts: list[SourceData]) -> "StageData":
+        epoch = [p for p in parts if p.ratio is None and len(p) > 0]
+        mixed = [p for p in parts if p.ratio is not None and p.ratio > 0 and len(p) > 0]
+        for p in mixed:
+            if not isinstance(p.images, torch.Tensor):
+                raise ValueError(f"source {p.name}: a mixed source (ratio) must hold its images in memory")
+        empty = torch.zeros(0, dtype=torch.long)
+        images = batching.concat_images([p.images for p in epoch])
+        labels = torch.cat([p.labels for p in epoch]) if epoch else empty
+        origin = torch.cat([torch.full((len(p),), p.origin, dtype=torch.int8) for p in epoch]) if epoch \
+            else torch.zeros(0, dtype=torch.int8)
+        index = torch.cat([p.index for p in epoch]) if epoch else empty
+        # One source per origin may exclude its samples from a loss; the masks follow the origin.
+        ce = tuple(o for o in range(len(ORIGINS)) if all(p.in_ce for p in parts if p.origin == o))
+        kd = tuple(o for o in range(len(ORIGINS)) if all(p.in_kd for p in parts if p.origin == o))
+        return cls(images, labels, origin, index, mixed, ce, kd)
+
+    def __len__(self) -> int:
+        """Samples in the epoch's pass (the mixed sources add to each batch on top)."""
+        return len(self.labels)
+
+    def counts(self) -> dict[str, int]:
+        """Samples per origin name: the epoch part's, plus each mixed source's pool."""
+        out = {ORIGINS[o]: int((self.origin == o).sum()) for o in range(len(ORIGINS))}
+        for p in self.mixed:
+            out[ORIGINS[p.origin]] += len(p)
+        return {k: v for k, v in out.items() if v}
+
+    def to(self, device: torch.device) -> "StageData":
+        """Tensors (and in-memory images) on ``device``: no per-batch host copies on a GPU."""
+        move = (lambda t: t.to(device)) if isinstance(self.images, torch.Tensor) else (lambda t: t)
+        mixed = [SourceData(p.name, p.images.to(device), p.labels.to(device), p.origin, p.index.to(device),
+                            p.ratio, p.in_ce, p.in_kd) for p in self.mixed]
+        return StageData(move(self.images), move(self.labels), move(self.origin), move(self.index),
+                         mixed, self.ce_origins, self.kd_origins)
+
+    def loss_masks(self, origin: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """bool [B] masks of the samples that count in CE and in KD; None = every sample counts."""
+        def mask(allowed):
+            if len(allowed) == len(ORIGINS):
+                return None
+            return torch.isin(origin, torch.tensor(allowed, dtype=origin.dtype, device=origin.device))
+        return mask(self.ce_origins), mask(self.kd_origins)
+
+    def batches(self, batch_size: int, generator: torch.Generator, mix_generator: torch.Generator | None = None,
+                device: torch.device | None = None, num_workers: int = 0) -> Iterator[RawBatch]:
+        """Shuffled batches of the epoch part (those under 2 samples dropped: BatchNorm), each with
+        its share of every mixed source appended. The epoch order draws from ``generator`` exactly
+        as a plain shuffled pass does; the mixed draws use ``mix_generator``, so adding a mixed
+        source leaves the epoch order and the augmentation stream unchanged."""
+        device = device or torch.device("cpu")
+        cursors = [_Cycle(len(p), mix_generator) for p in self.mixed]
+        for imgs, y, origin, idx in batching.iterate(self.images, self.labels, self.origin, self.index,
+                                                     batch_size=batch_size, generator=generator, min_batch=2,
+                                                     num_workers=num_workers):
+            parts = [(imgs, y, origin, idx)]
+            for p, cursor in zip(self.mixed, cursors):
+                k = int(round(p.ratio * len(y)))
+                if k > 0:
+                    pick = cursor.take(k).to(p.labels.device)
+                    parts.append((p.images[pick], p.labels[pick],
+                                  torch.full((k,), p.origin, dtype=torch.int8, device=p.labels.device),
+                                  p.index[pick]))
+            if len(parts) == 1:
+                moved = [t.to(device, non_blocking=True) for t in parts[0]]
+            else:
+                moved = [torch.cat([part[j].to(device, non_blocking=True) for part in parts]) for j in range(4)]
+            yield RawBatch(*moved)
+
+
+class _Cycle:
+    """Indices of one mixed source: consecutive slices of shuffled passes, so every sample is drawn
+    once before any is drawn twice."""
+
+    def __init__(self, n: int, generator: torch.Generator | None):
+        self.n, self.generator = n, generator
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def take(self, k: int) -> torch.Tensor:
+        while len(self.order) < k:
+            self.order = torch.cat([self.order, torch.randperm(self.n, generator=self.generator)])
+        pick, self.order = self.order[:k], self.order[k:]
+        return pick
