@@ -1,0 +1,231 @@
+"""Synthetic replay (SDDR, Jodelet et al., ICCV-W 2023; SPEC.md §6) as a data source for every learner.
+
+A frozen text-to-image model makes labelled images of the classes already seen ("a photo of a
+{name}"); in every later phase they join the stage data of the learner's phase stages beside the
+real new-class images and the real exemplar memory, and count in the classification loss
+(``use_in_ce``) and in the learner's distillation terms (``use_in_kd``: iCaRL's KD, LUCIR's
+less-forget and margin-ranking terms, FOSTER's KD in boosting and its compression KD; DER has none).
+They never enter the exemplar memory and never count against its budget; stages on the memory
+alone (LUCIR's class-balanced finetuning) do not see them.
+
+Sources (config block ``synthetic_replay``; off while ``source`` is "none"):
+
+* ``folder`` — pre-made images ``path/<class id>/*.png`` with a ``manifest.json``
+  (``utils/replay_folder.py``), checked against the config; the first ``per_class`` files of a class
+  in seed order are used.
+* ``diffusers`` — images made here from a local pipeline folder (``model_path``; nothing is
+  downloaded) into the same format under ``cache_dir/<key>/``, the key a digest of everything that
+  decides the pixels (weights, scheduler, steps, guidance, resolution, prompt template, seed,
+  chunking, dtype), so another run or learner with the same settings reuses them. ``when``:
+  "per_phase" makes a phase's new classes at its end (the model has just met them), "upfront"
+  makes every class of the plan before phase 0. Generation resumes after a stop (``utils/diffusion.py``).
+
+``ratio``: null — the synthetic images join the epoch's pass like exemplars (each once an epoch);
+r > 0 — each batch of b real samples gets round(r·b) synthetic ones on top (the epoch's length stays
+the real data's).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from models.plugins import Plugin, register_plugin
+from utils import diffusion, replay_folder
+from utils.class_names import readable_names
+from utils.config import Option
+from utils.errors import ConfigError, DataError
+from utils.stage_data import SYNTHETIC, SourceData
+
+FIELDS = {
+    "source": Option("none", "str", "Where synthetic images come from: none (off), folder (pre-made, `path`), "
+                                    "diffusers (made here from a local pipeline, `model_path`).",
+                     choices=("none", "folder", "diffusers")),
+    "path": Option(None, "str", "folder: the image folder (<class id>/*.png + manifest.json).", nullable=True),
+    "model_path": Option(None, "str", "diffusers: a local pipeline folder (saved with save_pretrained); never a hub id.",
+                         nullable=True),
+    "cache_dir": Option(".cache/synthetic", "str", "diffusers: where generated images are kept, one folder per "
+                                                   "generation key."),
+    "per_class": Option(100, "int", "Synthetic images per old class (the first ones in seed order).", min=1),
+    "prompt_template": Option("a photo of a {name}", "str", "Prompt of a class; {name} is its readable name."),
+    "class_names": Option(None, "str", "File of readable class names ('<class id><TAB><name>' per line, or one name "
+                                       "per line in class order); null = the dataset's (words.txt for WordNet ids).",
+                          nullable=True),
+    "guidance_scale": Option(2.0, "float", "Classifier-free guidance (low guidance suits classifier data).", min=0.0),
+    "num_inference_steps": Option(50, "int", "Denoising steps.", min=1),
+    "resolution": Option(None, "int", "Side of the generated images; null = the pipeline's native one (SD 1.x: 512). "
+                                      "Images are resized to the stored size when loaded.", min=8, nullable=True),
+    "seed": Option(0, "int", "Base seed of generation (image i of class c: a seed from (seed, c, i)).", min=0),
+    "gen_batch_size": Option(8, "int", "Images generated at once (a chunk; part of the generation key).", min=1),
+    "dtype": Option("auto", "str", "diffusers: weights' precision; auto = float16 on CUDA, float32 on CPU.",
+                    choices=("auto", "float16", "bfloat16", "float32")),
+    "attention_slicing": Option(False, "bool", "diffusers: sliced attention (less GPU memory, slower)."),
+    "when": Option("per_phase", "str", "diffusers: make a phase's new classes at its end (per_phase) or every "
+                                       "class before phase 0 (upfront).", choices=("per_phase", "upfront")),
+    "ratio": Option(None, "float", "null: synthetic images join each epoch like exemplars; r > 0: round(r × batch) "
+                                   "synthetic images are added to every batch.", min=0.0, nullable=True),
+    "use_in_ce": Option(True, "bool", "Synthetic images count in the classification loss."),
+    "use_in_kd": Option(True, "bool", "Synthetic images count in the learner's distillation terms."),
+}
+# Settings that decide the pixels of a generated image (the generation key and the manifest).
+PIXEL_SETTINGS = ("prompt_template", "guidance_scale", "num_inference_steps", "resolution", "seed",
+                  "gen_batch_size", "dtype")
+
+
+@register_plugin("synthetic_replay")
+class SyntheticReplay(Plugin):
+    options = {
+        "synthetic_replay": Option({}, "dict", "Synthetic replay from a text-to-image model (SDDR; README: Synthetic "
+                                               "replay). Off unless `source` is set.", fields=FIELDS),
+    }
+
+    @classmethod
+    def enabled(cls, cfg: dict) -> bool:
+        return cfg["synthetic_replay"]["source"] != "none"
+
+    @classmethod
+    def check_config(cls, cfg: dict, learner_cls: type) -> None:
+        s = cfg["synthetic_replay"]
+        if s["source"] == "none":
+            return
+        needed = {"folder": "path", "diffusers": "model_path"}[s["source"]]
+        if not s[needed]:
+            raise ConfigError(f"Config key 'synthetic_replay.{needed}' must be set for source '{s['source']}'.")
+        if "{name}" not in s["prompt_template"]:
+            raise ConfigError(f"Config key 'synthetic_replay.prompt_template' must contain {{name}}, got "
+                              f"{s['prompt_template']!r}.")
+        try:
+            s["prompt_template"].format(name="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"Config key 'synthetic_replay.prompt_template' is not a valid template ({exc}).") from None
+        if s["ratio"] == 0:
+            raise ConfigError("Config key 'synthetic_replay.ratio' is 0: use null (join the epoch) or a positive "
+                              "ratio, or turn synthetic replay off with source 'none'.")
+
+    def __init__(self, cfg: dict, ctx):
+        super().__init__(cfg, ctx)
+        self.settings = dict(cfg["synthetic_replay"])
+        s = self.settings
+        self.ids = list(ctx.class_names)                         # dataset class ids, in class-order position
+        names = readable_names(cfg["dataset"], cfg["data_root"], self.ids, s["class_names"])
+        self.prompts = {c: s["prompt_template"].format(name=n) for c, n in zip(self.ids, names)}
+        self.names = dict(zip(self.ids, names))
+        self.images: dict[int, torch.Tensor] = {}                 # label -> uint8 [per_class, 3, S, S]
+        self.generated = 0
+        self.generation_seconds = 0.0
+        self.pipe = None
+        if s["source"] == "folder":
+            self.root = os.path.abspath(os.path.expanduser(s["path"]))
+            if not os.path.isdir(self.root):
+                raise DataError(f"synthetic_replay.path {self.root} is not a folder.")
+            self.manifest = replay_folder.read_manifest(self.root)
+            replay_folder.check_manifest(self.manifest, s, self.root)
+            replay_folder.check_classes(self.manifest, self.ids, self.prompts if self._made_by_prompt() else None,
+                                        self.root)
+            for c in self.ids[:ctx.plan[-1][0]]:   # before any training: every replayed class has its images
+                self._folder_paths(c)
+        else:
+            self.model_path = diffusion.check_model_path(s["model_path"])
+            resolution = s["resolution"] or diffusion.native_resolution(self.model_path)
+            self.manifest = {"format": replay_folder.FORMAT,
+                             **diffusion.pipeline_description(self.model_path, s["dtype"]),
+                             **{k: s[k] for k in PIXEL_SETTINGS}, "resolution": resolution,
+                             "seed_rule": diffusion.SEED_RULE}
+            key = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
+            self.root = os.path.join(os.path.abspath(os.path.expanduser(s["cache_dir"])), key)
+
+    def _made_by_prompt(self) -> bool:
+        return self.manifest.get("generator", {}).get("kind") != "real-images"
+
+    def _folder_paths(self, class_id: str) -> list[str]:
+        paths = replay_folder.class_files(self.root, class_id)
+        n = self.settings["per_class"]
+        if len(paths) < n:
+            raise DataError(f"Synthetic replay folder {self.root}: class {class_id} ({self.names[class_id]}) has "
+                            f"{len(paths)} image(s) in {os.path.join(self.root, class_id)}, "
+                            f"synthetic_replay.per_class is {n}.")
+        return paths[:n]
+
+    # ---- generation (diffusers) ---------------------------------------------------------------
+    def _pipeline(self):
+        if self.pipe is None:
+            self.pipe = diffusion.load_pipeline(self.model_path, str(self.ctx.device), self.settings["dtype"],
+                                                self.settings["attention_slicing"])
+        return self.pipe
+
+    def generate(self, labels: list[int]) -> None:
+        """Make the missing images of these classes (a no-op for a folder source or a full cache)."""
+        if self.settings["source"] != "diffusers":
+            return
+        s, n = self.settings, self.settings["per_class"]
+        todo = [c for c in labels if not diffusion.complete(self.root, self.ids[c], n)]
+        if not todo:
+            return
+        start = time.time()
+        os.makedirs(self.root, exist_ok=True)
+        manifest_path = os.path.join(self.root, replay_folder.MANIFEST)
+        manifest = replay_folder.read_manifest(self.root) if os.path.isfile(manifest_path) \
+            else {**self.manifest, "classes": {}}
+        pipe = self._pipeline()
+        bar = tqdm(total=len(todo) * n, desc="synthetic replay: generating", unit="img", disable=None, leave=False)
+        for c in todo:
+            cid = self.ids[c]
+            manifest["classes"][cid] = {"name": self.names[cid], "prompt": self.prompts[cid]}
+            replay_folder.write_manifest(self.root, manifest)
+            self.generated += diffusion.generate_class(
+                pipe, self.root, cid, self.prompts[cid], n, seed=s["seed"], steps=s["num_inference_steps"],
+                guidance=s["guidance_scale"], resolution=self.manifest["resolution"], batch_size=s["gen_batch_size"],
+                device=str(self.ctx.device), shard=(self.ctx.rank, self.ctx.world_size), progress=bar.update)
+        bar.close()
+        took = time.time() - start
+        self.generation_seconds += took
+        self.ctx.log.info(f"  synthetic replay: made {len(todo)} class(es) × {n} images in {took:.1f} s "
+                          f"({len(todo) * n / max(took, 1e-9):.2f} img/s) into {self.root}")
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def before_phase(self, phase) -> None:
+        self.generated = 0
+        self.generation_seconds = 0.0
+        replayed = self.ctx.plan[-1][0]   # classes some later phase replays: all but the last phase's
+        if self.settings["when"] == "upfront" and phase.index == 0:
+            self.generate(list(range(replayed)))
+        # Per phase, the old classes were made at the end of their phases; this catches a run
+        # resumed after a stop, or one whose cache was removed.
+        self.generate(list(range(phase.first)))
+        for c in range(phase.first):
+            if c not in self.images:
+                paths = (self._folder_paths(self.ids[c]) if self.settings["source"] == "folder"
+                         else [os.path.join(self.root, self.ids[c], replay_folder.image_name(i))
+                               for i in range(self.settings["per_class"])])
+                self.images[c] = replay_folder.load_images(paths, self.ctx.image_size, workers=0)
+
+    def sources(self, phase, kind: str) -> list[SourceData]:
+        if kind != "phase" or phase.first == 0:
+            return []
+        labels = list(range(phase.first))
+        images = torch.cat([self.images[c] for c in labels])
+        y = torch.cat([torch.full((len(self.images[c]),), c, dtype=torch.long) for c in labels])
+        s = self.settings
+        return [SourceData("synthetic", images, y, SYNTHETIC, ratio=s["ratio"], in_ce=s["use_in_ce"],
+                           in_kd=s["use_in_kd"])]
+
+    def after_phase(self, phase) -> None:
+        if self.settings["when"] == "per_phase" and phase.last <= self.ctx.plan[-1][0]:
+            self.generate(list(range(phase.first, phase.last)))
+
+    def phase_report(self, phase) -> dict:
+        counts = [len(self.images[c]) for c in range(phase.first)]
+        return {"synthetic_replay": {
+            "classes_replayed": phase.first, "images": sum(counts),
+            "images_per_class": counts[0] if counts and len(set(counts)) == 1 else counts,
+            "generated_this_phase": self.generated, "generation_seconds": round(self.generation_seconds, 3)}}
+
+    def run_info(self) -> dict:
+        generator = self.manifest.get("generator", {})
+        return {"external_generator": True,
+                "synthetic_replay": {**self.settings, "folder": self.root, "generator": generator,
+                                     "resolution_generated": self.manifest.get("resolution")}}

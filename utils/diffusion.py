@@ -1,0 +1,183 @@
+"""Generating labelled images with a local text-to-image pipeline (``diffusers``), into the replay
+folder format of ``utils/replay_folder.py``.
+
+Nothing is ever downloaded: the pipeline is loaded from a local folder with ``local_files_only``.
+Image ``i`` of class ``c`` starts from a latent drawn by its own generator, seeded with
+``stream_seed(seed, i, "synthetic/<class id>")``, and the images of a class are made in fixed
+chunks of ``gen_batch_size`` (chunk j = images [j·b, (j+1)·b)), so that
+
+* the same settings give the same bytes (on the same hardware and library versions);
+* a stopped generation resumes: a chunk whose files all exist is skipped, a partly written one is
+  made again (the same bytes) and only its missing files are written;
+* chunks can be shared out among processes (``shard`` = (rank, world size)): chunk j goes to
+  rank j mod world size.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import DataError
+from utils.replay_folder import image_name
+from utils.seeding import stream_seed
+
+SEED_RULE = "image i of class c: torch.Generator().manual_seed(stream_seed(seed, i, 'synthetic/' + c)), " \
+            "chunks of gen_batch_size"
+
+
+def check_model_path(model_path: str | None) -> str:
+    """The absolute path of a local pipeline folder, or DataError saying how to provide one."""
+    how = ("Nothing is downloaded: on a machine with internet, save the pipeline once (e.g. "
+           "`huggingface-cli download <repo id> --local-dir DIR`, or `pipe.save_pretrained(DIR)`), copy DIR "
+           "here and set synthetic_replay.model_path to it.")
+    if not model_path:
+        raise DataError(f"synthetic_replay.model_path is not set (source 'diffusers' needs a local pipeline folder). {how}")
+    path = os.path.abspath(os.path.expanduser(model_path))
+    if not os.path.exists(path):
+        looks_like_hub = "/" in model_path and not model_path.startswith((".", "/", "~")) and model_path.count("/") == 1
+        what = "looks like a hub id, not a local folder" if looks_like_hub else "does not exist"
+        raise DataError(f"synthetic_replay.model_path {model_path!r} {what}. {how}")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise DataError(f"synthetic_replay.model_path {path} is not a diffusers pipeline folder (no model_index.json). {how}")
+    return path
+
+
+def weights_hash(path: str) -> str:
+    """A digest of a pipeline folder: every file's relative name and size, the whole content of
+    files up to 64 MiB and the first and last MiB of larger ones (multi-GB weights hash in a second)."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(path)):
+        dirnames.sort()
+        for name in sorted(files):
+            full = os.path.join(dirpath, name)
+            size = os.path.getsize(full)
+            h.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
+            with open(full, "rb") as f:
+                if size <= 64 << 20:
+                    h.update(f.read())
+                else:
+                    h.update(f.read(1 << 20))
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def load_pipeline(model_path: str, device: str, dtype: str = "auto", attention_slicing: bool = False):
+    """The text-to-image pipeline of a local folder, on ``device`` (fp16 on CUDA with dtype "auto")."""
+    try:
+        import torch
+        from diffusers import DiffusionPipeline
+    except ImportError as exc:
+        raise DataError(f"synthetic_replay.source 'diffusers' needs the packages diffusers and transformers "
+                        f"(pip install -r requirements.txt): {exc}.") from None
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):   # no hub hints or loading bars in the run's output
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    torch_dtype = {"auto": torch.float16 if str(device).startswith("cuda") else torch.float32,
+                   "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    from diffusers.utils import deprecation_utils
+
+    # Newer diffusers name the precision argument `dtype` (and warn on `torch_dtype`).
+    newer = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    precision = {"dtype" if newer else "torch_dtype": torch_dtype}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model_path, local_files_only=True, safety_checker=None,
+                                                 requires_safety_checker=False, **precision)
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"Cannot load the pipeline in {model_path}: {exc}") from None
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if attention_slicing:
+        pipe.enable_attention_slicing()
+    return pipe
+
+
+def pipeline_description(model_path: str, dtype: str) -> dict:
+    """The manifest's ``generator`` and ``scheduler`` fields, read from the folder without loading it."""
+    import json
+
+    try:
+        index = json.loads((Path(model_path) / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"Cannot read {model_path}/model_index.json: {exc}.") from None
+    scheduler = index.get("scheduler", [None, None])
+    return {"generator": {"kind": "diffusers", "pipeline": index.get("_class_name"),
+                          "weights_hash": weights_hash(model_path), "dtype": dtype},
+            "scheduler": scheduler[1] if isinstance(scheduler, list) and len(scheduler) == 2 else None}
+
+
+def image_seed(seed: int, class_id: str, i: int) -> int:
+    return stream_seed(seed, i, f"synthetic/{class_id}")
+
+
+def _save_png(path: str, array: np.ndarray) -> None:
+    """Atomic PNG write (a stop never leaves a half-written image under its final name)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def generate_class(pipe, root: str, class_id: str, prompt: str, count: int, *, seed: int, steps: int,
+                   guidance: float, resolution: int, batch_size: int, device: str,
+                   shard: tuple[int, int] = (0, 1), progress=None) -> int:
+    """Make the missing images 0 … count−1 of one class in ``root/<class id>/``; returns how many
+    were written. ``progress``: a callable told the number of images done after each chunk."""
+    import torch
+
+    folder = Path(root) / class_id
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    rank, world = shard
+    for j, start in enumerate(range(0, count, batch_size)):
+        if j % world != rank:
+            continue
+        ids = list(range(start, min(start + batch_size, count)))
+        missing = [i for i in ids if not (folder / image_name(i)).exists()]
+        if not missing:
+            if progress:
+                progress(len(ids))
+            continue
+        gen_device = "cpu" if not str(device).startswith("cuda") else device
+        generators = [torch.Generator(gen_device).manual_seed(image_seed(seed, class_id, i)) for i in ids]
+        with torch.no_grad():
+            out = pipe([prompt] * len(ids), num_inference_steps=steps, guidance_scale=guidance,
+                       height=resolution, width=resolution, generator=generators, output_type="np")
+        images = np.clip(np.round(np.asarray(out.images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+        for i, img in zip(ids, images):
+            if i in missing:
+                _save_png(str(folder / image_name(i)), img)
+                written += 1
+        if progress:
+            progress(len(ids))
+    return written
+
+
+def complete(root: str, class_id: str, count: int) -> bool:
+    """Whether images 0 … count−1 of a class are all on disk."""
+    folder = Path(root) / class_id
+    return all((folder / image_name(i)).exists() for i in range(count))
+
+
+def native_resolution(model_path: str) -> int:
+    """The pipeline's native output side from its configs, without loading it (SD 1.x: 512)."""
+    import json
+
+    try:
+        unet = json.loads((Path(model_path) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(model_path) / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"Cannot read the native resolution of {model_path} (unet/config.json sample_size, "
+                        f"vae/config.json block_out_channels): {exc}; set synthetic_replay.resolution.") from None
