@@ -87,7 +87,8 @@ def main() -> None:
     index = torch.cat([(labels == c).nonzero().flatten()[:a.per_class] for c in range(seen)])
     imgs, y, truth = images[index], labels[index], split.boxes[index]
     size, cfg = imgs.shape[-1], trainer.cfg
-    plugin = trainer.plugins[0] if trainer.plugins else ExemplarCompression({**cfg, "compression": "cam"}, trainer)
+    plugin = next((p for p in trainer.plugins if isinstance(p, ExemplarCompression)), None) \
+        or ExemplarCompression({**cfg, "compression": "cam"}, trainer.ctx)
     has_pau = cfg["compression"] == "cim"
     rows = {}
     for policy in ("cam", "cim") if has_pau else ("cam",):
