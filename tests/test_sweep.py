@@ -106,7 +106,7 @@ def test_spec_errors_are_refused_before_running(tmp_path, capsys):
     base = str(write_config(tmp_path / "base.json", tiny_config(**FAST)))
     refused({"base": base, "grid": {"seed": [1]}, "gird": {}}, "unknown top-level key(s) gird")
     refused({"base": base, "grid": {"memory_size": 500}}, "grid key 'memory_size'", "list")
-    refused({"base": base, "grid": {"memroy_size": [1, 2]}}, "memory_size=1", "memroy_size", "did you mean memory_size?")
+    refused({"base": base, "grid": {"memroy_size": [1, 2]}}, "memroy_size=1", "memroy_size", "did you mean memory_size?")
     refused({"base": base, "set": {"compression": "zip"}}, "'compression'", "allowed")
     refused({"base": "no-such-config"}, "no-such-config")
     refused({"grid": {}}, "'base'")
