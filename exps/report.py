@@ -334,11 +334,11 @@ def plot_all(rows: list[Row], out: Path) -> list[Path]:
         for k in range(n):
             for t in range(k + 1):
                 grid[k, t] = np.mean([m[k][t] for m in mats])
-        fig, ax = plt.subplots(figsize=(1.2 + 0.75 * n, 1.0 + 0.7 * n), dpi=110)
+        fig, ax = plt.subplots(figsize=(max(4.6, 1.6 + 0.8 * n), max(4.0, 1.4 + 0.75 * n)), dpi=110)
         im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
         for k in range(n):
             for t in range(k + 1):
-                ax.text(t, k, f"{grid[k, t]:.0f}", ha="center", va="center", fontsize=9,
+                ax.text(t, k, f"{grid[k, t]:.0f}", ha="center", va="center", fontsize=11,
                         color="white" if grid[k, t] < 55 else "black")
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
