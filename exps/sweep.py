@@ -156,11 +156,11 @@ def planned_phases(cfg: dict) -> int:
     from utils.config import phase_plan
     from utils.datasets import describe_dataset
 
-    key = json.dumps([cfg["dataset"], cfg["data_root"], cfg["class_list"], cfg["synthetic"]], sort_keys=True)
+    key = json.dumps([cfg["dataset"], cfg["data_root"], cfg["class_list"], cfg["shapes"]], sort_keys=True)
     if key not in _plan_cache:
         try:
             info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"],
-                                    synthetic=cfg["synthetic"])
+                                    shapes=cfg["shapes"])
         except UserError as err:
             raise DataMissing(f"dataset '{cfg['dataset']}' not usable at data_root={json.dumps(cfg['data_root'])} "
                               f"(set it in the spec's \"set\" or with the base config): {err}") from None
