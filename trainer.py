@@ -26,7 +26,7 @@ from models.plugins import PLUGINS
 from models.registry import get_learner_class
 from utils import batching
 from utils.augment import TrainAugment
-from utils.config import config_hash, phase_plan
+from utils.config import config_hash, hashed_keys, phase_plan, resolve_saved_config
 from utils.datasets import DATASETS, load_dataset
 from utils.errors import UserError
 from utils.io import save_torch, write_json
@@ -346,11 +346,10 @@ class Trainer:
             (self.out / "results.json").unlink(missing_ok=True)
             return 0
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
-        if state["config_hash"] != self.hash:
-            raise UserError(f"Cannot resume from {ckpts[-1]}: it was written with another config "
-                            f"(hash {state['config_hash']}, this run {self.hash}).")
+        if state["config_hash"] != self.hash:   # written by an older schema, or by another config
+            self.same_run_config(state["results"]["config"], f"Cannot resume from {ckpts[-1]}")
         last = self.load_state(state)
-        self.results = state["results"]
+        self.results = {**state["results"], "config": self.cfg, "config_hash": self.hash}   # today's schema
         self._drop_metrics_after(last)
         set_rng_states(state["rng"])
         self.log.info(f"resume: restored phase {last} from {ckpts[-1]}")
@@ -387,22 +386,40 @@ class Trainer:
                 continue
         path.write_text("".join(kept))
 
+    def same_run_config(self, saved: dict, refusal: str) -> list[str]:
+        """Refuse (UserError starting with ``refusal``) unless ``saved``, an earlier run's config
+        resolved with today's schema, has this run's identifying keys; returns the keys it lacked,
+        which then are at their defaults (a key added since, whose default keeps the old behaviour)."""
+        try:
+            old, added = resolve_saved_config(saved)
+            keys, same = hashed_keys(self.cfg) | hashed_keys(old), config_hash(old) == self.hash
+        except UserError:   # it holds a key that no longer exists
+            old, added, same = dict(saved), [], False
+            keys = hashed_keys(self.cfg) | (set(old) - set(self.cfg))
+        if not same:
+            changed = sorted(k for k in keys if old.get(k) != self.cfg.get(k))
+            raise UserError(f"{refusal}: its config differs from this one in {', '.join(changed)}. "
+                            f"Use another --output folder or drop --resume.")
+        return added
+
     def prepare_output(self, resume: bool) -> int:
         """Set up the output folder; return the first phase to run."""
         cfg_path = self.out / "config.json"
+        added: list[str] = []
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
-            if resume and config_hash(old) != self.hash:
-                changed = sorted(k for k in set(old) | set(self.cfg) if old.get(k) != self.cfg.get(k))
-                raise UserError(f"Cannot resume in {self.out}: its config differs from this one in "
-                                f"{', '.join(changed)}. Use another --output folder or drop --resume.")
-            if not resume:
+            if resume:
+                added = self.same_run_config(old, f"Cannot resume in {self.out}")
+            else:
                 # A fresh run never reuses old checkpoints from the same folder.
                 shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
                 for name in ("results.json", "metrics.jsonl", "log.txt"):
                     (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log.open()   # before restore(), so that log.txt records the resumption
+        if added:
+            self.log.info(f"resume: the saved config has no key {', '.join(added)} (added since); "
+                          f"resuming with its default {', '.join(json.dumps(self.cfg[k]) for k in added)}")
         try:
             first = self.restore() if resume else 0
         except BaseException:

@@ -251,3 +251,74 @@ def test_the_old_dataset_name_synthetic_is_read_as_shapes_with_a_notice(capsys):
     assert cfg["dataset"] == "shapes" and cfg["shapes"]["num_classes"] == 6 and "synthetic" not in cfg
     err = capsys.readouterr().err
     assert "dataset 'synthetic' is now called 'shapes'" in err and "config key 'synthetic' is now called 'shapes'" in err
+
+
+# ---- folder identity: only the keys that can change this run's result are hashed ----------------
+
+def test_config_hash_ignores_disabled_plugins(monkeypatch):
+    """A plain iCaRL run keeps its hash (hence its folder and --resume) when a plugin it does not
+    use changes a default or a new plugin is registered; enabling compression changes it."""
+    from dataclasses import replace
+
+    from models.cim import ExemplarCompression
+    from models.plugins import PLUGINS, Plugin
+    from utils.config import Option
+
+    plain = resolve_config(tiny_config())
+    before = config_hash(plain)
+    compressed = resolve_config(tiny_config(compression="cim"))
+    assert config_hash(compressed) != before
+
+    # A disabled plugin's default changes: the resolved config changes, its hash does not.
+    options = dict(ExemplarCompression.options)
+    options["mask_threshold"] = replace(options["mask_threshold"], default=0.5)
+    monkeypatch.setattr(ExemplarCompression, "options", options)
+    plain_now = resolve_config(tiny_config())
+    assert plain_now["mask_threshold"] == 0.5
+    assert config_hash(plain_now) == before
+    assert config_hash(resolve_config(tiny_config(compression="cim"))) != config_hash(compressed)
+
+    # A new plugin is registered (disabled unless its key says otherwise).
+    class Replay(Plugin):
+        options = {"replay_images": Option(0, "int", "test plugin", min=0)}
+
+        @classmethod
+        def enabled(cls, cfg):
+            return cfg["replay_images"] > 0
+
+    monkeypatch.setitem(PLUGINS, "test_replay", Replay)
+    assert config_hash(resolve_config(tiny_config())) == before
+    assert config_hash(resolve_config(tiny_config(replay_images=5))) != before
+
+
+def _add_common_key(monkeypatch, name="new_knob", default=0):
+    from utils import config as config_module
+    from utils.config import Option
+
+    monkeypatch.setitem(config_module.COMMON_OPTIONS, name, Option(default, "int", "added later", min=0))
+
+
+def test_resume_allows_a_key_added_since_at_its_default(tmp_path, monkeypatch, capsys):
+    """A run written before a key existed resumes when the key is at its default, with a notice
+    naming it; at another value the resumption is refused naming the key."""
+    from conftest import read_results, run
+
+    out = tmp_path / "run"
+    run(tiny_config(), out, stop_after_phase=0)
+    _add_common_key(monkeypatch)
+    capsys.readouterr()
+    results = run(tiny_config(), out, resume=True)
+    assert [p["phase"] for p in results["phases"]] == [0, 1, 2]
+    notice = "resume: the saved config has no key new_knob (added since); resuming with its default 0"
+    assert notice in capsys.readouterr().out
+    assert notice in (out / "log.txt").read_text()
+    assert read_results(out)["config"]["new_knob"] == 0
+
+    monkeypatch.undo()   # back to the schema without the key
+    other = tmp_path / "other"
+    run(tiny_config(), other, stop_after_phase=0)
+    _add_common_key(monkeypatch)
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="differs from this one in new_knob"):
+        run(tiny_config(new_knob=3), other, resume=True)

@@ -347,10 +347,35 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
 _NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size")
 
 
+def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
+    """The keys that identify a run (resolved ``cfg``): the common keys, the learner's own keys and the
+    keys of every plugin that ``cfg`` enables — never a disabled plugin's, so adding a plugin or
+    changing one of its defaults leaves the runs that do not use it where they are."""
+    from models.plugins import PLUGINS
+    from models.registry import get_learner_class
+
+    keys = set(COMMON_OPTIONS) | set(get_learner_class(cfg["model_name"]).options)
+    for cls in PLUGINS.values():
+        if cls.enabled(cfg):
+            keys |= set(cls.options)
+    return keys - set(_NOT_HASHED)
+
+
 def config_hash(cfg: Mapping[str, Any]) -> str:
-    """Short stable hash of the result-affecting part of a resolved config."""
-    payload = {k: v for k, v in cfg.items() if k not in _NOT_HASHED}
+    """Short stable hash of the result-affecting part of a resolved config (:func:`hashed_keys`)."""
+    keys = hashed_keys(cfg)
+    payload = {k: v for k, v in cfg.items() if k in keys}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def resolve_saved_config(saved: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A config saved by an earlier run (config.json, results.json), resolved with today's schema:
+    (the resolved config, the identifying keys it lacked, now at their defaults). Comparing this
+    with a new run's config, rather than the raw file, lets a run resume after a key was added
+    whose default reproduces the old behaviour. Raises ConfigError if it holds a key no longer known."""
+    renamed = renamed_keys(saved, notice=lambda msg: None)   # an old name is not a missing key
+    resolved = resolve_config(renamed)
+    return resolved, sorted(k for k in hashed_keys(resolved) if k not in renamed)
 
 
 def describe_keys() -> str:
