@@ -20,7 +20,7 @@ from convs.foster_net import FosterNet
 from convs.incremental_net import IncrementalNet
 from convs.linears import SimpleLinear
 from convs.registry import create_backbone
-from models.base import Phase
+from models.base import Batch, Phase
 from models.foster import FOSTER
 from models.losses import balanced_kd_loss, class_balanced_weights, kd_loss
 from trainer import Trainer
@@ -97,7 +97,7 @@ def test_boosting_loss_is_balanced_ce_plus_fe_ce_plus_kd_on_old_classes():
     torch.manual_seed(1)
     out = {"logits": torch.randn(5, 4), "fe_logits": torch.randn(5, 4), "old_logits": torch.randn(5, 2)}
     y = torch.tensor([0, 1, 2, 3, 3])
-    total, parts = learner.boosting_loss(out, types.SimpleNamespace(y=y))
+    total, parts = learner.boosting_loss(out, Batch(None, y, y < 2))
     clf = F.cross_entropy(out["logits"] / learner.boost_weights, y)
     fe = F.cross_entropy(out["fe_logits"], y)
     kd = 0.5 * kd_loss(out["logits"][:, :2], out["old_logits"], 2.0)
