@@ -67,6 +67,10 @@ def _one_paragraph(err):
     ({"input_size": 24}, ["'input_size'", "input_size 24", "image_size 16"]),
     ({"image_size": None, "input_size": 64}, ["'input_size'", "input_size 64", "image_size 32"]),
     ({"threads": 0}, ["'threads'", "≥ 1"]),
+    ({"rrc_scale": [0.9, 0.1]}, ["'rrc_scale'", "0 < min ≤ max ≤ 1"]),
+    ({"rrc_scale": [0.0, 0.0]}, ["'rrc_scale'", "0 < min ≤ max ≤ 1"]),
+    ({"prefix": "../../elsewhere"}, ["'prefix'", "cannot contain '/'"]),
+    ({"cache_dir": ""}, ["'cache_dir'", "empty string", "null to disable"]),
 ], ids=lambda v: None if isinstance(v, list) else "-".join(f"{k}={v[k]}" for k in v)[:40])
 def test_config_errors_exit_2_with_a_message(tmp_path, monkeypatch, capsys, overrides, needles):
     code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(**overrides))

@@ -290,6 +290,7 @@ def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"Config key 'device' is {json.dumps(dev)}; allowed: auto, cpu, cuda, cuda:N.")
     _check_sizes(resolved)
+    _check_paths_and_ranges(resolved)
     LEARNERS[model_name].check_config(resolved)
     from models.plugins import PLUGINS
 
@@ -312,6 +313,22 @@ def _check_sizes(cfg: dict) -> None:
             f"Config key '{which}': input_size {input_size} is larger than the stored image_size {image_size} "
             f"(dataset '{cfg['dataset']}' defaults: image_size {info.image_size}, input_size {info.input_size}); "
             f"the network input is cropped from the stored image, so input_size must be ≤ image_size.")
+
+
+def _check_paths_and_ranges(cfg: dict) -> None:
+    """Cross-value checks that used to pass validation and then fail (or misplace outputs) later."""
+    lo, hi = cfg["rrc_scale"]
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"Config key 'rrc_scale' is {json.dumps(cfg['rrc_scale'])}; it must be [min, max] "
+                          f"with 0 < min ≤ max ≤ 1 (area fractions of the random resized crop).")
+    prefix = cfg["prefix"]
+    if prefix in (".", "..") or "/" in prefix or "\\" in prefix:
+        raise ConfigError(f"Config key 'prefix' is {json.dumps(prefix)}; it names one folder, so it cannot "
+                          f"contain '/' or '\\' or be '.' or '..' (use --output for another location).")
+    for key in ("cache_dir", "data_root", "class_list"):
+        if cfg[key] is not None and not cfg[key].strip():
+            raise ConfigError(f"Config key '{key}' is an empty string; give a path, or null"
+                              f"{' to disable the cache' if key == 'cache_dir' else ''}.")
 
 
 def phase_plan(cfg: Mapping[str, Any], num_classes: int) -> list[tuple[int, int]]:
