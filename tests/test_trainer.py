@@ -348,3 +348,23 @@ def test_leftover_classes_form_a_smaller_last_phase(tmp_path):
     results = run(tiny_config(init_cls=2, increment=3, init_epochs=1, epochs=1), tmp_path / "run")
     assert [p["classes"] for p in results["phases"]] == [[0, 2], [2, 5], [5, 6]]
     assert [len(p["cnn"]["per_task"]) for p in results["phases"]] == [1, 2, 3]
+
+
+def test_a_full_disk_while_logging_names_the_file(tmp_path):
+    import errno
+
+    from utils.io import DiskFull
+    from utils.run_log import RunLog
+
+    log = RunLog(tmp_path)
+    log.open()
+
+    class Full:
+        name = str(tmp_path / "log.txt")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log._text = Full()
+    with pytest.raises(DiskFull, match=rf"The disk is full: could not write {tmp_path / 'log.txt'}"):
+        log.info("x")
