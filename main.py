@@ -2,6 +2,7 @@
 [--device DEV] [--check]``.
 
 Exit status: 0 success; 2 config or data error (a message naming the key or path, no traceback);
+130 interrupted by Ctrl-C (the finished phases stay saved; the message gives the resume command);
 1 anything else.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder (default logs/<model>/<dataset>/<config>-<hash>/seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue after the last finished phase")
     p.add_argument("--device", help="override the config's device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--threads", type=int, help="override the config's CPU threads of torch (threads key)")
     p.add_argument("--check", action="store_true", help="validate config and dataset, print the plan, exit")
     p.add_argument("--keys", action="store_true", help="print every config key with its default and exit")
     return p
@@ -37,7 +40,7 @@ def output_dir(cfg: dict, config_name: str, seed: int, explicit: str | None, man
 
 def print_plan(cfg: dict, config_name: str, outputs: list[Path]) -> None:
     from trainer import class_order
-    from utils.config import phase_plan
+    from utils.config import phase_plan, plan_note
     from utils.datasets import describe_dataset
     from utils.memory import ExemplarMemory
 
@@ -51,12 +54,42 @@ def print_plan(cfg: dict, config_name: str, outputs: list[Path]) -> None:
     for k, (lo, hi) in enumerate(plan):
         print(f"  phase {k}: classes [{lo}, {hi}) — {hi - lo} new; memory budget {memory.class_budget(hi)} "
               f"units per class ({memory.total_budget(hi)} total)")
+    note = plan_note(plan, cfg["increment"], info["num_classes"])
+    if note:
+        print(note)
     for out in outputs:
         print(f"output: {out}")
 
 
+def check_paths(cfg: dict, outputs: list[Path]) -> None:
+    """Output folders and the cache folder must be writable: checked before any data is loaded."""
+    from utils.datasets import DATASETS
+    from utils.io import check_writable_dir
+
+    for out in outputs:
+        check_writable_dir(out, "Output folder")
+    if cfg["cache_dir"] is not None and DATASETS[cfg["dataset"]].file_based:
+        check_writable_dir(cfg["cache_dir"], "Config key 'cache_dir': the cache folder")
+
+
+def resume_command(argv: list[str]) -> str:
+    import shlex
+
+    args = list(argv) + ([] if "--resume" in argv else ["--resume"])
+    return shlex.join(["python", "main.py", *args])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args, argv)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C) before training started; nothing was saved.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(args, argv: list[str]) -> int:
     try:
         from utils.config import describe_keys, load_config_file, parse_set, resolve_config
 
@@ -70,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         raw.update(parse_set(args.set))
         if args.device:
             raw["device"] = args.device
+        if args.threads is not None:
+            raw["threads"] = args.threads
         cfg = resolve_config(raw)
         seeds = cfg["seed"] if isinstance(cfg["seed"], list) else [cfg["seed"]]
         runs = [({**cfg, "seed": s}, output_dir({**cfg, "seed": s}, config_name, s, args.output, len(seeds) > 1))
                 for s in seeds]
+        check_paths(cfg, [out for _, out in runs])
         if args.check:
             print_plan(cfg, config_name, [out for _, out in runs])
             return 0
@@ -84,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
         info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], shapes=cfg["shapes"])
         phase_plan(cfg, info["num_classes"])
-        from trainer import Trainer, TrainingDiverged
+        from trainer import RunInterrupted, Trainer, TrainingDiverged
 
         for run_cfg, out in runs:
             try:
@@ -92,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
             except TrainingDiverged as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
+            except RunInterrupted as err:
+                if err.saved_phase is not None:
+                    saved = f"phase {err.saved_phase} is saved in {err.out}"
+                elif err.checkpoints == "none":
+                    saved = f"nothing is saved (checkpoints: none) in {err.out}"
+                else:
+                    saved = f"no phase was finished yet in {err.out}"
+                print(f"interrupted (Ctrl-C): {saved}; resume with: {resume_command(argv)}", file=sys.stderr)
+                return EXIT_INTERRUPTED
         return 0
     except Exception as err:  # noqa: BLE001 - user errors become a message, bugs keep their traceback
         from utils.errors import UserError

@@ -26,13 +26,14 @@ from models.plugins import PLUGINS
 from models.registry import get_learner_class
 from utils import batching
 from utils.augment import TrainAugment
-from utils.config import config_hash, hashed_keys, phase_plan, resolve_saved_config
+from utils.config import config_hash, hashed_keys, phase_plan, plan_note, resolve_saved_config, result_key_differences
 from utils.datasets import DATASETS, load_dataset
 from utils.errors import UserError
-from utils.io import save_torch, write_json
+from utils.io import remove_stale_tmp, save_torch, write_json
 from utils.memory import ExemplarMemory
 from utils.metrics import accuracy_report, summarize
 from utils.nme import class_means, nme_logits
+from utils.run_lock import RunLock
 from utils.run_log import RunLog
 from utils.seeding import phase_seed, rng_states, seed_everything, set_rng_states
 from utils.stage_data import EXEMPLAR, NEW, SourceData, StageData
@@ -40,6 +41,15 @@ from utils.stage_data import EXEMPLAR, NEW, SourceData, StageData
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite; the message names the phase, stage and epoch."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C (KeyboardInterrupt) during a run. ``saved_phase``: the newest phase whose checkpoint
+    is on disk (None: nothing to resume from); ``out``: the run folder."""
+
+    def __init__(self, out: Path, saved_phase: int | None, checkpoints: str):
+        self.out, self.saved_phase, self.checkpoints = out, saved_phase, checkpoints
+        super().__init__(f"interrupted in {out}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +89,8 @@ class Trainer:
         self.channels_last = cfg["channels_last"] and self.on_cuda
         self.log = RunLog(self.out)
         self.hash = config_hash(cfg)
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg["threads"])
         seed_everything(cfg["seed"])
 
         info = DATASETS[cfg["dataset"]]
@@ -257,13 +269,16 @@ class Trainer:
                     logits[name].append(out["logits"][:, :phase.last].float().cpu())
                     if name == "cnn":
                         feats.append(out["features"].float().cpu())
-        report = {name: accuracy_report(torch.cat(v), targets, bounds, k) for name, v in logits.items()}
+        # A task without test images gets None accuracies (metrics skip it), never an error.
+        report = {name: accuracy_report(torch.cat(v) if v else torch.empty(0, phase.last), targets, bounds, k)
+                  for name, v in logits.items()}
         report["nme"] = None
         if self.learner.uses_memory and self.cfg["nme"] and len(self.memory) > 0:
             mem_images, mem_labels = self.memory.tensors()
             mem_feats = self.ctx.embed(mem_images, lambda x: self.learner.inference(x)["features"], flip=True)
             means = class_means(mem_feats, mem_labels, phase.last)
-            report["nme"] = accuracy_report(nme_logits(torch.cat(feats), means), targets, bounds, k)
+            test_feats = torch.cat(feats) if feats else torch.empty(0, mem_feats.shape[1])
+            report["nme"] = accuracy_report(nme_logits(test_feats, means), targets, bounds, k)
         return report
 
     # ---- phases -------------------------------------------------------------------------------
@@ -318,7 +333,10 @@ class Trainer:
         summary = {**summarize(phases, "cnn"), **summarize(phases, "nme")}
         for name in self.learner.extra_evaluations():
             s = summarize(phases, name)
-            summary.update({f"{name}_avg_top1": s[f"{name}_avg_top1"], f"{name}_last_top1": s[f"{name}_last_top1"]})
+            summary.update({k: s[k] for k in (f"{name}_avg_top1", f"{name}_last_top1", f"{name}_forgetting",
+                                              f"{name}_forgetting_pycil")})
+        if phases and "deployed" in phases[-1]:
+            summary["cnn_model"] = phases[-1]["deployed"]   # which model the cnn_* figures are
         return summary
 
     def _checkpoint_path(self, k: int) -> Path:
@@ -337,7 +355,10 @@ class Trainer:
             self._checkpoint_path(phase.index - 1).unlink(missing_ok=True)
 
     def restore(self) -> int:
-        """Load the newest checkpoint; return the index of the first phase still to run (0 if none)."""
+        """Load the newest intact checkpoint; return the index of the first phase still to run (0 if none).
+
+        A checkpoint that cannot be read (truncated, empty) is skipped with a notice and the previous
+        one is used; if none can be read, UserError names them."""
         found = saved_checkpoints(self.out)
         ckpts = [found[k] for k in sorted(found)]
         if not ckpts:
@@ -345,14 +366,33 @@ class Trainer:
             self._drop_metrics_after(-1)        # epochs of an unfinished earlier attempt are run again
             (self.out / "results.json").unlink(missing_ok=True)
             return 0
-        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
-        if state["config_hash"] != self.hash:   # written by an older schema, or by another config
-            self.same_run_config(state["results"]["config"], f"Cannot resume from {ckpts[-1]}")
+        state, bad = None, []
+        for path in reversed(ckpts):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+                if not isinstance(state, dict) or "phase" not in state:
+                    raise ValueError("not a checkpoint of this framework")
+                used = path
+                break
+            except Exception as err:  # noqa: BLE001 - any unreadable file: fall back to an older one
+                state = None
+                bad.append(path)
+                self.log.info(f"resume: checkpoint {path} is unreadable ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'empty or truncated'}); "
+                              f"trying the previous one")
+        if state is None:
+            raise UserError(f"Cannot resume in {self.out}: no checkpoint can be read "
+                            f"({', '.join(map(str, bad))} unreadable, e.g. truncated by a full disk or a kill). "
+                            f"Delete them and rerun with --resume to start over, or drop --resume.")
+        saved = state["results"]["config"]
+        if state["config_hash"] != self.hash or saved.get("seed") != self.cfg["seed"]:
+            # written by an older schema, or by another config (the seed is not in the hash)
+            self.same_run_config(saved, f"Cannot resume from {used}")
         last = self.load_state(state)
         self.results = {**state["results"], "config": self.cfg, "config_hash": self.hash}   # today's schema
         self._drop_metrics_after(last)
         set_rng_states(state["rng"])
-        self.log.info(f"resume: restored phase {last} from {ckpts[-1]}")
+        self.log.info(f"resume: restored phase {last} from {used}")
         return last + 1
 
     def load_state(self, state: dict) -> int:
@@ -388,35 +428,61 @@ class Trainer:
 
     def same_run_config(self, saved: dict, refusal: str) -> list[str]:
         """Refuse (UserError starting with ``refusal``) unless ``saved``, an earlier run's config
-        resolved with today's schema, has this run's identifying keys; returns the keys it lacked,
-        which then are at their defaults (a key added since, whose default keeps the old behaviour)."""
+        resolved with today's schema, has this run's identifying keys and seed
+        (:func:`utils.config.result_key_differences`); returns the keys it lacked, which then are
+        at their defaults (a key added since, whose default keeps the old behaviour)."""
         try:
             old, added = resolve_saved_config(saved)
-            keys, same = hashed_keys(self.cfg) | hashed_keys(old), config_hash(old) == self.hash
-        except UserError:   # it holds a key that no longer exists
-            old, added, same = dict(saved), [], False
-            keys = hashed_keys(self.cfg) | (set(old) - set(self.cfg))
-        if not same:
-            changed = sorted(k for k in keys if old.get(k) != self.cfg.get(k))
+            changed = result_key_differences(old, self.cfg)
+        except UserError:   # it holds a key that no longer exists (or a value no longer allowed)
+            old, added = dict(saved), []
+            keys = hashed_keys(self.cfg) | (set(old) - set(self.cfg)) | {"seed"}
+            changed = sorted(k for k in keys if old.get(k) != self.cfg.get(k)) or ["a value no longer valid"]
+        if changed:
             raise UserError(f"{refusal}: its config differs from this one in {', '.join(changed)}. "
                             f"Use another --output folder or drop --resume.")
         return added
 
-    def prepare_output(self, resume: bool) -> int:
-        """Set up the output folder; return the first phase to run."""
+    def read_saved_config(self) -> dict | None:
+        """The config.json of the output folder: None if absent, ``{"__unreadable__": why}`` if it
+        cannot be parsed (refused on --resume, overwritten with a notice by a fresh run)."""
         cfg_path = self.out / "config.json"
-        added: list[str] = []
-        if cfg_path.exists():
+        if not cfg_path.exists():
+            return None
+        try:
             old = json.loads(cfg_path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+            return old
+        except (ValueError, UnicodeDecodeError, OSError) as err:
+            return {"__unreadable__": f"{type(err).__name__}: {err}"}
+
+    def prepare_output(self, resume: bool) -> int:
+        """Set up the output folder (its run lock held); return the first phase to run."""
+        cfg_path = self.out / "config.json"
+        stale = remove_stale_tmp(self.out)
+        notes = [f"note: removed {len(stale)} temporary file(s) of an interrupted write: "
+                 f"{', '.join(str(p) for p in stale)}"] if stale else []
+        added: list[str] = []
+        old = self.read_saved_config()
+        if old is not None and "__unreadable__" in old:
             if resume:
-                added = self.same_run_config(old, f"Cannot resume in {self.out}")
-            else:
-                # A fresh run never reuses old checkpoints from the same folder.
-                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-                for name in ("results.json", "metrics.jsonl", "log.txt"):
-                    (self.out / name).unlink(missing_ok=True)
+                raise UserError(f"Cannot resume in {self.out}: its {cfg_path.name} is unreadable "
+                                f"({old['__unreadable__']}), so the run it belongs to is unknown: {cfg_path}. "
+                                f"Drop --resume to start this folder over, or use another --output folder.")
+            notes.append(f"note: {cfg_path} was unreadable ({old['__unreadable__']}); it is overwritten "
+                         f"by this fresh run")
+        elif old is not None and resume:
+            added = self.same_run_config(old, f"Cannot resume in {self.out}")
+        if old is not None and not resume:
+            # A fresh run never reuses old checkpoints from the same folder.
+            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+            for name in ("results.json", "metrics.jsonl", "log.txt"):
+                (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log.open()   # before restore(), so that log.txt records the resumption
+        for note in notes:
+            self.log.info(note)
         if added:
             self.log.info(f"resume: the saved config has no key {', '.join(added)} (added since); "
                           f"resuming with its default {', '.join(json.dumps(self.cfg[k]) for k in added)}")
@@ -428,14 +494,45 @@ class Trainer:
         write_json(cfg_path, self.cfg)   # after restore(): a refused resume leaves the folder as it was
         return first
 
+    def saved_phase(self) -> int | None:
+        """The newest phase with a checkpoint on disk (what --resume would continue after)."""
+        if self.cfg["checkpoints"] == "none":
+            return None
+        found = saved_checkpoints(self.out)
+        return max(found) if found else None
+
     def run(self, resume: bool = False) -> dict:
+        """Run (or with ``resume`` continue) every phase, holding the folder's run lock throughout.
+        Ctrl-C ends the run with RunInterrupted (the phases finished so far stay saved)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.out, notice=self.log.info)
+        lock.acquire()
+        try:
+            return self._run_locked(resume)
+        except KeyboardInterrupt:
+            self.log.info("interrupted (Ctrl-C)")
+            raise RunInterrupted(self.out, self.saved_phase(), self.cfg["checkpoints"]) from None
+        finally:
+            self.log.close()
+            lock.release()
+
+    def _run_locked(self, resume: bool) -> dict:
         first = self.prepare_output(resume)
         d = self.data
         self.log.info(f"run {self.config_name} (config hash {self.hash}), seed {self.cfg['seed']}, device {self.device}, "
-                      f"learner {self.cfg['model_name']}, backbone {self.cfg['convnet_type']}")
+                      f"threads {torch.get_num_threads()}, learner {self.cfg['model_name']}, "
+                      f"backbone {self.cfg['convnet_type']}")
         self.log.info(f"dataset {d.name}: {self.num_classes} classes, {len(d.train)} train / {len(d.test)} test images, "
                       f"stored {self.image_size}px, input {self.input_size}px; output {self.out}")
         self.log.info(f"class order: {self.order}")
+        self.log.info(f"phases: {[list(r) for r in self.plan]}")
+        note = plan_note(self.plan, self.cfg["increment"], self.num_classes)
+        if note:
+            self.log.info(note)
+        untested = sorted(set(range(self.plan[-1][1])) - set(self.test_labels.tolist()))
+        if untested:
+            self.log.info(f"note: classes {untested} (order positions) have no test images: accuracies over "
+                          f"them only are reported as null, and forgetting skips such tasks")
         for phase in self.phases()[first:]:
             record = self.run_phase(phase)
             self.results["phases"].append(record)
@@ -447,5 +544,4 @@ class Trainer:
                 self.log.info(f"stopping after phase {phase.index} as asked (stop_after_phase)")
                 break
         self.log.summary(self.results["summary"])
-        self.log.close()
         return self.results

@@ -5,8 +5,8 @@ any folder (searched for ``results.json``). Runs that differ only in their seed 
 configuration. Writes into DIR (default ``<the one sweep>/report``, else ``logs/report``):
 
 - ``report.md`` and ``report.csv``: one row per configuration, labelled by the keys that vary
-  between configurations; CNN avg / last top-1 and forgetting, NME avg / last, FOSTER's teacher
-  avg / last, each as mean ± std over seeds (std: sample standard deviation, n − 1; "–" for one
+  between configurations; CNN avg / last top-1 and forgetting (ours and PyCIL's), NME avg / last,
+  FOSTER's other model's avg / last (the student, or the teacher with foster_deploy: student), each as mean ± std over seeds (std: sample standard deviation, n − 1; "–" for one
   seed) with the seed count; exemplars per class and memory bytes after the last phase; wall time
   (sum of the phases' seconds, mean over seeds); phases done. Where a row matches a published
   setting of SPEC.md §5 (dataset, learner, compression, init_cls, increment, phase count, and the
@@ -210,7 +210,10 @@ def fmt_ms(values: list, digits: int = 2) -> str:
 
 
 COLUMNS = [("cnn_avg_top1", "CNN avg"), ("cnn_last_top1", "CNN last"), ("cnn_forgetting", "CNN forgetting"),
+           ("cnn_forgetting_pycil", "CNN forgetting (PyCIL)"),
            ("nme_avg_top1", "NME avg"), ("nme_last_top1", "NME last"),
+           # FOSTER: the model that is not deployed (foster_deploy); cnn_* is the deployed one
+           ("student_avg_top1", "student avg"), ("student_last_top1", "student last"),
            ("teacher_avg_top1", "teacher avg"), ("teacher_last_top1", "teacher last")]
 
 

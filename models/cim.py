@@ -70,6 +70,18 @@ def random_boxes(n: int, size: int, area: float, generator: torch.Generator) -> 
     return torch.stack([y0, y0 + side, x0, x0 + side], dim=1)
 
 
+def frozen_parts(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules of ``net`` whose own weights (every parameter but Padé coefficients) are all
+    frozen — the old backbones of DER and FOSTER. Modules without such weights are not counted."""
+    parts = []
+    for module in net.modules():
+        paus = {id(p) for p in pau_parameters(module)}
+        weights = [p for p in module.parameters() if id(p) not in paus]
+        if weights and not any(p.requires_grad for p in weights):
+            parts.append(module)
+    return parts
+
+
 def is_backbone_parameter(name: str) -> bool:
     """θ of the inner step: backbone parameters only (SPEC.md §3.2), never the classifiers."""
     return name.startswith(("backbone.", "backbones."))
@@ -154,8 +166,13 @@ class ExemplarCompression(Plugin):
                     site.pau = PAU()
 
     def phi(self) -> list[torch.nn.Parameter]:
-        """φ: the PAU coefficients of the CAM network (every backbone's, frozen backbones included)."""
-        return pau_parameters(self.ctx.learner.cam_network()) if self.policy == "cim" else []
+        """φ: the PAU coefficients of the CAM network's trainable part. The units of a frozen old
+        backbone (DER's older ones, FOSTER's old one) stay frozen with it, as in the official code."""
+        if self.policy != "cim":
+            return []
+        net = self.ctx.learner.cam_network()
+        frozen = {id(p) for m in frozen_parts(net) for p in pau_parameters(m)}
+        return [p for p in pau_parameters(net) if id(p) not in frozen]
 
     def owned_parameters(self) -> list:
         if self.policy != "cim":

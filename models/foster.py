@@ -13,12 +13,16 @@ Phase 0 trains one backbone with plain cross-entropy. Every later phase has two 
    (PyCIL: old backbone + old head copied), learns from the frozen teacher by class-balanced KD
    (weights w_β2 applied to the teacher's softened probabilities). Optional student weight alignment.
 
-The student is the deployed model: it is ``phases[k].cnn``, its features give the NME classifier
-and the herding of the memory update, and it is the model carried into the next phase, so at most
-two backbones are ever trained together. The teacher's accuracy is reported as ``phases[k].teacher``
-(in phase 0 the single network is both). Note: PyCIL evaluates, and herds with, the *teacher* (its
-swap to the student happens when the next phase starts), so PyCIL's printed FOSTER curves compare
-with our ``teacher`` numbers.
+Which model is deployed after a phase (``foster_deploy``, SPEC.md §4): by default the two-backbone
+**teacher**, as PyCIL and the official CIM code — it is ``phases[k].cnn``, its features choose the
+exemplars (herding) and give the NME class means, so the published FOSTER figures compare with ours.
+The other model is reported too, as ``phases[k].student`` (or ``phases[k].teacher`` with
+``foster_deploy: student``, which evaluates and herds with the student instead). In phase 0 the
+single network is both. Either way the student is the model carried into the next phase (the next
+teacher is built on it), so at most two backbones are ever trained together.
+
+With CIM (``compression: cim``) the old backbone's Padé units are frozen with the rest of it, and
+the student keeps the old backbone's units (official code); only the new backbone's are trained.
 
 As in PyCIL and the official FOSTER code: SGD with cosine schedules; the compression stage uses the
 boosting learning rate and no weight decay; the λ_okd·KD term is not scaled by old/total classes
@@ -65,6 +69,10 @@ class FOSTER(Learner):
         "is_teacher_wa": Option(False, "bool", "Weight-align the teacher's new-class rows after boosting."),
         "is_student_wa": Option(False, "bool", "Weight-align the student's new-class rows after compression."),
         "wa_value": Option(1.0, "float", "Extra alignment factor: gamma is multiplied by wa_value^(old/new).", min=0.0),
+        "foster_deploy": Option("teacher", "str", "Model evaluated as `cnn`, used for herding and NME after a later "
+                                                  "phase: the two-backbone teacher (PyCIL, official CIM code) or the "
+                                                  "student; the other is reported as an extra evaluation.",
+                                choices=("teacher", "student")),
     }
 
     def __init__(self, cfg: dict, ctx):
@@ -130,12 +138,13 @@ class FOSTER(Learner):
         return [boosting, compression]
 
     def end_training(self, phase: Phase) -> None:
-        """The student carries the phase into the next one, so it takes over the learned Padé units
-        of the teacher's new backbone (the CIM model, if any; SPEC.md §3.1)."""
+        """The student keeps the Padé units of the old backbone (the CIM model, if any; official
+        code: its next student is built from the old backbone, whose units were frozen with it).
+        The clone made in ``grow_network`` already holds them; copying makes it explicit."""
         if self.teacher is None:
             return
         with torch.no_grad():
-            for src, dst in zip(activation_sites(self.teacher.backbones[1]), activation_sites(self.net.backbone)):
+            for src, dst in zip(activation_sites(self.teacher.backbones[0]), activation_sites(self.net.backbone)):
                 if src.pau is not None and dst.pau is not None:
                     dst.pau.load_state_dict(src.pau.state_dict())
 
@@ -184,11 +193,21 @@ class FOSTER(Learner):
         out = (self.teacher if self.teacher is not None else self.net)(x)
         return {"logits": out["logits"], "features": out["features"]}
 
+    def student_inference(self, x: torch.Tensor) -> dict:
+        out = self.net(x)
+        return {"logits": out["logits"], "features": out["features"]}
+
+    def inference(self, x: torch.Tensor) -> dict:
+        """The deployed model (``foster_deploy``): evaluation "cnn", herding features, NME means."""
+        return self.teacher_inference(x) if self.cfg["foster_deploy"] == "teacher" else self.student_inference(x)
+
     def cam_network(self):
         """The teacher (both backbones) once it exists; in phase 0 the single network."""
         return self.teacher if self.teacher is not None else self.net
 
     def extra_evaluations(self) -> dict:
+        if self.cfg["foster_deploy"] == "teacher":
+            return {"student": self.student_inference}
         return {"teacher": self.teacher_inference}
 
     def modules(self) -> dict:
@@ -197,6 +216,7 @@ class FOSTER(Learner):
         return {"net": self.net, "teacher": self.teacher}
 
     def phase_report(self, phase: Phase) -> dict:
-        return {"params": {"total": parameter_count(self.net), "backbones": 1,
+        return {"deployed": self.cfg["foster_deploy"] if self.teacher is not None else "single network",
+                "params": {"total": parameter_count(self.net), "backbones": 1,
                            "teacher_total": parameter_count(self.teacher) if self.teacher is not None else None,
                            "teacher_backbones": 2 if self.teacher is not None else None}}

@@ -261,13 +261,35 @@ def test_every_learner_runs_with_every_policy(tmp_path, learner, policy):
         assert res["phases"][0]["compression"]["bilevel"]["iterations"] >= 1
 
 
-def test_foster_student_takes_over_the_teachers_paus(tmp_path):
+def test_old_backbone_paus_stay_frozen_and_the_foster_student_keeps_them(tmp_path):
+    """Official CIM: φ excludes the frozen old backbone's Padé units; the next student takes the
+    old backbone's units, not the new one's."""
     raw = tiny_config(model_name="foster", compression="cim", compression_epochs=1, **QUICK)
     t = Trainer(resolve_config(raw), tmp_path / "run", "tiny", stop_after_phase=1)
     t.run()
-    teacher_new = activation_sites(t.learner.teacher.backbones[1])
+    phase0 = torch.load(tmp_path / "run" / "checkpoints" / "phase_0.pt", map_location="cpu",
+                        weights_only=False)["learner"]["net"]
+    old_sites = activation_sites(t.learner.teacher.backbones[0])
+    new_sites = activation_sites(t.learner.teacher.backbones[1])
     student = activation_sites(t.learner.net.backbone)
-    assert all(torch.equal(a.pau.numerator, b.pau.numerator) for a, b in zip(teacher_new, student))
+    names = [n for n, m in t.learner.teacher.backbones[0].named_modules() if m in old_sites]
+    for name, site in zip(names, old_sites):   # unchanged since phase 0
+        assert torch.equal(site.pau.numerator, phase0[f"backbone.{name}.pau.numerator"])
+    assert all(torch.equal(a.pau.numerator, b.pau.numerator) for a, b in zip(old_sites, student))
+    plugin = t.plugins[0]
+    phi = {id(p) for p in plugin.phi()}
+    assert not phi & {id(p) for s in old_sites for p in s.pau.parameters()}
+    assert {id(p) for s in new_sites for p in s.pau.parameters()} <= phi
+
+
+def test_der_old_backbones_paus_are_not_in_phi(tmp_path):
+    t = _trainer(tmp_path, model_name="der", compression="cim", num_phases=2, epochs=1, init_epochs=1)
+    t.run()
+    net, plugin = t.learner.net, t.plugins[0]
+    phi = {id(p) for p in plugin.phi()}
+    old = {id(p) for s in activation_sites(net.backbones[0]) for p in s.pau.parameters()}
+    new = {id(p) for s in activation_sites(net.backbones[-1]) for p in s.pau.parameters()}
+    assert old and not phi & old and new <= phi
 
 
 def test_cim_resume_matches_uninterrupted(tmp_path):

@@ -59,6 +59,18 @@ def _one_paragraph(err):
     ({"num_phases": 4}, ["num_phases=4", "need 8 classes", "has 6", "at most num_phases=3"]),
     ({"init_cls": 7}, ["'init_cls'", "7", "only 6 classes"]),
     ({"shapes": {"num_classes": 6, "n_train": 3}}, ["'shapes'", "n_train", "allowed"]),
+    # issue 12: inputs that passed validation and then broke (or trained nothing)
+    ({"seed": -1}, ["'seed'", "-1", "≥ 0"]),
+    ({"seed": 2 ** 32}, ["'seed'", "4294967296", "≤ 4294967295"]),
+    ({"seed": [1, 2 ** 40]}, ["'seed'", "≤ 4294967295"]),
+    ({"batch_size": 1}, ["'batch_size'", "≥ 2"]),
+    ({"input_size": 24}, ["'input_size'", "input_size 24", "image_size 16"]),
+    ({"image_size": None, "input_size": 64}, ["'input_size'", "input_size 64", "image_size 32"]),
+    ({"threads": 0}, ["'threads'", "≥ 1"]),
+    ({"rrc_scale": [0.9, 0.1]}, ["'rrc_scale'", "0 < min ≤ max ≤ 1"]),
+    ({"rrc_scale": [0.0, 0.0]}, ["'rrc_scale'", "0 < min ≤ max ≤ 1"]),
+    ({"prefix": "../../elsewhere"}, ["'prefix'", "cannot contain '/'"]),
+    ({"cache_dir": ""}, ["'cache_dir'", "empty string", "null to disable"]),
 ], ids=lambda v: None if isinstance(v, list) else "-".join(f"{k}={v[k]}" for k in v)[:40])
 def test_config_errors_exit_2_with_a_message(tmp_path, monkeypatch, capsys, overrides, needles):
     code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(**overrides))
@@ -83,8 +95,8 @@ def test_protocol_is_checked_before_any_image_is_loaded(tmp_path, monkeypatch, c
         raise AssertionError("the dataset must not be loaded before the protocol is checked")
 
     monkeypatch.setattr(trainer, "load_dataset", no_loading)
-    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(init_cls=2, increment=3, num_phases=3))
-    _assert_user_error(code, err, tmp_path, "num_phases=3", "at most num_phases=2")
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(init_cls=2, increment=3, num_phases=4))
+    _assert_user_error(code, err, tmp_path, "num_phases=4", "at most num_phases=3")
 
 
 def test_bad_json_file(tmp_path, monkeypatch, capsys):
@@ -322,3 +334,74 @@ def test_resume_allows_a_key_added_since_at_its_default(tmp_path, monkeypatch, c
 
     with pytest.raises(UserError, match="differs from this one in new_knob"):
         run(tiny_config(new_knob=3), other, resume=True)
+
+
+# ---- issue 12 ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"seed": 2 ** 32}, "'seed'"),
+    ({"input_size": 24}, "'input_size'"),
+    ({"batch_size": 1}, "'batch_size'"),
+])
+def test_bad_values_are_refused_by_check_too(tmp_path, monkeypatch, capsys, overrides, needle):
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(**overrides), argv=["--check"])
+    _assert_user_error(code, err, tmp_path, needle)
+
+
+def test_image_size_smaller_than_the_datasets_input_is_refused():
+    with pytest.raises(ConfigError, match="'image_size'.*input_size 32 is larger than the stored image_size 16"):
+        resolve_config(tiny_config(image_size=16, input_size=None))
+    resolve_config(tiny_config(image_size=40, input_size=None))   # 32 ≤ 40: fine
+
+
+def test_phase_plan_adds_a_smaller_last_phase_for_leftover_classes():
+    cfg = resolve_config(tiny_config(init_cls=4, increment=4, num_phases=None))
+    assert phase_plan(cfg, 10) == [(0, 4), (4, 8), (8, 10)]
+    # a given num_phases that fits is honoured; the leftover phase counts as one
+    assert phase_plan(resolve_config(tiny_config(init_cls=4, increment=4, num_phases=2)), 10) == [(0, 4), (4, 8)]
+    assert phase_plan(resolve_config(tiny_config(init_cls=4, increment=4, num_phases=3)), 10) == [(0, 4), (4, 8), (8, 10)]
+    with pytest.raises(ConfigError, match=r"at most num_phases=3 \(the last one with 2 classes\)"):
+        phase_plan(resolve_config(tiny_config(init_cls=4, increment=4, num_phases=4)), 10)
+
+
+def test_check_prints_the_leftover_phase_and_unused_classes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "a.json", tiny_config(init_cls=2, increment=3))   # 6 classes: 2 + 3 + 1
+    assert main.main(["--config", "a", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "phase 2: classes [5, 6) — 1 new" in out
+    assert "note: the last phase has 1 classes" in out
+    write_config(tmp_path / "b.json", tiny_config(num_phases=2))             # uses 4 of 6 classes
+    assert main.main(["--config", "b", "--check"]) == 0
+    assert "2 of the dataset's 6 classes are not used (num_phases=2)" in capsys.readouterr().out
+
+
+def test_result_key_differences_include_the_seed_but_not_where_or_how_fast():
+    from utils.config import result_key_differences
+
+    base = resolve_config(tiny_config())
+    assert result_key_differences(base, base) == []
+    assert result_key_differences(base, resolve_config(tiny_config(seed=7))) == ["seed"]
+    assert result_key_differences(base, resolve_config(tiny_config(device="auto", threads=2, eval_batch_size=64,
+                                                                    checkpoints="last", prefix="x"))) == []
+    assert result_key_differences(base, resolve_config(tiny_config(seed=7, memory_size=50))) == ["memory_size", "seed"]
+
+
+def test_threads_flag_sets_the_key(tmp_path, monkeypatch, capsys):
+    import trainer
+
+    seen = {}
+
+    class Fake:
+        def __init__(self, cfg, out, name):
+            seen["threads"] = cfg["threads"]
+
+        def run(self, resume=False):
+            return {}
+
+    monkeypatch.setattr(trainer, "Trainer", Fake)
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "t.json", tiny_config())
+    assert main.main(["--config", "t", "--threads", "1"]) == 0
+    assert seen["threads"] == 1
+    assert resolve_config(tiny_config())["threads"] is None

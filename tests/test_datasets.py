@@ -439,3 +439,21 @@ def test_errors_are_user_errors_with_paths(tmp_path):
     with pytest.raises(DataError, match="meta/classes.txt"):
         load_dataset("food101", str(tmp_path), image_size=16)
     assert os.path.isdir(tmp_path)
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    """issue 12: a full disk while writing the (optional) decoded-image cache must not stop the run."""
+    import errno
+
+    import torch
+
+    from utils import image_cache
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    target = tmp_path / "cache" / "x.pt"
+    with pytest.warns(UserWarning, match=rf"Could not write the dataset cache {target} \(No space left"):
+        image_cache.save_cache(str(target), {"key": 1})
+    assert not target.exists() and not list((tmp_path / "cache").iterdir())

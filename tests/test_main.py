@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+
+import pytest
 from pathlib import Path
 
 import main
@@ -90,3 +92,96 @@ def test_cli_diverged_loss_exits_1_and_keeps_earlier_phases(tmp_path, monkeypatc
     results = read_results(out)
     assert [p["phase"] for p in results["phases"]] == [0]
     assert results["phases"][0]["cnn"]["top1"] > 0
+
+
+# ---- issue 12: Ctrl-C, full disk, unusable output and cache paths -------------------------------
+
+def _no_data_loading(monkeypatch):
+    import trainer
+
+    def fail(*a, **k):
+        raise AssertionError("the dataset must not be loaded before the paths are checked")
+
+    monkeypatch.setattr(trainer, "load_dataset", fail)
+
+
+def test_ctrl_c_stops_cleanly_naming_the_saved_phase_and_the_resume_command(tmp_path, monkeypatch, capsys):
+    import trainer
+
+    original = trainer.Trainer.run_phase
+
+    def interrupt_in_phase_1(self, phase):
+        if phase.index == 1:
+            raise KeyboardInterrupt
+        return original(self, phase)
+
+    monkeypatch.setattr(trainer.Trainer, "run_phase", interrupt_in_phase_1)
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**FAST))
+    out = tmp_path / "out"
+    assert main.main(["--config", "tiny", "--output", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert f"interrupted (Ctrl-C): phase 0 is saved in {out}; resume with: " \
+           f"python main.py --config tiny --output {out} --resume" in err
+    assert not (out / "run.lock").exists()
+    monkeypatch.setattr(trainer.Trainer, "run_phase", original)
+    assert main.main(["--config", "tiny", "--output", str(out), "--resume"]) == 0
+    assert [p["phase"] for p in read_results(out)["phases"]] == [0, 1]
+
+
+def test_a_full_disk_exits_2_naming_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import utils.io
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(utils.io.torch, "save", full)
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**FAST))
+    out = tmp_path / "out"
+    assert main.main(["--config", "tiny", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"The disk is full: could not write {out / 'checkpoints' / 'phase_0.pt'}" in err
+    assert not list(out.rglob("*.tmp")) and not (out / "run.lock").exists()
+
+
+@pytest.mark.parametrize("case", ["existing file", "under a file", "read-only"])
+def test_unusable_output_folder_exits_2_before_loading_data(tmp_path, monkeypatch, capsys, case):
+    import errno
+    import tempfile
+
+    _no_data_loading(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**FAST))
+    (tmp_path / "afile").write_text("x")
+    out = {"existing file": tmp_path / "afile", "under a file": tmp_path / "afile" / "run",
+           "read-only": tmp_path / "ro" / "run"}[case]
+    if case == "read-only":
+        real = tempfile.mkstemp
+
+        def read_only(*a, dir=None, **k):
+            if str(dir).startswith(str(tmp_path)):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real(*a, dir=dir, **k)
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    for extra in ([], ["--check"]):
+        assert main.main(["--config", "tiny", "--output", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: Output folder") and str(out) in err and "Traceback" not in err
+    assert "is an existing file" in err or "is a file" in err or "Read-only file system" in err
+
+
+def test_unusable_cache_dir_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    _no_data_loading(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    write_config(tmp_path / "f.json", tiny_config(dataset="folder", data_root=str(tmp_path / "data"),
+                                                  cache_dir=str(tmp_path / "afile" / "cache"), **FAST))
+    assert main.main(["--config", "f", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "'cache_dir'" in err and str(tmp_path / "afile" / "cache") in err and "Traceback" not in err

@@ -63,3 +63,23 @@ def test_summarize_collects_matrix():
     assert s["cnn_forgetting"] == pytest.approx(30.0)
     assert s["cnn_accuracy_matrix"] == [[90.0], [60.0, 80.0]]
     assert summarize([{"nme": None}], "nme")["nme_avg_top1"] is None
+
+
+def test_pycil_forgetting_includes_the_last_phase_and_is_never_negative():
+    from utils.metrics import forgetting, forgetting_pycil
+
+    # task 0 improves in the last phase: ours is negative, PyCIL's is 0
+    matrix = [[50.0], [40.0, 90.0], [60.0, 70.0, 80.0]]
+    assert forgetting(matrix) == pytest.approx(((50 - 60) + (90 - 70)) / 2)
+    assert forgetting_pycil(matrix) == pytest.approx(((60 - 60) + (90 - 70)) / 2)
+
+
+def test_forgetting_skips_a_task_without_test_images():
+    from utils.metrics import forgetting, forgetting_pycil, summarize
+
+    matrix = [[None], [None, 90.0], [None, 70.0, 80.0]]
+    assert forgetting(matrix) == 20.0 and forgetting_pycil(matrix) == 20.0
+    assert forgetting([[None], [None, 50.0]]) is None
+    phases = [{"cnn": {"top1": None, "per_task": [None]}}, {"cnn": {"top1": 50.0, "per_task": [None, 50.0]}}]
+    s = summarize(phases, "cnn")
+    assert s["cnn_avg_top1"] == 50.0 and s["cnn_forgetting"] is None and s["cnn_forgetting_pycil"] is None

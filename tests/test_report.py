@@ -108,3 +108,17 @@ def test_published_setting_stands_beside_ours(tmp_path, capsys):
 def test_no_results_is_a_clear_error(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_foster_student_columns_when_the_teacher_is_deployed(tmp_path, capsys):
+    raw, _ = load_config_file("cim-food101")
+    cfg = resolve_config({**raw, "seed": 1993})
+    res = _results(cfg, [80.0 - k for k in range(10)], 74.0, 70.0, 5.0, classes_per_phase=10)
+    res["summary"].update(student_avg_top1=71.0, student_last_top1=66.0, cnn_forgetting_pycil=6.0)
+    _write(tmp_path / "runs" / "s1993", res)
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / "runs"), "--output", str(out)]) == 0
+    capsys.readouterr()
+    row = next(csv.DictReader(open(out / "report.csv")))
+    assert row["student avg"] == "71.00" and row["student last"] == "66.00"
+    assert row["CNN forgetting (PyCIL)"] == "6.00" and "teacher avg" not in row

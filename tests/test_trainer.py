@@ -188,7 +188,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     out = tmp_path / "run"
     run(tiny_config(num_phases=2, init_epochs=1), out, stop_after_phase=0)
     (out / "config.json").unlink()   # no config.json to compare with: the checkpoint's hash still guards
-    with pytest.raises(UserError, match="another config"):
+    with pytest.raises(UserError, match=r"phase_0.pt: its config differs from this one in memory_size\."):
         run(tiny_config(num_phases=2, init_epochs=1, memory_size=50), out, resume=True)
     assert not (out / "config.json").exists()      # the refused config was not recorded
     assert (out / "checkpoints" / "phase_0.pt").exists()
@@ -237,3 +237,134 @@ def test_resume_without_checkpoints_starts_over_cleanly(tmp_path):
     assert [p["phase"] for p in resumed["phases"]] == [0, 1]
     # Phase 0 ran twice, but metrics.jsonl holds each epoch once.
     assert [(m["phase"], m["epoch"]) for m in read_metrics(out)] == [(0, 1), (1, 1)]
+
+
+# ---- issue 12: resume identity, run lock, unreadable files, tasks without test images -----------
+
+FAST = dict(num_phases=2, init_epochs=1, epochs=1)
+
+
+def test_resume_refuses_another_seed(tmp_path):
+    out = tmp_path / "run"
+    run(tiny_config(**FAST), out, stop_after_phase=0)
+    with pytest.raises(UserError, match=r"config differs from this one in seed\."):
+        run(tiny_config(**FAST, seed=7), out, resume=True)
+    (out / "config.json").unlink()   # the checkpoint's own config guards too
+    with pytest.raises(UserError, match=r"Cannot resume from .*phase_0.pt: its config differs from this one in seed\."):
+        run(tiny_config(**FAST, seed=7), out, resume=True)
+    assert len(read_results(out)["phases"]) == 1
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "run.lock").write_text(f"{holder.pid}\n")
+        with pytest.raises(UserError, match=rf"Output folder {out} is in use by another run \(pid {holder.pid}"):
+            run(tiny_config(**FAST), out)
+        assert not (out / "results.json").exists() and (out / "run.lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is stale and taken over with a notice; released at the end
+    results = run(tiny_config(**FAST), out)
+    assert len(results["phases"]) == 2
+    assert f"taking over the stale lock {out / 'run.lock'} (of pid {holder.pid}" in capsys.readouterr().out
+    assert not (out / "run.lock").exists()
+
+
+def test_lock_is_released_when_the_run_fails(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged):
+        Trainer(resolve_config(tiny_config(**FAST, lr=1e30)), out, "tiny").run()
+    assert not (out / "run.lock").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_resume_falls_back_to_the_previous_intact_checkpoint(tmp_path, tiny_reference, damage):
+    ref_out, ref = tiny_reference
+    out = tmp_path / "run"
+    run(tiny_config(), out, stop_after_phase=1)
+    bad = out / "checkpoints" / "phase_1.pt"
+    bad.write_bytes(bad.read_bytes()[:1000] if damage == "truncated" else b"")
+    resumed = run(tiny_config(), out, resume=True)
+    log = (out / "log.txt").read_text()
+    assert f"resume: checkpoint {bad} is unreadable" in log and "resume: restored phase 0" in log
+    assert without_seconds(resumed) == without_seconds(ref)
+
+
+def test_resume_with_no_readable_checkpoint_names_it(tmp_path):
+    out = tmp_path / "run"
+    run(tiny_config(**FAST, checkpoints="last"), out, stop_after_phase=0)
+    bad = out / "checkpoints" / "phase_0.pt"
+    bad.write_bytes(b"\x80\x02")
+    with pytest.raises(UserError, match=rf"no checkpoint can be read \({bad} unreadable"):
+        run(tiny_config(**FAST, checkpoints="last"), out, resume=True)
+
+
+def test_corrupt_config_json_is_overwritten_by_a_fresh_run_and_named_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(tiny_config(**FAST), out, stop_after_phase=0)
+    (out / "config.json").write_text('{"seed": 19')
+    with pytest.raises(UserError, match=rf"its config.json is unreadable .*{out / 'config.json'}"):
+        run(tiny_config(**FAST), out, resume=True)
+    assert (out / "checkpoints" / "phase_0.pt").exists()
+    results = run(tiny_config(**FAST), out)
+    assert len(results["phases"]) == 2
+    assert json.loads((out / "config.json").read_text())["seed"] == 1993
+    assert "was unreadable" in (out / "log.txt").read_text()
+
+
+def test_leftover_tmp_files_of_a_killed_write_are_removed_on_the_next_start(tmp_path):
+    out = tmp_path / "run"
+    run(tiny_config(**FAST), out, stop_after_phase=0)
+    leftovers = [out / ".results.json.abc123.tmp", out / "checkpoints" / ".phase_1.pt.xyz.tmp"]
+    for p in leftovers:
+        p.write_bytes(b"half")
+    run(tiny_config(**FAST), out, resume=True)
+    assert not any(p.exists() for p in leftovers)
+    assert "removed 2 temporary file(s)" in (out / "log.txt").read_text()
+
+
+def test_a_task_without_test_images_gets_null_accuracy_and_forgetting_skips_it(tmp_path):
+    trainer = Trainer(resolve_config(tiny_config(**FAST)), tmp_path / "run", "tiny")
+    keep = trainer.test_labels >= 2            # task 0 (classes 0, 1) loses every test image
+    trainer.test_images, trainer.test_labels = trainer.test_images[keep], trainer.test_labels[keep]
+    results = trainer.run()
+    p0, p1 = results["phases"]
+    assert p0["cnn"]["top1"] is None and p0["cnn"]["per_task"] == [None]
+    assert p1["cnn"]["per_task"][0] is None and p1["cnn"]["per_task"][1] is not None
+    s = results["summary"]
+    assert s["cnn_forgetting"] is None and s["cnn_forgetting_pycil"] is None
+    assert s["cnn_avg_top1"] == p1["cnn"]["top1"]
+    assert "have no test images" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_leftover_classes_form_a_smaller_last_phase(tmp_path):
+    results = run(tiny_config(init_cls=2, increment=3, init_epochs=1, epochs=1), tmp_path / "run")
+    assert [p["classes"] for p in results["phases"]] == [[0, 2], [2, 5], [5, 6]]
+    assert [len(p["cnn"]["per_task"]) for p in results["phases"]] == [1, 2, 3]
+
+
+def test_a_full_disk_while_logging_names_the_file(tmp_path):
+    import errno
+
+    from utils.io import DiskFull
+    from utils.run_log import RunLog
+
+    log = RunLog(tmp_path)
+    log.open()
+
+    class Full:
+        name = str(tmp_path / "log.txt")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log._text = Full()
+    with pytest.raises(DiskFull, match=rf"The disk is full: could not write {tmp_path / 'log.txt'}"):
+        log.info("x")

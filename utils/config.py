@@ -52,8 +52,11 @@ def _dataset_names() -> tuple:
 COMMON_OPTIONS: dict[str, Option] = {
     # run identity
     "prefix": Option("", "str", "Name of the run folder (defaults to the config file's name)."),
-    "seed": Option(1993, "int_or_int_list", "Random seed; a list runs once per seed. Also seeds the class order."),
+    "seed": Option(1993, "int_or_int_list", "Random seed; a list runs once per seed. Also seeds the class order.",
+                   min=0, max=2 ** 32 - 1),
     "device": Option("auto", "str", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'."),
+    "threads": Option(None, "int", "CPU threads of torch (torch.set_num_threads); null = torch's default. On a "
+                                   "shared machine 1 is often much faster (README: Measured).", min=1, nullable=True),
     # data
     "dataset": Option("shapes", "str", "Dataset format (see README: Datasets).", choices=None),
     "data_root": Option(None, "str", "Folder holding the dataset (unused for shapes).", nullable=True),
@@ -77,7 +80,8 @@ COMMON_OPTIONS: dict[str, Option] = {
     # network and optimisation common to all learners
     "model_name": Option("icarl", "str", "Learner (see README: Learners)."),
     "convnet_type": Option("resnet32", "str", "Backbone (see README: Backbones)."),
-    "batch_size": Option(128, "int", "Training batch size.", min=1),
+    "batch_size": Option(128, "int", "Training batch size (at least 2: a batch of one is dropped, as BatchNorm "
+                                     "cannot train on it).", min=2),
     "eval_batch_size": Option(256, "int", "Batch size for evaluation and feature extraction.", min=1),
     "amp": Option(True, "bool", "Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU."),
     "channels_last": Option(True, "bool", "channels_last memory format on CUDA; ignored on CPU."),
@@ -285,6 +289,8 @@ def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     dev = resolved["device"]
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"Config key 'device' is {json.dumps(dev)}; allowed: auto, cpu, cuda, cuda:N.")
+    _check_sizes(resolved)
+    _check_paths_and_ranges(resolved)
     LEARNERS[model_name].check_config(resolved)
     from models.plugins import PLUGINS
 
@@ -293,19 +299,72 @@ def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def _check_sizes(cfg: dict) -> None:
+    """``input_size`` (network input, a centre/random crop) cannot exceed the stored ``image_size``
+    (both resolved with the dataset's defaults)."""
+    from utils.datasets import DATASETS
+
+    info = DATASETS[cfg["dataset"]]
+    image_size = cfg["image_size"] or info.image_size
+    input_size = cfg["input_size"] or info.input_size
+    if input_size > image_size:
+        which = "input_size" if cfg["input_size"] is not None else "image_size"
+        raise ConfigError(
+            f"Config key '{which}': input_size {input_size} is larger than the stored image_size {image_size} "
+            f"(dataset '{cfg['dataset']}' defaults: image_size {info.image_size}, input_size {info.input_size}); "
+            f"the network input is cropped from the stored image, so input_size must be ≤ image_size.")
+
+
+def _check_paths_and_ranges(cfg: dict) -> None:
+    """Cross-value checks that used to pass validation and then fail (or misplace outputs) later."""
+    lo, hi = cfg["rrc_scale"]
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"Config key 'rrc_scale' is {json.dumps(cfg['rrc_scale'])}; it must be [min, max] "
+                          f"with 0 < min ≤ max ≤ 1 (area fractions of the random resized crop).")
+    prefix = cfg["prefix"]
+    if prefix in (".", "..") or "/" in prefix or "\\" in prefix:
+        raise ConfigError(f"Config key 'prefix' is {json.dumps(prefix)}; it names one folder, so it cannot "
+                          f"contain '/' or '\\' or be '.' or '..' (use --output for another location).")
+    for key in ("cache_dir", "data_root", "class_list"):
+        if cfg[key] is not None and not cfg[key].strip():
+            raise ConfigError(f"Config key '{key}' is an empty string; give a path, or null"
+                              f"{' to disable the cache' if key == 'cache_dir' else ''}.")
+
+
 def phase_plan(cfg: Mapping[str, Any], num_classes: int) -> list[tuple[int, int]]:
-    """Class ranges ``[(first, last_exclusive), ...]`` of the phases, or ConfigError if they do not fit."""
+    """Class ranges ``[(first, last_exclusive), ...]`` of the phases, or ConfigError if they do not fit.
+
+    With ``num_phases`` null every class is used: when (classes − init_cls) is not a multiple of
+    ``increment`` the leftover classes form a smaller last phase (as PyCIL). A given ``num_phases``
+    is honoured when the classes suffice (the last phase may then be the smaller one); the classes
+    it leaves out are named by :func:`plan_note`.
+    """
     init, inc = cfg["init_cls"], cfg["increment"]
     if init > num_classes:
         raise ConfigError(f"Config key 'init_cls' is {init} but dataset '{cfg['dataset']}' has only "
                           f"{num_classes} classes.")
-    max_phases = 1 + (num_classes - init) // inc
+    full = 1 + (num_classes - init) // inc            # phases of the full size
+    leftover = (num_classes - init) % inc
+    max_phases = full + (1 if leftover else 0)
     n = cfg["num_phases"] if cfg["num_phases"] is not None else max_phases
     if n > max_phases:
         raise ConfigError(
             f"Config keys init_cls={init}, increment={inc}, num_phases={n} need {init + inc * (n - 1)} classes, "
-            f"but dataset '{cfg['dataset']}' has {num_classes}; at most num_phases={max_phases}.")
-    return [(0, init)] + [(init + inc * (k - 1), init + inc * k) for k in range(1, n)]
+            f"but dataset '{cfg['dataset']}' has {num_classes}; at most num_phases={max_phases}"
+            f"{f' (the last one with {leftover} classes)' if leftover else ''}.")
+    return [(0, init)] + [(init + inc * (k - 1), min(init + inc * k, num_classes)) for k in range(1, n)]
+
+
+def plan_note(plan: list[tuple[int, int]], increment: int, num_classes: int) -> str | None:
+    """A line saying how the plan departs from equal phases over every class, or None."""
+    notes = []
+    if len(plan) > 1 and plan[-1][1] - plan[-1][0] < increment:
+        notes.append(f"the last phase has {plan[-1][1] - plan[-1][0]} classes (the leftover of "
+                     f"{num_classes} classes after phases of {increment})")
+    if plan[-1][1] < num_classes:
+        notes.append(f"{num_classes - plan[-1][1]} of the dataset's {num_classes} classes are not used "
+                     f"(num_phases={len(plan)})")
+    return "note: " + "; ".join(notes) + "." if notes else None
 
 
 def load_config_file(name_or_path: str) -> tuple[dict, str]:
@@ -344,7 +403,7 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
 
 
 # Keys that change where or how fast a run happens but not its results.
-_NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size")
+_NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size", "threads")
 
 
 def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
@@ -376,6 +435,14 @@ def resolve_saved_config(saved: Mapping[str, Any]) -> tuple[dict[str, Any], list
     renamed = renamed_keys(saved, notice=lambda msg: None)   # an old name is not a missing key
     resolved = resolve_config(renamed)
     return resolved, sorted(k for k in hashed_keys(resolved) if k not in renamed)
+
+
+def result_key_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The keys whose difference between two resolved configs changes results: the identifying
+    keys of either (:func:`hashed_keys`) and ``seed`` (the folder is per seed, so the hash leaves it
+    out, but it draws the class order and every random number). Resume refuses any of them."""
+    keys = hashed_keys(old) | hashed_keys(new) | {"seed"}
+    return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
 def describe_keys() -> str:

@@ -248,13 +248,20 @@ def save_cache(path: str, payload: dict) -> None:
     import torch
 
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        cause = err if isinstance(err, OSError) else err.__cause__ or err.__context__
+        if isinstance(err, (OSError, RuntimeError)) and isinstance(cause, OSError):
+            # The cache only saves time: a full disk or an unwritable folder must not stop the run.
+            warnings.warn(f"Could not write the dataset cache {path} ({cause.strerror or cause}); "
+                          f"continuing without it.", stacklevel=2)
+            return
         raise

@@ -1,6 +1,11 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written results or checkpoint file."""
+"""Atomic file writes: a reader (or a crash) never sees a half-written results or checkpoint file.
+
+Also the checks of an output folder before a run starts (so that a bad path fails before the
+dataset is loaded) and the removal of the temporary files a killed write leaves behind.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -9,20 +14,46 @@ from typing import Any
 
 import torch
 
+from utils.errors import UserError
+
+TMP_SUFFIX = ".tmp"
+
+
+class DiskFull(UserError):
+    """A write failed because the file system is full (ENOSPC / EDQUOT)."""
+
+
+def disk_error(path: Path, err: OSError) -> UserError | None:
+    """A UserError for an OSError a user can fix (full disk, read-only file system, no permission)."""
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return DiskFull(f"The disk is full: could not write {path} ({err.strerror}). Free some space "
+                        f"(or use another --output folder) and rerun with --resume.")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"Cannot write {path}: {err.strerror}. Use another --output folder.")
+    return None
+
 
 def _atomic(path: Path, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as err:
+        raise (disk_error(path, err) or err) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        user = disk_error(path, err) if isinstance(err, OSError) else None
+        if user is None and isinstance(err, RuntimeError) and isinstance(err.__cause__ or err.__context__, OSError):
+            user = disk_error(path, err.__cause__ or err.__context__)   # torch.save wraps write errors
+        if user is not None:
+            raise user from None
         raise
 
 
@@ -32,3 +63,38 @@ def write_json(path: Path, obj: Any) -> None:
 
 def save_torch(path: Path, obj: Any) -> None:
     _atomic(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes (``.<name>.*.tmp``) that a killed run left in
+    ``folder`` and its subfolders; returns them. Only call with the folder's run lock held."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Raise UserError naming ``path`` unless it is (or can be created as) a writable folder:
+    an existing file, a path under a file, a read-only or permission-denied location are refused.
+    Creates nothing (a probe file in the nearest existing folder is removed at once)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is an existing file, not a folder; use another path.")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"{what} {path} cannot be created: {existing} is a file, not a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-", suffix=TMP_SUFFIX)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = "the disk is full" if err.errno == errno.ENOSPC else err.strerror
+        raise UserError(f"{what} {path} is not writable ({existing}: {reason}); use another path.") from None

@@ -30,11 +30,20 @@ class RunLog:
     def info(self, message: str) -> None:
         print(message, file=sys.stdout, flush=True)
         if self._text is not None:
-            self._text.write(message + "\n")
+            self._write(self._text, message + "\n")
 
     def metric(self, record: dict) -> None:
         if self._metrics is not None:
-            self._metrics.write(json.dumps(record) + "\n")
+            self._write(self._metrics, json.dumps(record) + "\n")
+
+    @staticmethod
+    def _write(f, text: str) -> None:
+        try:
+            f.write(text)
+        except OSError as err:   # a full disk: say so and name the file (exit 2), no traceback
+            from utils.io import disk_error
+
+            raise (disk_error(Path(f.name), err) or err) from None
 
     def phase_block(self, rec: dict) -> None:
         lines = [f"-- phase {rec['phase']} done in {rec['seconds']:.1f}s: classes {rec['classes']}"]
