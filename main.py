@@ -4,6 +4,10 @@
 Exit status: 0 success; 2 config or data error (a message naming the key or path, no traceback);
 130 interrupted by Ctrl-C (the finished phases stay saved; the message gives the resume command);
 1 anything else.
+
+Under ``torchrun --nproc_per_node=N main.py ...`` every process validates the same config (an error
+there stops each of them alike, before any process group exists), then joins the process group
+(``utils/distributed.py``) and trains its shard; rank 0 writes the run folder.
 """
 from __future__ import annotations
 
@@ -110,8 +114,13 @@ def _main(args, argv: list[str]) -> int:
         runs = [({**cfg, "seed": s}, output_dir({**cfg, "seed": s}, config_name, s, args.output, len(seeds) > 1))
                 for s in seeds]
         check_paths(cfg, [out for _, out in runs])
+
+        from utils import distributed
+
+        rank, world, _ = distributed.env_world()
         if args.check:
-            print_plan(cfg, config_name, [out for _, out in runs])
+            if rank == 0:
+                print_plan(cfg, config_name, [out for _, out in runs])
             return 0
         # Dataset-dependent checks (data_root layout, enough classes for the protocol) from the file
         # listing alone, before any image is decoded or any output folder is touched.
@@ -120,23 +129,34 @@ def _main(args, argv: list[str]) -> int:
 
         info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], shapes=cfg["shapes"])
         phase_plan(cfg, info["num_classes"])
-        from trainer import RunInterrupted, Trainer, TrainingDiverged
+        from trainer import RunInterrupted, Trainer, TrainingDiverged, resolve_device
 
-        for run_cfg, out in runs:
-            try:
-                Trainer(run_cfg, out, config_name).run(resume=args.resume)
-            except TrainingDiverged as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 1
-            except RunInterrupted as err:
-                if err.saved_phase is not None:
-                    saved = f"phase {err.saved_phase} is saved in {err.out}"
-                elif err.checkpoints == "none":
-                    saved = f"nothing is saved (checkpoints: none) in {err.out}"
-                else:
-                    saved = f"no phase was finished yet in {err.out}"
-                print(f"interrupted (Ctrl-C): {saved}; resume with: {resume_command(argv)}", file=sys.stderr)
-                return EXIT_INTERRUPTED
+        device = resolve_device(cfg["device"])
+        if world > 1 and cfg["sync_bn"] and device.type != "cuda":
+            from utils.errors import ConfigError
+
+            raise ConfigError("Config key 'sync_bn' is true but the device is the CPU: PyTorch's SyncBatchNorm "
+                              "trains on GPUs only; set sync_bn to false.")
+        distributed.init(device)   # a no-op in a plain run
+        try:
+            for run_cfg, out in runs:
+                try:
+                    Trainer(run_cfg, out, config_name).run(resume=args.resume)
+                except TrainingDiverged as err:   # losses are reduced over ranks: every rank stops here
+                    print(f"error: {err}", file=sys.stderr)
+                    return 1
+                except RunInterrupted as err:
+                    if err.saved_phase is not None:
+                        saved = f"phase {err.saved_phase} is saved in {err.out}"
+                    elif err.checkpoints == "none":
+                        saved = f"nothing is saved (checkpoints: none) in {err.out}"
+                    else:
+                        saved = f"no phase was finished yet in {err.out}"
+                    if rank == 0:
+                        print(f"interrupted (Ctrl-C): {saved}; resume with: {resume_command(argv)}", file=sys.stderr)
+                    return EXIT_INTERRUPTED
+        finally:
+            distributed.shutdown()
         return 0
     except Exception as err:  # noqa: BLE001 - user errors become a message, bugs keep their traceback
         from utils.errors import UserError

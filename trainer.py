@@ -8,6 +8,10 @@ replay; ``utils/stage_data.py``) → end-of-training step → memory update (her
 stages → evaluation (CNN, NME, extra models) → checkpoint and results.json, both atomic.
 
 Learners and plugins see a :class:`models.context.RunContext`, never the trainer.
+
+Under ``torchrun`` (``utils/distributed.py``) every process runs this loop on its shard of each
+global batch, the stage's network wrapped in DistributedDataParallel; rank 0 alone decides the
+memory (then broadcast), evaluates, and writes the run folder.
 """
 from __future__ import annotations
 
@@ -18,14 +22,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.base import Batch, Learner, Phase, Stage
 from models.context import RunContext
 from models.plugins import PLUGINS
 from models.registry import get_learner_class
-from utils import batching
-from utils.augment import TrainAugment
+from utils import batching, distributed
+from utils.augment import BatchShard, TrainAugment
 from utils.config import config_hash, hashed_keys, phase_plan, plan_note, resolve_saved_config, result_key_differences
 from utils.datasets import DATASETS, load_dataset
 from utils.errors import UserError
@@ -53,10 +58,17 @@ class RunInterrupted(Exception):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of this process. Under torchrun ("cuda" or "auto" with CUDA): ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"Config key 'device' is '{name}' but CUDA is not available here; use 'cpu' or 'auto'.")
+    _, world, local_rank = distributed.env_world()
+    if world > 1 and name.startswith("cuda"):
+        if name != "cuda":
+            raise UserError(f"Config key 'device' is '{name}', but under torchrun every process uses the GPU of its "
+                            f"LOCAL_RANK: use 'cuda' or 'auto'.")
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -67,6 +79,33 @@ def class_order(num_classes: int, seed: int, shuffle: bool) -> list[int]:
     import numpy as np
 
     return np.random.RandomState(seed).permutation(num_classes).tolist()
+
+
+def stage_parameters(stage: Stage) -> list[torch.nn.Parameter]:
+    """The parameters of ``stage.params`` (plain, or flattened from parameter groups)."""
+    out = []
+    for p in stage.params:
+        out += list(p["params"]) if isinstance(p, dict) else [p]
+    return out
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the ranks (for parameters no DDP wrapper holds)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.copy_(distributed.all_reduce_sum(p.grad) / distributed.world_size())
+
+
+def reduce_epoch_sums(sums: dict, correct: torch.Tensor, seen: int) -> tuple[dict, torch.Tensor, int]:
+    """An epoch's per-rank sums (loss × samples by name, correct predictions, samples) summed over
+    the ranks, in one collective."""
+    keys = sorted(sums)
+    device = correct.device
+    local = torch.stack([torch.as_tensor(sums[k], device=device).float() for k in keys]
+                        + [correct.float(), torch.tensor(float(seen), device=device)])
+    total = distributed.all_reduce_sum(local.double()).float()
+    return {k: total[i] for i, k in enumerate(keys)}, total[-2], int(round(float(total[-1])))
 
 
 def saved_checkpoints(out: Path) -> dict[int, Path]:
@@ -87,7 +126,10 @@ class Trainer:
         self.on_cuda = self.device.type == "cuda"
         self.amp = cfg["amp"] and self.on_cuda
         self.channels_last = cfg["channels_last"] and self.on_cuda
-        self.log = RunLog(self.out)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self.memory_digests: list[str] = []   # this process's memory digest after each phase it ran
+        self.log = RunLog(self.out, enabled=self.is_main)   # rank 0 alone prints and writes
         self.hash = config_hash(cfg)
         if cfg.get("threads"):
             torch.set_num_threads(cfg["threads"])
@@ -121,11 +163,12 @@ class Trainer:
             image_size=self.image_size, input_size=self.input_size, mean=self.data.mean, std=self.data.std,
             augment=self.augment, log=self.log, out=self.out, train_images=self.train_images,
             train_labels=self.train_labels, memory=self.memory, class_counts=self.class_counts,
-            class_names=[self.data.class_names[c] for c in self.order], plan=self.plan)
+            class_names=[self.data.class_names[c] for c in self.order], plan=self.plan,
+            rank=self.rank, world_size=self.world)
         self.learner: Learner = get_learner_class(cfg["model_name"])(cfg, self.ctx)
         self.ctx.learner = self.learner
         self.plugins = [cls(cfg, self.ctx) for cls in PLUGINS.values() if cls.enabled(cfg)]
-        self.results = {"config": cfg, "config_hash": self.hash, "class_order": self.order,
+        self.results = {"config": cfg, "config_hash": self.hash, "world_size": self.world, "class_order": self.order,
                         "class_names": [self.data.class_names[c] for c in self.order],
                         **{k: v for p in self.plugins for k, v in p.run_info().items()}, "phases": [], "summary": {}}
 
@@ -190,35 +233,53 @@ class Trainer:
             data = data.to(self.device)
         for plugin in self.plugins:
             plugin.before_stage(phase, stage, data)
+        stage.params = list(stage.params)   # read twice below (a generator could be read once)
+        forward, ddp, by_hand = self._distributed_forward(stage)
         opt, sched = self._optimizer(stage)
         batch_size = stage.batch_size or self.cfg["batch_size"]
         mix_generator = self.ctx.stream(f"mix/{stage.name}", phase.index)   # draws of the ratio sources
+        shard = (self.rank, self.world)
+        if self.world > 1:
+            self.log.info(f"  stage {stage.name}: global batch {batch_size} split across {self.world} processes "
+                          f"(~{batch_size // self.world} each)")
         counts = data.counts()
         if set(counts) - {"new", "exemplar"}:   # a plugin's source joined: say what the stage trains on
             mixed = "".join(f"; each batch of {batch_size} gets {round(p.ratio * batch_size)} more from {p.name}"
                             for p in data.mixed)
             self.log.info(f"  stage {stage.name}: samples by origin {counts}{mixed}")
-        bar = tqdm(range(stage.epochs), desc=f"phase {phase.index} {stage.name}", disable=None, leave=False)
+        bar = tqdm(range(stage.epochs), desc=f"phase {phase.index} {stage.name}", disable=None if self.is_main else True,
+                   leave=False)
         for epoch in bar:
             start = time.time()
             stage.train_mode()
             sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros((), device=self.device)
             seen = 0
-            for raw in data.batches(batch_size, generator, mix_generator, self.device, self.cfg["num_workers"]):
+            for raw in data.batches(batch_size, generator, mix_generator, self.device, self.cfg["num_workers"], shard):
                 imgs, y = raw.images, raw.labels
                 for plugin in self.plugins:
                     imgs = plugin.before_augment(imgs, raw, stage, epoch)
-                x = self.augment(imgs, generator)
+                # Several processes: each draws the augmentation of the whole global batch and keeps
+                # its shard's rows, so every sample is augmented as in one process and the
+                # generator (which also draws the next epoch's order) stays in step on every rank.
+                x = self.augment(imgs, generator if self.world == 1 else
+                                 BatchShard(generator, raw.positions, raw.global_size))
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 ce_mask, kd_mask = data.loss_masks(raw.origin)
                 batch = Batch(x, y, y < phase.first, raw.origin, ce_mask, kd_mask)
                 with self.ctx.autocast():
-                    out = stage.forward(x)
+                    out = forward(x)
                     loss, parts = stage.loss(out, batch)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if self.world == 1:
+                    loss.backward()
+                else:
+                    # DDP averages the ranks' gradients; weighting each rank's mean loss by its share
+                    # of the global batch makes that average the gradient of the global batch's mean
+                    # (shards differ by one sample when the batch does not split evenly).
+                    (loss * (y.shape[0] * self.world / raw.global_size)).backward()
+                    average_gradients(by_hand)
                 opt.step()
                 n = y.shape[0]
                 seen += n
@@ -228,6 +289,8 @@ class Trainer:
                     correct += (out["logits"].argmax(1) == y).sum()
             lr = opt.param_groups[0]["lr"]   # the rate this epoch used (before the scheduler's step)
             sched.step()
+            if self.world > 1:   # the epoch's numbers over every rank's samples (the same on every rank)
+                sums, correct, seen = reduce_epoch_sums(sums, correct, seen)
             losses = {k: (v / max(seen, 1)).item() for k, v in sums.items()}
             if not all(math.isfinite(v) for v in losses.values()):
                 raise TrainingDiverged(
@@ -242,10 +305,37 @@ class Trainer:
                       "seconds": round(time.time() - start, 3)}
             self.log.metric(record)
             bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.3f}", acc=f"{record['train_acc']:.1f}")
+        del ddp, forward   # the next stage wraps its own network
         if stage.on_end is not None:
             stage.on_end()
         for plugin in self.plugins:
             plugin.after_stage(phase, stage)
+
+    def _distributed_forward(self, stage: Stage):
+        """(forward, DDP wrapper or None, parameters whose gradients are averaged by hand).
+
+        One process: the stage's own forward. Several: ``stage.model`` is wrapped in
+        DistributedDataParallel for this stage only (after the learner grew and froze its parts;
+        frozen parameters are not registered, and parameters the stage does not train — LUCIR's
+        old classifier rows, the plugins' own, such as CIM's φ — are ignored), and the forward goes
+        through the wrapper. A stage without a model gets its trained parameters' gradients
+        averaged by hand. ``sync_bn`` converts the model's BatchNorm layers first."""
+        if self.world == 1:
+            return stage.forward, None, []
+        owned = {id(p) for plugin in self.plugins for p in plugin.owned_parameters()}
+        trained = [p for p in stage_parameters(stage) if p.requires_grad and id(p) not in owned]
+        model = stage.model
+        in_model = {id(p) for p in model.parameters()} if model is not None else set()
+        by_hand = [p for p in trained if id(p) not in in_model]
+        if model is None or len(by_hand) == len(trained):
+            return stage.forward, None, by_hand
+        if self.cfg["sync_bn"]:
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # replaces the BatchNorm children in place
+        keep = {id(p) for p in trained}
+        model._ddp_params_and_buffers_to_ignore = [name for name, p in model.named_parameters() if id(p) not in keep]
+        ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.on_cuda else None,
+                                      find_unused_parameters=stage.find_unused_parameters)
+        return (lambda x: stage.forward(x, net=ddp)), ddp, by_hand
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -311,22 +401,61 @@ class Trainer:
             if not stage.after_memory:
                 self.run_stage(phase, stage, generator)
         learner.end_training(phase)
+        self.sync_modules()
         if learner.uses_memory:
+            self.update_memory(phase)
+        memory_hash = self.check_memory()
+        stages_after = [stage for stage in stages if stage.after_memory]
+        for stage in stages_after:
+            self.run_stage(phase, stage, generator)
+        if stages_after:
+            self.sync_modules()
+        for plugin in self.plugins:
+            plugin.after_phase(phase)
+        if not self.is_main:   # rank 0 evaluates and reports (on the same weights as every rank)
+            return None
+        report = self.evaluate(phase)
+        record = {"phase": phase.index, "classes": [phase.first, phase.last], **report,
+                  "memory": {**self.memory.stats(phase.last, 3 * self.image_size ** 2), "hash": memory_hash},
+                  **learner.phase_report(phase),
+                  **{k: v for p in self.plugins for k, v in p.phase_report(phase).items()},
+                  "seconds": round(time.time() - start, 3)}
+        return record
+
+    def update_memory(self, phase: Phase) -> None:
+        """End-of-phase memory update (herding, compression). With several processes rank 0 decides
+        it and every rank loads rank 0's memory, so all hold bit-identical exemplars."""
+        learner = self.learner
+
+        def update():
             compressor = next((c for c in (p.compressor(phase) for p in self.plugins) if c is not None), None)
             self.memory.update(range(phase.first, phase.last), self.ctx.class_images,
                                lambda imgs: self.ctx.embed(imgs, lambda x: learner.inference(x)["features"]),
                                phase.last, compressor)
-        for stage in stages:
-            if stage.after_memory:
-                self.run_stage(phase, stage, generator)
-        for plugin in self.plugins:
-            plugin.after_phase(phase)
-        report = self.evaluate(phase)
-        record = {"phase": phase.index, "classes": [phase.first, phase.last], **report,
-                  "memory": self.memory.stats(phase.last, 3 * self.image_size ** 2), **learner.phase_report(phase),
-                  **{k: v for p in self.plugins for k, v in p.phase_report(phase).items()},
-                  "seconds": round(time.time() - start, 3)}
-        return record
+            return self.memory.state_dict() if self.world > 1 else None
+
+        state = distributed.on_main(update)
+        if not self.is_main:
+            self.memory.load_state_dict(state)
+
+    def check_memory(self) -> str:
+        """sha1 of the memory (``ExemplarMemory.digest``), logged each phase; with several processes
+        the ranks' digests are compared and a difference stops the run."""
+        digest = self.memory.digest()
+        self.memory_digests.append(digest)
+        if self.world > 1:
+            digests = distributed.all_gather_object(digest)
+            if len(set(digests)) > 1:
+                raise RuntimeError(f"The exemplar memory differs between processes: {digests}")
+        where = f", identical on {self.world} processes" if self.world > 1 else ""
+        self.log.info(f"  memory: {len(self.memory)} exemplars, sha1 {digest}{where}")
+        return digest
+
+    def sync_modules(self) -> None:
+        """Every rank takes rank 0's weights and buffers (BatchNorm statistics differ per shard), so
+        that what rank 0 evaluates and saves is what every rank continues from."""
+        if self.world > 1:
+            distributed.broadcast_module_states(list(self.learner.modules().values()))
 
     def _summary(self) -> dict:
         phases = self.results["phases"]
@@ -355,7 +484,13 @@ class Trainer:
             self._checkpoint_path(phase.index - 1).unlink(missing_ok=True)
 
     def restore(self) -> int:
-        """Load the newest intact checkpoint; return the index of the first phase still to run (0 if none).
+        """Load the newest intact checkpoint; return the index of the first phase still to run (0 if none)."""
+        return self.apply_checkpoint(self.read_checkpoint())
+
+    def read_checkpoint(self) -> tuple[dict, Path] | None:
+        """(state, path) of the newest intact checkpoint, checked against this config; None if there
+        is none. Drops what an unfinished attempt left after it (metrics lines, results.json).
+        Rank 0's part of a resumption (it reads and edits the run folder).
 
         A checkpoint that cannot be read (truncated, empty) is skipped with a notice and the previous
         one is used; if none can be read, UserError names them."""
@@ -365,7 +500,7 @@ class Trainer:
             self.log.info("resume: no checkpoint found, starting from phase 0")
             self._drop_metrics_after(-1)        # epochs of an unfinished earlier attempt are run again
             (self.out / "results.json").unlink(missing_ok=True)
-            return 0
+            return None
         state, bad = None, []
         for path in reversed(ckpts):
             try:
@@ -388,11 +523,23 @@ class Trainer:
         if state["config_hash"] != self.hash or saved.get("seed") != self.cfg["seed"]:
             # written by an older schema, or by another config (the seed is not in the hash)
             self.same_run_config(saved, f"Cannot resume from {used}")
+        self._drop_metrics_after(state["phase"])
+        return state, used
+
+    def apply_checkpoint(self, found: tuple[dict, Path] | None) -> int:
+        """Load a checkpoint read by ``read_checkpoint`` (every rank); the first phase to run."""
+        if found is None:
+            return 0
+        state, path = found
         last = self.load_state(state)
         self.results = {**state["results"], "config": self.cfg, "config_hash": self.hash}   # today's schema
-        self._drop_metrics_after(last)
+        before = self.results.get("world_size", 1)
+        if before != self.world:
+            self.log.info(f"resume: the checkpoint was written by a {before}-process run, this one has "
+                          f"{self.world} (the global batch is the same; BatchNorm sees other shards)")
+        self.results["world_size"] = self.world
         set_rng_states(state["rng"])
-        self.log.info(f"resume: restored phase {last} from {used}")
+        self.log.info(f"resume: restored phase {last} from {path}")
         return last + 1
 
     def load_state(self, state: dict) -> int:
@@ -458,7 +605,17 @@ class Trainer:
             return {"__unreadable__": f"{type(err).__name__}: {err}"}
 
     def prepare_output(self, resume: bool) -> int:
-        """Set up the output folder (its run lock held); return the first phase to run."""
+        """Set up the output folder (its run lock held); return the first phase to run. Rank 0 alone
+        touches the folder and reads the checkpoint, then hands it to every rank (a refusal is
+        raised on every rank)."""
+        found = distributed.on_main(lambda: self._prepare_folder(resume))
+        try:
+            return self.apply_checkpoint(found)
+        except BaseException:
+            self.log.close()
+            raise
+
+    def _prepare_folder(self, resume: bool) -> tuple[dict, Path] | None:
         cfg_path = self.out / "config.json"
         stale = remove_stale_tmp(self.out)
         notes = [f"note: removed {len(stale)} temporary file(s) of an interrupted write: "
@@ -480,19 +637,19 @@ class Trainer:
             for name in ("results.json", "metrics.jsonl", "log.txt"):
                 (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.log.open()   # before restore(), so that log.txt records the resumption
+        self.log.open()   # before reading the checkpoint, so that log.txt records the resumption
         for note in notes:
             self.log.info(note)
         if added:
             self.log.info(f"resume: the saved config has no key {', '.join(added)} (added since); "
                           f"resuming with its default {', '.join(json.dumps(self.cfg[k]) for k in added)}")
         try:
-            first = self.restore() if resume else 0
+            found = self.read_checkpoint() if resume else None
         except BaseException:
             self.log.close()
             raise
-        write_json(cfg_path, self.cfg)   # after restore(): a refused resume leaves the folder as it was
-        return first
+        write_json(cfg_path, self.cfg)   # after the checks: a refused resume leaves the folder as it was
+        return found
 
     def saved_phase(self) -> int | None:
         """The newest phase with a checkpoint on disk (what --resume would continue after)."""
@@ -503,10 +660,14 @@ class Trainer:
 
     def run(self, resume: bool = False) -> dict:
         """Run (or with ``resume`` continue) every phase, holding the folder's run lock throughout.
-        Ctrl-C ends the run with RunInterrupted (the phases finished so far stay saved)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(self.out, notice=self.log.info)
-        lock.acquire()
+        Ctrl-C ends the run with RunInterrupted (the phases finished so far stay saved). With several
+        processes rank 0 alone takes the lock (it alone writes the folder); a lock held by another
+        run is refused on every rank."""
+        lock = None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(self.out, notice=self.log.info)
+        distributed.on_main(lambda: lock.acquire())
         try:
             return self._run_locked(resume)
         except KeyboardInterrupt:
@@ -514,7 +675,8 @@ class Trainer:
             raise RunInterrupted(self.out, self.saved_phase(), self.cfg["checkpoints"]) from None
         finally:
             self.log.close()
-            lock.release()
+            if lock is not None:
+                lock.release()
 
     def _run_locked(self, resume: bool) -> dict:
         first = self.prepare_output(resume)
@@ -533,15 +695,20 @@ class Trainer:
         if untested:
             self.log.info(f"note: classes {untested} (order positions) have no test images: accuracies over "
                           f"them only are reported as null, and forgetting skips such tasks")
+        if self.world > 1:
+            self.log.info(f"distributed: {self.world} processes ({distributed.backend()}); rank 0 decides the "
+                          f"memory, evaluates and writes {self.out}")
         for phase in self.phases()[first:]:
             record = self.run_phase(phase)
-            self.results["phases"].append(record)
-            self.results["summary"] = self._summary()
-            self.save_checkpoint(phase)
-            write_json(self.out / "results.json", self.results)
-            self.log.phase_block(record)
+            if self.is_main:
+                self.results["phases"].append(record)
+                self.results["summary"] = self._summary()
+                self.save_checkpoint(phase)
+                write_json(self.out / "results.json", self.results)
+                self.log.phase_block(record)
             if self.stop_after_phase is not None and phase.index >= self.stop_after_phase:
                 self.log.info(f"stopping after phase {phase.index} as asked (stop_after_phase)")
                 break
         self.log.summary(self.results["summary"])
+        distributed.barrier()   # every rank ends once rank 0 has written everything
         return self.results

@@ -70,7 +70,9 @@ class Stage:
     ``forward(x, net=None)`` returns the outputs the loss needs; ``loss(outputs, batch)`` returns the
     total loss and named parts for the log. ``train_mode()`` puts modules in train/eval mode.
     ``model``: the network this stage trains and ``forward`` calls by default (the CIM bilevel step
-    evaluates it with fast weights through ``forward(x, net=...)``); None = not such a stage.
+    evaluates it with fast weights through ``forward(x, net=...)``, a multi-process run with its
+    DistributedDataParallel wrapper); None = not such a stage.
+    ``find_unused_parameters``: tell DDP that some trained parameter may get no gradient in a step.
     """
 
     name: str
@@ -90,6 +92,7 @@ class Stage:
     batch_size: int | None = None
     on_end: Callable[[], None] | None = None
     model: nn.Module | None = None
+    find_unused_parameters: bool = False   # DDP: a trained parameter may get no gradient in a step
 
 
 class Learner:

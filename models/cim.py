@@ -25,6 +25,13 @@ What the plugin does in a phase (hooks of ``models/plugins.py``):
    written once for every learner through ``Stage.forward(x, net)`` and ``Stage.loss``.
 4. ``compressor``: the boxes of the memory update (computed with the final model of the phase).
 5. ``after_phase``: ``exemplars_phase_<k>.png`` (stored exemplars, kept box, CAM overlay).
+
+With several processes (torchrun): rank 0 computes the boxes of artifact augmentation and
+broadcasts them, and rank 0 alone runs the bilevel iterations after each epoch and then broadcasts
+φ, so the CIM model is the same on every rank (the eval-mode CAM network reads BatchNorm statistics
+that differ per rank during a stage; on rank 0 the numbers are those of its own network). Each rank
+draws which of its new-class images to compress from a stream of its own. The memory update
+(``compressor``) runs on rank 0 only (the trainer), and so does the figure.
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ from convs.activation import activation_sites
 from convs.pau import PAU, pau_parameters
 from models.base import Batch, Phase, Stage
 from models.plugins import Plugin, register_plugin
-from utils import batching
+from utils import batching, distributed
 from utils.augment import normalize
 from utils.compression import (class_activation_map, compress_images, mask_box, soft_compress,
                                upsample_cam)
@@ -136,6 +143,7 @@ class ExemplarCompression(Plugin):
         self.policy = cfg["compression"]
         self.ratio = cfg["compress_ratio"]
         self.generator = torch.Generator()
+        self.pick_generator = self.generator   # which new-class images artifact augmentation compresses
         self.phase: Phase | None = None
         self.box_table: torch.Tensor | None = None   # int64 [N_train, 4] on the device
         self.fixed_p: float | None = None            # artifact probability held for a whole stage
@@ -236,6 +244,10 @@ class ExemplarCompression(Plugin):
     def before_phase(self, phase: Phase) -> None:
         self.phase = phase
         self.generator.manual_seed(stream_seed(self.cfg["seed"], phase.index, "cim"))
+        # One process: one stream, as always. Several: the picks of each rank's shard come from a
+        # stream of that rank (self.generator serves rank 0's boxes and bilevel batches).
+        self.pick_generator = self.generator if self.ctx.world_size == 1 else \
+            self.ctx.stream(f"cim/pick/rank{self.ctx.rank}", phase.index)
         self.box_table = None
         self.carried = None
         self.reset_counters()
@@ -274,18 +286,20 @@ class ExemplarCompression(Plugin):
         self.phi_opt = None
 
     def refresh_boxes(self) -> None:
-        """Recompute the boxes of the stage's new-class training images (artifact augmentation)."""
+        """Recompute the boxes of the stage's new-class training images (artifact augmentation);
+        with several processes rank 0 computes them and every rank takes rank 0's."""
         start = time.time()
         data = self.stage_data
         images, labels, index = data.images, data.labels, data.index
         new = (data.origin == NEW).nonzero().flatten()
         table = torch.zeros(len(self.ctx.train_labels), 4, dtype=torch.long, device=self.ctx.device)
         bs = max(self.cfg["cam_batch_size"], self.cfg["eval_batch_size"])
-        for i in range(0, new.numel(), bs):
+        for i in range(0, new.numel() if self.ctx.is_main else 0, bs):
             sel = new[i:i + bs]
             imgs = batching.materialize(batching.select(images, sel.to(images.device)
                                                         if isinstance(images, torch.Tensor) else sel))
             table[index[sel].to(table.device)] = self.boxes(imgs, labels[sel]).to(table.device)
+        distributed.broadcast_tensors([table])
         self.box_table = table
         self.refreshes += 1
         self.refresh_seconds += time.time() - start
@@ -301,7 +315,7 @@ class ExemplarCompression(Plugin):
         if self.box_table is None:
             self.refresh_boxes()
         index = batch.index
-        pick = (torch.rand(images.shape[0], generator=self.generator) < p).to(images.device) & (batch.origin == NEW)
+        pick = (torch.rand(images.shape[0], generator=self.pick_generator) < p).to(images.device) & (batch.origin == NEW)
         if not bool(pick.any()):
             return images
         images = images.clone()
@@ -311,7 +325,9 @@ class ExemplarCompression(Plugin):
     def after_epoch(self, phase, stage, epoch, lr) -> None:
         if self.phi_opt is not None:
             start = time.time()
-            self.bilevel_epoch(phase, stage, lr, epoch)
+            if self.ctx.is_main:
+                self.bilevel_epoch(phase, stage, lr, epoch)
+            distributed.broadcast_tensors(self.phi())   # φ: rank 0's on every rank
             self.meta_seconds += time.time() - start
         # Boxes are recomputed when the next epoch enters a new cam_update_interval block.
         if stage.data == "phase" and self.fixed_p is None and (epoch + 1) % self.cfg["cam_update_interval"] == 0 \
@@ -400,7 +416,7 @@ class ExemplarCompression(Plugin):
 
     # ---- end of phase ----------------------------------------------------------------------
     def after_phase(self, phase: Phase) -> None:
-        if not self.cfg["exemplar_figure"]:
+        if not self.cfg["exemplar_figure"] or not self.ctx.is_main:
             return
         from utils.exemplar_figure import write_exemplar_figure
 

@@ -97,7 +97,7 @@ class LUCIR(Learner):
                 lr=self.cfg["cbf_lr"], weight_decay=self.cfg["cbf_weight_decay"], momentum=self.cfg["momentum"],
                 milestones=tuple(self.cfg["cbf_milestones"]), gamma=self.cfg["lr_decay"], scheduler="multistep",
                 forward=self.forward_head_only, loss=self.ce_loss, train_mode=self.net.eval,
-                data="memory", after_memory=True))
+                data="memory", after_memory=True, model=self.net.head))
         return stages
 
     def forward(self, x, net=None) -> dict:
@@ -108,9 +108,11 @@ class LUCIR(Learner):
         return out
 
     def forward_head_only(self, x, net=None) -> dict:
+        """Class-balanced finetuning: the frozen backbone's features through the head (``net``
+        replaces the head, the model of this stage)."""
         with torch.no_grad():
             feats = self.net.backbone(x)["features"]
-        return {"features": feats, **self.net.head(feats)}
+        return {"features": feats, **(net or self.net.head)(feats)}
 
     def ce_loss(self, out: dict, batch: Batch):
         ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)

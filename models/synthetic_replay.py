@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from models.plugins import Plugin, register_plugin
-from utils import diffusion, replay_folder
+from utils import diffusion, distributed, replay_folder
 from utils.class_names import readable_names
 from utils.config import Option
 from utils.errors import ConfigError, DataError
@@ -158,29 +158,37 @@ class SyntheticReplay(Plugin):
         return self.pipe
 
     def generate(self, labels: list[int]) -> None:
-        """Make the missing images of these classes (a no-op for a folder source or a full cache)."""
+        """Make the missing images of these classes (a no-op for a folder source or a full cache).
+        With several processes the chunks of a class are shared out (chunk j to rank j mod world
+        size), rank 0 alone writes the manifest, and every rank waits until all images are on disk."""
         if self.settings["source"] != "diffusers":
             return
         s, n = self.settings, self.settings["per_class"]
-        todo = [c for c in labels if not diffusion.complete(self.root, self.ids[c], n)]
+        main = self.ctx.is_main
+        todo = distributed.broadcast_object([c for c in labels if not diffusion.complete(self.root, self.ids[c], n)])
         if not todo:
             return
         start = time.time()
         os.makedirs(self.root, exist_ok=True)
         manifest_path = os.path.join(self.root, replay_folder.MANIFEST)
-        manifest = replay_folder.read_manifest(self.root) if os.path.isfile(manifest_path) \
+        manifest = replay_folder.read_manifest(self.root) if main and os.path.isfile(manifest_path) \
             else {**self.manifest, "classes": {}}
         pipe = self._pipeline()
-        bar = tqdm(total=len(todo) * n, desc="synthetic replay: generating", unit="img", disable=None, leave=False)
+        bar = tqdm(total=len(todo) * n, desc="synthetic replay: generating", unit="img",
+                   disable=None if main else True, leave=False)
+        made = 0
         for c in todo:
             cid = self.ids[c]
-            manifest["classes"][cid] = {"name": self.names[cid], "prompt": self.prompts[cid]}
-            replay_folder.write_manifest(self.root, manifest)
-            self.generated += diffusion.generate_class(
+            if main:
+                manifest["classes"][cid] = {"name": self.names[cid], "prompt": self.prompts[cid]}
+                replay_folder.write_manifest(self.root, manifest)
+            made += diffusion.generate_class(
                 pipe, self.root, cid, self.prompts[cid], n, seed=s["seed"], steps=s["num_inference_steps"],
                 guidance=s["guidance_scale"], resolution=self.manifest["resolution"], batch_size=s["gen_batch_size"],
                 device=str(self.ctx.device), shard=(self.ctx.rank, self.ctx.world_size), progress=bar.update)
         bar.close()
+        distributed.barrier()   # every rank's chunks are on disk before any rank loads them
+        self.generated += int(distributed.all_reduce_sum(torch.tensor(made)))
         took = time.time() - start
         self.generation_seconds += took
         self.ctx.log.info(f"  synthetic replay: made {len(todo)} class(es) × {n} images in {took:.1f} s "

@@ -62,17 +62,33 @@ def materialize(images: Images, num_workers: int = 0, batch_size: int = 256) -> 
     return torch.cat([b for b, in iterate(images, batch_size=batch_size, num_workers=num_workers)])
 
 
+def shard_batches(order: torch.Tensor, batch_size: int, min_batch: int = 1,
+                  shard: tuple[int, int] = (0, 1)) -> list[torch.Tensor]:
+    """The batches of one process: ``order`` cut into global batches of ``batch_size``; with
+    ``shard`` = (rank, world size) each global batch is split across the ranks (rank r takes its
+    positions r, r + world, ...), so the ranks' shards are disjoint and together make the global
+    batch. A global batch is dropped when a shard would have fewer than ``min_batch`` samples
+    (every rank drops the same ones); with world size 1 these are the plain batches."""
+    rank, world = shard
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if world == 1:
+        return [b for b in batches if len(b) >= min_batch]
+    return [b[rank::world] for b in batches if len(b) // world >= min_batch]
+
+
 def iterate(images: Images, *extras: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
-            min_batch: int = 1, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+            min_batch: int = 1, num_workers: int = 0, shard: tuple[int, int] = (0, 1)
+            ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield (uint8 images [b, 3, S, S], *extras[idx]) batches.
 
     Shuffled with ``generator`` when given, else in order. Batches smaller than ``min_batch`` are
-    dropped (training uses 2: BatchNorm cannot train on a single sample).
+    dropped (training uses 2: BatchNorm cannot train on a single sample). ``shard`` = (rank, world
+    size): this process's share of every global batch (``shard_batches``); every rank must draw
+    the same order (the same ``generator`` state).
     """
     n = len(images)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    batches = [b for b in batches if len(b) >= min_batch]
+    batches = shard_batches(order, batch_size, min_batch, shard)
     if isinstance(images, torch.Tensor):
         for idx in batches:
             if images.device.type != "cpu":

@@ -98,6 +98,8 @@ COMMON_OPTIONS: dict[str, Option] = {
     # evaluation and outputs
     "nme": Option(True, "bool", "Also report nearest-mean-of-exemplars accuracy (needs a memory)."),
     "topk": Option(5, "int", "The k of top-k accuracy.", min=1),
+    "sync_bn": Option(False, "bool", "Distributed runs (torchrun) on CUDA: SyncBatchNorm, BatchNorm statistics over the "
+                                     "global batch instead of each process's shard; no effect in one process."),
     "checkpoints": Option("all", "str", "Which phase checkpoints to keep.", choices=("all", "last", "none")),
 }
 
@@ -420,10 +422,16 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
     return keys - set(_NOT_HASHED)
 
 
+# Keys that identify a run only when they are not at their default (added after runs existed:
+# their default must not move every run folder).
+_HASHED_WHEN_SET = {"sync_bn": False}
+
+
 def config_hash(cfg: Mapping[str, Any]) -> str:
     """Short stable hash of the result-affecting part of a resolved config (:func:`hashed_keys`)."""
     keys = hashed_keys(cfg)
-    payload = {k: v for k, v in cfg.items() if k in keys}
+    payload = {k: v for k, v in cfg.items() if k in keys
+               and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
 

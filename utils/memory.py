@@ -200,6 +200,20 @@ class ExemplarMemory:
     def state_dict(self) -> dict:
         return {c: vars(e) for c, e in self.classes.items()}
 
+    def digest(self) -> str:
+        """sha1 of everything stored (per class in label order: labels, costs, boxes, training-set
+        indices and the stored pixel bytes): equal digests mean bit-identical memories, e.g. on
+        every rank of a distributed run."""
+        from utils.distributed import tensor_digest
+
+        tensors, meta = [], []
+        for c in sorted(self.classes):
+            e = self.classes[c]
+            meta.append(f"{c}:{e.size}:{e.ratio}:{e.compressed}")
+            tensors += [e.costs, e.boxes, e.source_index]
+            tensors += [e.images] if not e.compressed else [e.box_pixels, e.small_pixels]
+        return tensor_digest(tensors, ";".join(meta))
+
     def load_state_dict(self, state: dict) -> None:
         self.classes = {int(c): ClassExemplars(**e) for c, e in state.items()}
 

@@ -11,12 +11,16 @@ def _fmt(x) -> str:
 
 
 class RunLog:
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, enabled: bool = True):
+        """``enabled`` False (every rank but 0 of a distributed run): prints and writes nothing."""
         self.out = Path(out)
+        self.enabled = enabled
         self._text = None
         self._metrics = None
 
     def open(self) -> None:
+        if not self.enabled:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         self._text = open(self.out / "log.txt", "a", buffering=1)
         self._metrics = open(self.out / "metrics.jsonl", "a", buffering=1)
@@ -28,6 +32,8 @@ class RunLog:
         self._text = self._metrics = None
 
     def info(self, message: str) -> None:
+        if not self.enabled:
+            return
         print(message, file=sys.stdout, flush=True)
         if self._text is not None:
             self._write(self._text, message + "\n")

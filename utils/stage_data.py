@@ -59,6 +59,7 @@ class RawBatch:
     labels: torch.Tensor
     origin: torch.Tensor
     index: torch.Tensor
+    global_size: int | None = None   # samples of the whole batch over all ranks (None: this one's)
 
 
 @dataclass
@@ -120,21 +121,35 @@ class StageData:
         return mask(self.ce_origins), mask(self.kd_origins)
 
     def batches(self, batch_size: int, generator: torch.Generator, mix_generator: torch.Generator | None = None,
-                device: torch.device | None = None, num_workers: int = 0) -> Iterator[RawBatch]:
+                device: torch.device | None = None, num_workers: int = 0,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[RawBatch]:
         """Shuffled batches of the epoch part (those under 2 samples dropped: BatchNorm), each with
         its share of every mixed source appended. The epoch order draws from ``generator`` exactly
         as a plain shuffled pass does; the mixed draws use ``mix_generator``, so adding a mixed
-        source leaves the epoch order and the augmentation stream unchanged."""
+        source leaves the epoch order and the augmentation stream unchanged.
+
+        ``shard`` = (rank, world size): this process's part of every global batch of
+        ``batch_size`` (``batching.shard_batches``); the mixed sources' draws of a global batch
+        are split the same way. Every rank must pass generators in the same state."""
         device = device or torch.device("cpu")
+        rank, world = shard
         cursors = [_Cycle(len(p), mix_generator) for p in self.mixed]
+        n_epoch = len(self)
+        starts = range(0, n_epoch, batch_size)
+        sizes = iter([min(batch_size, n_epoch - s) for s in starts if min(batch_size, n_epoch - s) // world >= 2]
+                     if world > 1 else [])
         for imgs, y, origin, idx in batching.iterate(self.images, self.labels, self.origin, self.index,
                                                      batch_size=batch_size, generator=generator, min_batch=2,
-                                                     num_workers=num_workers):
+                                                     num_workers=num_workers, shard=shard):
+            global_n = next(sizes) if world > 1 else len(y)   # the whole batch's epoch samples
+            total = global_n
             parts = [(imgs, y, origin, idx)]
             for p, cursor in zip(self.mixed, cursors):
-                k = int(round(p.ratio * len(y)))
+                k = int(round(p.ratio * global_n))
                 if k > 0:
-                    pick = cursor.take(k).to(p.labels.device)
+                    total += k
+                    pick = cursor.take(k)[rank::world].to(p.labels.device)
+                    k = len(pick)
                     parts.append((p.images[pick], p.labels[pick],
                                   torch.full((k,), p.origin, dtype=torch.int8, device=p.labels.device),
                                   p.index[pick]))
@@ -142,7 +157,7 @@ class StageData:
                 moved = [t.to(device, non_blocking=True) for t in parts[0]]
             else:
                 moved = [torch.cat([part[j].to(device, non_blocking=True) for part in parts]) for j in range(4)]
-            yield RawBatch(*moved)
+            yield RawBatch(*moved, global_size=total)
 
 
 class _Cycle:
