@@ -30,7 +30,8 @@ With several processes (torchrun): rank 0 computes the boxes of artifact augment
 broadcasts them, and rank 0 alone runs the bilevel iterations after each epoch and then broadcasts
 φ, so the CIM model is the same on every rank (the eval-mode CAM network reads BatchNorm statistics
 that differ per rank during a stage; on rank 0 the numbers are those of its own network). Each rank
-draws which of its new-class images to compress from a stream of its own. The memory update
+draws which of its new-class images to compress for the whole global batch and keeps its shard's
+draws (the same picks as one process, and the generator in step on every rank). The memory update
 (``compressor``) runs on rank 0 only (the trainer), and so does the figure.
 """
 from __future__ import annotations
@@ -143,7 +144,6 @@ class ExemplarCompression(Plugin):
         self.policy = cfg["compression"]
         self.ratio = cfg["compress_ratio"]
         self.generator = torch.Generator()
-        self.pick_generator = self.generator   # which new-class images artifact augmentation compresses
         self.phase: Phase | None = None
         self.box_table: torch.Tensor | None = None   # int64 [N_train, 4] on the device
         self.fixed_p: float | None = None            # artifact probability held for a whole stage
@@ -244,10 +244,6 @@ class ExemplarCompression(Plugin):
     def before_phase(self, phase: Phase) -> None:
         self.phase = phase
         self.generator.manual_seed(stream_seed(self.cfg["seed"], phase.index, "cim"))
-        # One process: one stream, as always. Several: the picks of each rank's shard come from a
-        # stream of that rank (self.generator serves rank 0's boxes and bilevel batches).
-        self.pick_generator = self.generator if self.ctx.world_size == 1 else \
-            self.ctx.stream(f"cim/pick/rank{self.ctx.rank}", phase.index)
         self.box_table = None
         self.carried = None
         self.reset_counters()
@@ -315,7 +311,11 @@ class ExemplarCompression(Plugin):
         if self.box_table is None:
             self.refresh_boxes()
         index = batch.index
-        pick = (torch.rand(images.shape[0], generator=self.pick_generator) < p).to(images.device) & (batch.origin == NEW)
+        if batch.positions is None:
+            draws = torch.rand(images.shape[0], generator=self.generator)
+        else:   # a shard of a global batch: draw for the whole batch, keep this shard's
+            draws = torch.rand(batch.global_size, generator=self.generator)[batch.positions]
+        pick = (draws < p).to(images.device) & (batch.origin == NEW)
         if not bool(pick.any()):
             return images
         images = images.clone()

@@ -16,6 +16,11 @@ AutoAugment, ToTensor, Normalize, and FOSTER's CIFAR one with Cutout at the end)
 
 Images stay uint8 between the first three steps, as PIL images do in torchvision pipelines, so the
 AutoAugment ops see the value range and rounding they were designed for.
+
+In a multi-process run each process augments its shard of the global batch with a
+:class:`BatchShard` in place of the generator: every draw is made for the whole global batch and
+the shard's rows are kept, so each sample gets the parameters it would get in one process and the
+generator stays in step on every rank.
 """
 from __future__ import annotations
 
@@ -167,10 +172,29 @@ def apply_autoaugment_op(images: torch.Tensor, op: str, magnitude: float) -> tor
 
 # --------------------------------------------------------------------------- random parameters
 
-def _uniform(shape: Sequence[int], generator: torch.Generator, low: float = 0.0,
+class BatchShard:
+    """A generator seen through one process's shard of a global batch: ``positions`` (int64 [b])
+    are the shard's rows in the global batch of ``size`` samples. Draws whose first dimension is
+    the batch are made for all ``size`` samples and the shard's rows returned."""
+
+    def __init__(self, generator: torch.Generator, positions: torch.Tensor, size: int):
+        self.generator, self.positions, self.size = generator, positions.cpu(), size
+        self.device = generator.device
+
+    def rand(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if shape[0] != len(self.positions):
+            raise ValueError(f"a draw of {tuple(shape)} for a shard of {len(self.positions)} samples")
+        full = torch.rand((self.size, *shape[1:]), generator=self.generator, device=self.device, dtype=dtype)
+        return full[self.positions.to(full.device)]
+
+
+def _uniform(shape: Sequence[int], generator: torch.Generator | BatchShard, low: float = 0.0,
              high: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """U[low, high) of ``shape`` drawn from ``generator`` on its own device."""
-    u = torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=dtype)
+    if isinstance(generator, BatchShard):
+        u = generator.rand(tuple(shape), dtype)
+    else:
+        u = torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=dtype)
     return u * (high - low) + low
 
 

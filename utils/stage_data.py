@@ -59,7 +59,8 @@ class RawBatch:
     labels: torch.Tensor
     origin: torch.Tensor
     index: torch.Tensor
-    global_size: int | None = None   # samples of the whole batch over all ranks (None: this one's)
+    global_size: int | None = None        # samples of the whole batch over all ranks (None: one process)
+    positions: torch.Tensor | None = None  # int64 [B] (CPU): these samples' rows in the global batch
 
 
 @dataclass
@@ -143,10 +144,12 @@ class StageData:
                                                      num_workers=num_workers, shard=shard):
             global_n = next(sizes) if world > 1 else len(y)   # the whole batch's epoch samples
             total = global_n
+            positions = [torch.arange(rank, global_n, world)]   # rows of this shard in the global batch
             parts = [(imgs, y, origin, idx)]
             for p, cursor in zip(self.mixed, cursors):
                 k = int(round(p.ratio * global_n))
                 if k > 0:
+                    positions.append(total + torch.arange(rank, k, world))
                     total += k
                     pick = cursor.take(k)[rank::world].to(p.labels.device)
                     k = len(pick)
@@ -157,7 +160,10 @@ class StageData:
                 moved = [t.to(device, non_blocking=True) for t in parts[0]]
             else:
                 moved = [torch.cat([part[j].to(device, non_blocking=True) for part in parts]) for j in range(4)]
-            yield RawBatch(*moved, global_size=total)
+            if world == 1:
+                yield RawBatch(*moved)
+            else:
+                yield RawBatch(*moved, global_size=total, positions=torch.cat(positions))
 
 
 class _Cycle:

@@ -1,0 +1,298 @@
+"""Multi-process training as under torchrun, on the CPU: gloo, 2 processes on the loopback interface.
+
+One ``torch.multiprocessing.spawn`` runs every 2-process job of this file in one process group (a
+process start costs seconds on a busy CPU); the resume and error tests go through the command line
+(``python -m torch.distributed.run`` and plain processes with torchrun's variables).
+
+Tolerance of "2 processes vs 1" (same global batch, same samples, same augmentation draws): the two
+runs differ only by floating-point summation order (the gradient all-reduce) and by BatchNorm, which
+normalises each rank's 16-sample shard with that shard's statistics instead of the 32-sample batch
+(rank 0's running statistics are kept at the end of a stage). Both effects are checked apart:
+
+* BatchNorm frozen (eval mode) in both runs: only summation order is left. Measured on the tiny
+  config: phase 0 equal to 1e-6 relative (its memory bit-identical), later epochs within 3e-4
+  relative, CNN top-1 equal. Asserted: losses within 1e-3 relative, phase 0's accuracies and memory
+  equal, later CNN top-1 within 2.5 points (3 of 120 test images), since herding is a discrete
+  choice that a 1e-7 difference in a feature can flip.
+* BatchNorm training as usual: measured phase-0 epoch-1 loss 0.931 vs 0.972 (4 %); the runs then
+  drift apart as any two trainings of a tiny, high-learning-rate run do (later top-1 differ by up to
+  17 points), so only the first epoch is compared (within 15 %).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, read_metrics, read_results, run, tiny_config, without_seconds, write_config
+
+WORLD = 2
+TWO = dict(num_phases=2)                       # 2 phases: enough for a resume after phase 0
+CIM = dict(compression="cim", cam_update_interval=1, randombbxblur_prob_incre=0.5,   # boxes from epoch 1
+           num_meta_iters_per_cls=1, meta_batch_size=4)
+FROZEN_BN = dict(init_lr=0.01, lr=0.01)          # no BatchNorm normalisation: a smaller step
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def freeze_batchnorm() -> None:
+    """Every BatchNorm layer stays in eval mode (running statistics, no batch statistics)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    _BatchNorm.train = lambda self, mode=True: torch.nn.Module.train(self, False)
+
+
+def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from trainer import Trainer
+    from utils import distributed
+    from utils.config import resolve_config
+
+    distributed.init(torch.device("cpu"))
+    try:
+        gathered = distributed.all_gather(torch.arange(rank + 2) + 10 * rank)   # lengths 2 and 3
+        for job in jobs:
+            if job.get("freeze_bn"):
+                freeze_batchnorm()
+            trainer = Trainer(resolve_config(job["raw"]), Path(job["out"]), "tiny")
+            results = trainer.run()
+            state = [t for m in trainer.learner.state_dict().values() for t in m.values()]
+            info = {"memory": trainer.memory_digests, "weights": distributed.tensor_digest(state),
+                    "returned_phases": len(results["phases"]), "gathered": gathered.tolist()}
+            (Path(info_dir) / f"{job['name']}_rank{rank}.json").write_text(json.dumps(info))
+    finally:
+        distributed.shutdown()
+
+
+JOBS = {
+    "icarl": tiny_config(**TWO),
+    "der_cim": tiny_config(model_name="der", **TWO, **CIM),
+    "foster_cim": tiny_config(model_name="foster", **TWO, **CIM),
+    "lucir": tiny_config(model_name="lucir", cbf_epochs=1, **TWO),
+    "frozen_bn": tiny_config(**TWO, **FROZEN_BN),   # last: it freezes BatchNorm in the workers
+}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """Every job of JOBS run by 2 processes: {name: (output folder, {rank: info})}."""
+    import torch.multiprocessing as mp
+
+    base = tmp_path_factory.mktemp("ddp")
+    jobs = [{"name": name, "raw": raw, "out": str(base / name), "freeze_bn": name == "frozen_bn"}
+            for name, raw in JOBS.items()]
+    mp.spawn(_worker, args=(free_port(), jobs, str(base)), nprocs=WORLD, join=True)
+    return {name: (base / name, {r: json.loads((base / f"{name}_rank{r}.json").read_text()) for r in range(WORLD)})
+            for name in JOBS}
+
+
+# ---- pieces, in one process ---------------------------------------------------------------------
+
+def test_shards_split_every_global_batch_and_one_process_keeps_todays_batches():
+    from utils.batching import shard_batches
+
+    order = torch.randperm(75, generator=torch.Generator().manual_seed(0))
+    plain = [order[i:i + 16] for i in range(0, 75, 16) if len(order[i:i + 16]) >= 2]
+    assert [b.tolist() for b in shard_batches(order, 16, 2)] == [b.tolist() for b in plain]
+    for world in (2, 3):
+        shards = [shard_batches(order, 16, 2, (r, world)) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1                       # every rank: the same number of steps
+        for k in range(len(shards[0])):
+            parts = [s[k] for s in shards]
+            assert min(len(p) for p in parts) >= 2
+            assert sorted(torch.cat(parts).tolist()) == sorted(order[16 * k:16 * (k + 1)].tolist())
+
+
+def test_stage_batches_shard_the_mixed_sources_and_draw_augmentation_for_the_global_batch():
+    from utils.augment import BatchShard, _uniform
+    from utils.stage_data import EXEMPLAR, NEW, SYNTHETIC, SourceData, StageData
+
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 3, 2, 2).contiguous()
+    syn = torch.full((7, 3, 2, 2), 200, dtype=torch.uint8)
+    data = StageData.assemble([SourceData("new", images[:30], torch.zeros(30, dtype=torch.long), NEW),
+                               SourceData("exemplars", images[30:], torch.ones(10, dtype=torch.long), EXEMPLAR),
+                               SourceData("syn", syn, torch.full((7,), 2), SYNTHETIC, ratio=0.25)])
+
+    def batches(shard):
+        return list(data.batches(16, torch.Generator().manual_seed(3), torch.Generator().manual_seed(4),
+                                 shard=shard))
+
+    one = batches((0, 1))
+    two = [batches((r, 2)) for r in range(2)]
+    assert one[0].positions is None and one[0].global_size is None      # one process: as before
+    for k, whole in enumerate(one):
+        shards = [two[r][k] for r in range(2)]
+        assert {s.global_size for s in shards} == {len(whole.labels)}
+        rows = torch.cat([s.positions for s in shards])
+        assert sorted(rows.tolist()) == list(range(len(whole.labels)))
+        for s in shards:   # each shard's samples are the global batch's rows at its positions
+            assert torch.equal(s.images, whole.images[s.positions]) and torch.equal(s.origin, whole.origin[s.positions])
+        draws = [_uniform((len(s.labels), 2), BatchShard(torch.Generator().manual_seed(5), s.positions,
+                                                           s.global_size)) for s in shards]
+        full = _uniform((len(whole.labels), 2), torch.Generator().manual_seed(5))
+        for s, d in zip(shards, draws):
+            assert torch.equal(d, full[s.positions])
+
+
+def test_a_plain_run_takes_no_distributed_path(monkeypatch):
+    from utils import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.env_world() == (0, 1, 0)
+    assert not distributed.is_distributed()
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    t = torch.arange(3)
+    assert distributed.all_gather(t) is t and distributed.all_reduce_sum(t) is t
+
+
+# ---- 2 processes ------------------------------------------------------------------------------
+
+def test_every_rank_holds_the_same_memory_and_weights(two_process_runs):
+    for name, (out, ranks) in two_process_runs.items():
+        results = read_results(out)
+        hashes = [p["memory"]["hash"] for p in results["phases"]]
+        assert len(hashes) == 2 and hashes[0] != hashes[1], name
+        assert ranks[0]["memory"] == ranks[1]["memory"] == hashes, name
+        assert ranks[0]["weights"] == ranks[1]["weights"], name      # CIM's φ and BatchNorm statistics included
+
+
+def test_all_gather_of_unequal_lengths(two_process_runs):
+    _, ranks = two_process_runs["icarl"]
+    assert ranks[0]["gathered"] == ranks[1]["gathered"] == [0, 1, 10, 11, 12]
+
+
+def test_rank_0_alone_writes_the_run_folder(two_process_runs):
+    out, ranks = two_process_runs["icarl"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "checkpoints", "checkpoints/phase_0.pt", "checkpoints/phase_1.pt", "config.json", "log.txt",
+        "metrics.jsonl", "results.json"]
+    log = (out / "log.txt").read_text()
+    for k in range(2):
+        assert log.count(f"== phase {k}:") == 1 and log.count(f"-- phase {k} done") == 1
+    assert "global batch 32 split across 2 processes" in log and "identical on 2 processes" in log
+    assert [(m["phase"], m["epoch"]) for m in read_metrics(out)] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    results = read_results(out)
+    assert results["world_size"] == 2
+    assert ranks[0]["returned_phases"] == 2 and ranks[1]["returned_phases"] == 0
+
+
+def test_cim_and_frozen_parts_train_under_ddp(two_process_runs):
+    for name in ("der_cim", "foster_cim"):
+        out, _ = two_process_runs[name]
+        later = read_results(out)["phases"][1]["compression"]
+        assert later["bilevel"]["iterations"] + later["bilevel"]["skipped_nonfinite"] == 2 * 2, name
+        assert later["box_refresh"]["count"] >= 1, name
+        assert (out / "exemplars_phase_1.png").is_file()
+    lucir = read_metrics(two_process_runs["lucir"][0])
+    assert [m["stage"] for m in lucir if m["phase"] == 1] == ["train", "train", "balanced_finetune"]
+
+
+def test_evaluation_on_rank_0_equals_one_process_on_the_same_weights(two_process_runs):
+    from trainer import Trainer
+    from utils.config import resolve_config
+
+    out, _ = two_process_runs["icarl"]
+    results = read_results(out)
+    trainer = Trainer(resolve_config(JOBS["icarl"]), out.parent / "eval_copy", "tiny")
+    state = torch.load(out / "checkpoints" / "phase_1.pt", map_location="cpu", weights_only=False)
+    trainer.load_state(state)
+    report = trainer.evaluate(trainer.phases()[1])
+    for model in ("cnn", "nme"):
+        assert report[model] == results["phases"][1][model], model
+
+
+def test_two_processes_match_one_when_only_summation_order_differs(two_process_runs, tmp_path, monkeypatch):
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    monkeypatch.setattr(_BatchNorm, "train", lambda self, mode=True: torch.nn.Module.train(self, False))
+    one = run(JOBS["frozen_bn"], tmp_path / "one")
+    out, _ = two_process_runs["frozen_bn"]
+    two = read_results(out)
+    for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(out)):
+        for key, value in a["losses"].items():
+            assert b["losses"][key] == pytest.approx(value, rel=1e-3 if a["phase"] else 1e-5), (a["phase"], key)
+    p1, p2 = one["phases"], two["phases"]
+    assert p1[0]["memory"]["hash"] == p2[0]["memory"]["hash"]
+    assert p1[0]["cnn"] == p2[0]["cnn"] and p1[0]["nme"] == p2[0]["nme"]
+    assert p2[1]["cnn"]["top1"] == pytest.approx(p1[1]["cnn"]["top1"], abs=2.5)
+
+
+def test_two_processes_with_batchnorm_stay_close_to_one(two_process_runs, tmp_path):
+    one = run(JOBS["icarl"], tmp_path / "one")
+    out, _ = two_process_runs["icarl"]
+    a, b = read_metrics(tmp_path / "one")[0], read_metrics(out)[0]
+    assert b["losses"]["loss"] == pytest.approx(a["losses"]["loss"], rel=0.15)
+    two = read_results(out)
+    for p1, p2 in zip(one["phases"], two["phases"]):
+        assert p1["memory"]["per_class"] == p2["memory"]["per_class"]   # same budget, same counts
+
+
+# ---- the command line under torchrun ------------------------------------------------------------
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_resume_under_torchrun_equals_the_uninterrupted_run(two_process_runs, tmp_path):
+    out, _ = two_process_runs["icarl"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    (resumed / "checkpoints" / "phase_1.pt").unlink()          # stopped after phase 0
+    config = write_config(tmp_path / "tiny.json", JOBS["icarl"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           str(REPO / "main.py"), "--config", str(config), "--output", str(resumed), "--resume"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert without_seconds(read_results(resumed)) == without_seconds(read_results(out))
+    log = (resumed / "log.txt").read_text()
+    assert log.count("resume: restored phase 0") == 1 and log.count("== phase 1:") == 2   # first run + resumed
+
+
+def _launch(args: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """``main.py args`` in 2 processes with the variables torchrun sets; each one's outcome."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(r),
+                                   "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(r)})
+             for r in range(WORLD)]
+    outcomes = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a process hung")
+        outcomes.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return outcomes
+
+
+def test_config_errors_stop_every_process_with_exit_2(two_process_runs, tmp_path):
+    # Before the process group exists: every rank validates the same config.
+    write_config(tmp_path / "bad.json", tiny_config(memroy_size=10))
+    for done in _launch(["--config", "bad"], tmp_path):
+        assert done.returncode == 2, done.stderr
+        assert "memroy_size" in done.stderr and "Traceback" not in done.stderr
+    # After: rank 0 refuses to resume into a folder of another config; every rank exits 2 with it.
+    out, _ = two_process_runs["icarl"]
+    folder = tmp_path / "other"
+    shutil.copytree(out, folder)
+    write_config(tmp_path / "changed.json", {**JOBS["icarl"], "memory_size": 40})
+    for done in _launch(["--config", "changed", "--output", str(folder), "--resume"], tmp_path):
+        assert done.returncode == 2, done.stderr
+        assert "Cannot resume in" in done.stderr and "memory_size" in done.stderr
