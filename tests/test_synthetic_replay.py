@@ -156,7 +156,9 @@ def test_memory_budget_and_exemplar_counts_are_unchanged_by_replay(tmp_path):
     replay = run(tiny_config(**QUICK, synthetic_replay={"source": "folder", "path": str(root), "per_class": 6}),
                  tmp_path / "replay")
     for a, b in zip(plain["phases"], replay["phases"]):
-        assert a["memory"] == b["memory"]
+        # Budget and counts; not the digest of the stored bytes (other training, other exemplars).
+        assert {k: v for k, v in a["memory"].items() if k != "hash"} == \
+            {k: v for k, v in b["memory"].items() if k != "hash"}
     assert "external_generator" not in plain and replay["external_generator"] is True
 
 
