@@ -137,7 +137,7 @@ def _main(args, argv: list[str]) -> int:
 
             raise ConfigError("Config key 'sync_bn' is true but the device is the CPU: PyTorch's SyncBatchNorm "
                               "trains on GPUs only; set sync_bn to false.")
-        distributed.init(device)   # a no-op in a plain run
+        distributed.init(device, cfg["dist_timeout"])   # a no-op in a plain run
         try:
             for run_cfg, out in runs:
                 try:

@@ -100,6 +100,8 @@ COMMON_OPTIONS: dict[str, Option] = {
     "topk": Option(5, "int", "The k of top-k accuracy.", min=1),
     "sync_bn": Option(False, "bool", "Distributed runs (torchrun) on CUDA: SyncBatchNorm, BatchNorm statistics over the "
                                      "global batch instead of each process's shard; no effect in one process."),
+    "dist_timeout": Option(30, "int", "Distributed runs: minutes a process waits in a collective for the others (rank 0 "
+                                      "alone updates the memory and evaluates meanwhile) before the run stops.", min=1),
     "checkpoints": Option("all", "str", "Which phase checkpoints to keep.", choices=("all", "last", "none")),
 }
 
@@ -405,7 +407,8 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
 
 
 # Keys that change where or how fast a run happens but not its results.
-_NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size", "threads")
+_NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size", "threads",
+               "dist_timeout")
 
 
 def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:

@@ -7,9 +7,11 @@ trainer and plugins use.
 ``WORLD_SIZE`` (or 1): nothing is initialised, and every helper here is the identity, so a
 single-process run takes no distributed code path.
 
-Every collective waits at most :data:`TIMEOUT`: a process that died or stopped calling the same
-collectives makes the others fail after that time instead of hanging forever (under torchrun the
-agent usually stops the others sooner, as soon as one process exits with an error).
+Every collective waits at most the config key ``dist_timeout`` (minutes; default 30): a process
+that died or stopped calling the same collectives makes the others fail after that time instead of
+hanging forever. Under torchrun the agent stops the others sooner, as soon as one process exits
+with an error. The timeout must exceed the longest step rank 0 takes alone while the others wait
+(the memory update, the evaluation, writing a checkpoint).
 """
 from __future__ import annotations
 
@@ -20,10 +22,6 @@ from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
-
-# How long a collective may wait for the other processes (a slow memory update or evaluation on
-# rank 0 keeps the others waiting in the next collective, so this must exceed the longest of them).
-TIMEOUT = timedelta(minutes=10)
 
 T = TypeVar("T")
 
@@ -53,17 +51,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device: torch.device) -> None:
+def init(device: torch.device, timeout_minutes: float = 30) -> None:
     """Join the process group of a torchrun launch (no-op in a single process). ``device`` is this
     process's device (``cuda:LOCAL_RANK`` on GPUs): NCCL there, gloo on the CPU."""
     _, world, _ = env_world()
     if world <= 1 or is_distributed():
         return
+    timeout = timedelta(minutes=timeout_minutes)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def shutdown() -> None:
