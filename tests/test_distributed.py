@@ -63,7 +63,12 @@ def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
 
     distributed.init(torch.device("cpu"))
     try:
+        from trainer import average_gradients
+
         gathered = distributed.all_gather(torch.arange(rank + 2) + 10 * rank)   # lengths 2 and 3
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.full((3,), float(rank + 1))     # a parameter no DDP wrapper holds
+        average_gradients([p])
         for job in jobs:
             if job.get("freeze_bn"):
                 freeze_batchnorm()
@@ -71,7 +76,8 @@ def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
             results = trainer.run()
             state = [t for m in trainer.learner.state_dict().values() for t in m.values()]
             info = {"memory": trainer.memory_digests, "weights": distributed.tensor_digest(state),
-                    "returned_phases": len(results["phases"]), "gathered": gathered.tolist()}
+                    "returned_phases": len(results["phases"]), "gathered": gathered.tolist(),
+                    "averaged_grad": p.grad.tolist()}
             (Path(info_dir) / f"{job['name']}_rank{rank}.json").write_text(json.dumps(info))
     finally:
         distributed.shutdown()
@@ -169,9 +175,10 @@ def test_every_rank_holds_the_same_memory_and_weights(two_process_runs):
         assert ranks[0]["weights"] == ranks[1]["weights"], name      # CIM's φ and BatchNorm statistics included
 
 
-def test_all_gather_of_unequal_lengths(two_process_runs):
+def test_all_gather_of_unequal_lengths_and_gradients_averaged_by_hand(two_process_runs):
     _, ranks = two_process_runs["icarl"]
     assert ranks[0]["gathered"] == ranks[1]["gathered"] == [0, 1, 10, 11, 12]
+    assert ranks[0]["averaged_grad"] == ranks[1]["averaged_grad"] == [1.5, 1.5, 1.5]
 
 
 def test_rank_0_alone_writes_the_run_folder(two_process_runs):
@@ -280,6 +287,18 @@ def _launch(args: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
             pytest.fail("a process hung")
         outcomes.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     return outcomes
+
+
+def test_sync_bn_on_the_cpu_is_refused_before_the_process_group(tmp_path, monkeypatch, capsys):
+    import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    write_config(tmp_path / "tiny.json", tiny_config(sync_bn=True))
+    assert main.main(["--config", "tiny"]) == 2
+    assert "sync_bn" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
 
 
 def test_config_errors_stop_every_process_with_exit_2(two_process_runs, tmp_path):
