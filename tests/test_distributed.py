@@ -57,7 +57,7 @@ def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from trainer import Trainer
+    from trainer import Trainer, TrainingDiverged
     from utils import distributed
     from utils.config import resolve_config
 
@@ -73,7 +73,18 @@ def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
             if job.get("freeze_bn"):
                 freeze_batchnorm()
             trainer = Trainer(resolve_config(job["raw"]), Path(job["out"]), "tiny")
-            results = trainer.run()
+            if job.get("nan_on_rank") == rank:
+                # This rank alone logs a NaN loss part (its gradients stay finite): only the
+                # reduction of the logged losses over the ranks can stop the other rank too.
+                def nan_part(out, batch, original=trainer.learner.loss):
+                    loss, parts = original(out, batch)
+                    return loss, {**parts, "ce": parts["ce"] * float("nan")}
+                trainer.learner.loss = nan_part
+            try:
+                results = trainer.run()
+            except TrainingDiverged as err:
+                (Path(info_dir) / f"{job['name']}_rank{rank}.json").write_text(json.dumps({"diverged": str(err)}))
+                continue
             state = [t for m in trainer.learner.state_dict().values() for t in m.values()]
             info = {"memory": trainer.memory_digests, "weights": distributed.tensor_digest(state),
                     "returned_phases": len(results["phases"]), "gathered": gathered.tolist(),
@@ -88,6 +99,11 @@ JOBS = {
     "der_cim": tiny_config(model_name="der", **TWO, **CIM),
     "foster_cim": tiny_config(model_name="foster", **TWO, **CIM),
     "lucir": tiny_config(model_name="lucir", cbf_epochs=1, **TWO),
+    "diverge": tiny_config(num_phases=1, init_epochs=1),              # a NaN logged on rank 1 only
+    # synthetic replay made here (chunks shared out) and mixed into every batch (ratio); the
+    # pipeline and cache folder are filled in by the fixture
+    "replay": tiny_config(**TWO, synthetic_replay={"source": "diffusers", "per_class": 4, "num_inference_steps": 2,
+                                                  "gen_batch_size": 2, "ratio": 0.5}),
     "frozen_bn": tiny_config(**TWO, **FROZEN_BN),   # last: it freezes BatchNorm in the workers
 }
 
@@ -97,9 +113,14 @@ def two_process_runs(tmp_path_factory):
     """Every job of JOBS run by 2 processes: {name: (output folder, {rank: info})}."""
     import torch.multiprocessing as mp
 
+    from utils.tiny_diffusion import build_tiny_pipeline
+
     base = tmp_path_factory.mktemp("ddp")
-    jobs = [{"name": name, "raw": raw, "out": str(base / name), "freeze_bn": name == "frozen_bn"}
-            for name, raw in JOBS.items()]
+    replay = JOBS["replay"]["synthetic_replay"]
+    replay["model_path"] = build_tiny_pipeline(str(base / "pipe"), image_size=32)
+    replay["cache_dir"] = str(base / "synthetic")
+    jobs = [{"name": name, "raw": raw, "out": str(base / name), "freeze_bn": name == "frozen_bn",
+             "nan_on_rank": 1 if name == "diverge" else None} for name, raw in JOBS.items()]
     mp.spawn(_worker, args=(free_port(), jobs, str(base)), nprocs=WORLD, join=True)
     return {name: (base / name, {r: json.loads((base / f"{name}_rank{r}.json").read_text()) for r in range(WORLD)})
             for name in JOBS}
@@ -168,6 +189,8 @@ def test_a_plain_run_takes_no_distributed_path(monkeypatch):
 
 def test_every_rank_holds_the_same_memory_and_weights(two_process_runs):
     for name, (out, ranks) in two_process_runs.items():
+        if name == "diverge":
+            continue
         results = read_results(out)
         hashes = [p["memory"]["hash"] for p in results["phases"]]
         assert len(hashes) == 2 and hashes[0] != hashes[1], name
@@ -205,6 +228,27 @@ def test_cim_and_frozen_parts_train_under_ddp(two_process_runs):
         assert (out / "exemplars_phase_1.png").is_file()
     lucir = read_metrics(two_process_runs["lucir"][0])
     assert [m["stage"] for m in lucir if m["phase"] == 1] == ["train", "train", "balanced_finetune"]
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(two_process_runs):
+    out, ranks = two_process_runs["diverge"]
+    for r in range(WORLD):
+        assert ranks[r]["diverged"].startswith("Training diverged in phase 0, stage 'train', epoch 1"), r
+    assert not (out / "results.json").exists()
+
+
+def test_synthetic_replay_generated_in_shards_and_mixed_into_sharded_batches(two_process_runs):
+    from utils import replay_folder
+
+    out, _ = two_process_runs["replay"]
+    results = read_results(out)
+    assert results["phases"][0]["synthetic_replay"]["generated_this_phase"] == 2 * 4   # both ranks' chunks
+    folder = Path(results["synthetic_replay"]["folder"])
+    ids = results["class_names"][:2]
+    assert sorted(replay_folder.read_manifest(str(folder))["classes"]) == sorted(ids)
+    for cid in ids:
+        assert sorted(p.name for p in (folder / cid).iterdir()) == [replay_folder.image_name(i) for i in range(4)]
+    assert "each batch of 32 gets 16 more from synthetic" in (out / "log.txt").read_text()
 
 
 def test_evaluation_on_rank_0_equals_one_process_on_the_same_weights(two_process_runs):
