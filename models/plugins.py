@@ -10,6 +10,11 @@ epoch: ``before_augment`` (per batch, may change the uint8 images) → ``after_e
 ``after_stage``; then ``compressor`` (used by the memory update) → ``after_phase`` →
 ``phase_report`` (extra fields of results.json ``phases[k]``). ``run_info`` adds top-level fields
 to results.json once.
+
+Under torchrun every hook runs on every process, in step (``ctx.rank``, ``ctx.world_size``,
+``ctx.is_main``): a plugin writes files on rank 0 only, and whatever must be the same on every rank
+(CIM's φ and boxes) is computed on rank 0 and broadcast (``utils/distributed.py``). ``compressor``
+and ``phase_report`` are called on rank 0 only.
 """
 from __future__ import annotations
 
