@@ -313,14 +313,18 @@ def test_resume_under_torchrun_equals_the_uninterrupted_run(two_process_runs, tm
     assert log.count("resume: restored phase 0") == 1 and log.count("== phase 1:") == 2   # first run + resumed
 
 
-def _launch(args: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
-    """``main.py args`` in 2 processes with the variables torchrun sets; each one's outcome."""
+def _start(args: list[str], cwd: Path) -> list[subprocess.Popen]:
+    """``main.py args`` in 2 processes with the variables torchrun sets."""
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=cwd, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(r),
-                                   "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(r)})
-             for r in range(WORLD)]
+    return [subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=cwd, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(r),
+                                  "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(r)})
+            for r in range(WORLD)]
+
+
+def _outcomes(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
+    """Each process's exit status and output; a process still running after 180 s fails the test."""
     outcomes = []
     for p in procs:
         try:
@@ -346,16 +350,28 @@ def test_sync_bn_on_the_cpu_is_refused_before_the_process_group(tmp_path, monkey
 
 
 def test_config_errors_stop_every_process_with_exit_2(two_process_runs, tmp_path):
+    out, _ = two_process_runs["icarl"]
     # Before the process group exists: every rank validates the same config.
     write_config(tmp_path / "bad.json", tiny_config(memroy_size=10))
-    for done in _launch(["--config", "bad"], tmp_path):
+    bad = _start(["--config", "bad"], tmp_path)
+    # After: rank 0 refuses to resume into a folder of another config; every rank exits 2 with it.
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    write_config(tmp_path / "changed.json", {**JOBS["icarl"], "memory_size": 40})
+    changed = _start(["--config", "changed", "--output", str(other), "--resume"], tmp_path)
+    # Rank 0 alone takes the run lock; a folder locked by another live run is refused on every rank.
+    locked = tmp_path / "locked"
+    shutil.copytree(out, locked)
+    (locked / "run.lock").write_text(f"{os.getpid()}\n")
+    write_config(tmp_path / "same.json", JOBS["icarl"])
+    busy = _start(["--config", "same", "--output", str(locked), "--resume"], tmp_path)
+    for done in _outcomes(bad):
         assert done.returncode == 2, done.stderr
         assert "memroy_size" in done.stderr and "Traceback" not in done.stderr
-    # After: rank 0 refuses to resume into a folder of another config; every rank exits 2 with it.
-    out, _ = two_process_runs["icarl"]
-    folder = tmp_path / "other"
-    shutil.copytree(out, folder)
-    write_config(tmp_path / "changed.json", {**JOBS["icarl"], "memory_size": 40})
-    for done in _launch(["--config", "changed", "--output", str(folder), "--resume"], tmp_path):
+    for done in _outcomes(changed):
         assert done.returncode == 2, done.stderr
         assert "Cannot resume in" in done.stderr and "memory_size" in done.stderr
+    for done in _outcomes(busy):
+        assert done.returncode == 2, done.stderr
+        assert "in use by another run" in done.stderr and "Traceback" not in done.stderr
+    assert (locked / "run.lock").read_text() == f"{os.getpid()}\n"    # the other run's lock is untouched
