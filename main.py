@@ -152,8 +152,9 @@ def _main(args, argv: list[str]) -> int:
                         saved = f"nothing is saved (checkpoints: none) in {err.out}"
                     else:
                         saved = f"no phase was finished yet in {err.out}"
+                    how = resume_command(argv) if world == 1 else "the same torchrun command with --resume"
                     if rank == 0:
-                        print(f"interrupted (Ctrl-C): {saved}; resume with: {resume_command(argv)}", file=sys.stderr)
+                        print(f"interrupted (Ctrl-C): {saved}; resume with: {how}", file=sys.stderr)
                     return EXIT_INTERRUPTED
         finally:
             distributed.shutdown()
