@@ -118,12 +118,13 @@ def image_seed(seed: int, class_id: str, i: int) -> int:
 
 
 def _save_png(path: str, array: np.ndarray) -> None:
-    """Atomic PNG write (a stop never leaves a half-written image under its final name)."""
+    """Atomic PNG write (a stop never leaves a half-written image under its final name; two processes
+    writing the same image write the same bytes, each through its own temporary file)."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"   # unique: two runs may fill one cache at once
     with open(tmp, "wb") as f:
         f.write(buf.getvalue())
     os.replace(tmp, path)
