@@ -126,6 +126,9 @@ class Trainer:
         self.on_cuda = self.device.type == "cuda"
         self.amp = cfg["amp"] and self.on_cuda
         self.channels_last = cfg["channels_last"] and self.on_cuda
+        if self.on_cuda:
+            # Fixed input shapes: let cuDNN time its algorithms once and keep the fastest.
+            torch.backends.cudnn.benchmark = True
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         self.memory_digests: list[str] = []   # this process's memory digest after each phase it ran
@@ -235,6 +238,16 @@ class Trainer:
             plugin.before_stage(phase, stage, data)
         stage.params = list(stage.params)   # read twice below (a generator could be read once)
         forward, ddp, by_hand = self._distributed_forward(stage)
+        if self.cfg["compile"]:
+            # The stage's forward (through the DDP wrapper when there is one), compiled afresh for
+            # each stage: the network may have grown or been frozen since the last one. Compiling
+            # the function rather than the module (nn.Module.compile) keeps deep copies such as
+            # the old network of distillation free of a compiled call bound to the original.
+            # Dynamo's caches are dropped first: they are keyed by code object, so the stages of
+            # later phases would otherwise pile up recompilations past its limit and fall back to
+            # eager without a word.
+            torch._dynamo.reset()
+            forward = torch.compile(forward, mode=self.cfg["compile_mode"])
         opt, sched = self._optimizer(stage)
         batch_size = stage.batch_size or self.cfg["batch_size"]
         mix_generator = self.ctx.stream(f"mix/{stage.name}", phase.index)   # draws of the ratio sources

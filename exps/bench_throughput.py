@@ -1,12 +1,20 @@
-"""Training throughput of the framework's loop beside a plain PyTorch loop.
+"""Training throughput of the framework's loop beside a plain PyTorch loop, and image decoding speed.
 
     python exps/bench_throughput.py --config smoke [--set KEY=VALUE ...] [--epochs 3] [--threads N]
+        [--compare NAME:KEY=VALUE,KEY=VALUE ...] [--precision bf16 fp32] [--out table.json]
+    python exps/bench_throughput.py --decode --config cim-lucir-imagenette-224 [--workers 0 1 2 4 8]
 
 Measures images/s of phase 0's main training stage as run by ``Trainer.run_stage`` (batched on-device
-augmentation, learner forward/loss, logging) and of a plain loop over the same backbone, batch size,
-optimiser and images already in memory as a normalised float tensor (no augmentation, no CIL logic).
-Both run the same number of epochs after one warm-up epoch. With ``--compare KEY=VALUE`` a second
-framework configuration is timed too (e.g. ``--compare compression=cim``) and the ratio reported.
+augmentation, learner forward/loss, plugins, logging) and of a plain loop over the same backbone, batch
+size, optimiser and images already on the device as a normalised float tensor (no augmentation, no CIL
+logic). Both run the same number of epochs after one warm-up epoch (which also pays for cuDNN's
+algorithm search and, with ``compile``, for compilation). Each ``--compare NAME:overrides`` adds a
+framework row with those overrides (e.g. ``cim:compression=cim``, ``compiled:compile=true``); each
+``--precision`` repeats every row with bf16 autocast + channels_last (``amp``/``channels_last`` true)
+or float32 (both false); on a CPU the two are the same, so one is enough there. Ratios are against the
+plain loop of the same precision. ``--decode`` instead times decoding the training files to the stored
+form through the streamed path's loader (images/s and images/s per worker), and on a GPU
+``torchvision.io.decode_jpeg`` on the device, for the dataset's first ``--decode_images`` files.
 """
 from __future__ import annotations
 
@@ -102,27 +110,115 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+PRECISION = {"bf16": {"amp": True, "channels_last": True}, "fp32": {"amp": False, "channels_last": False}}
+
+
+def parse_compare(text: str) -> tuple[str, dict]:
+    """'NAME:K=V,K=V' -> (NAME, overrides); values are JSON where they parse, else strings."""
+    name, _, rest = text.partition(":")
+    if not rest:
+        raise SystemExit(f"--compare {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    return name, parse_set(rest.split(","))
+
+
+def time_decode(raw: dict, workers: list[int], count: int, batch_size: int = 64) -> list[dict]:
+    """Decode the first ``count`` training files to the stored form: through the streamed path's
+    DataLoader (FileImages, Pillow with JPEG draft mode) with each number of workers, and, on a GPU,
+    with ``torchvision.io.decode_jpeg`` on the device plus a resize there."""
+    from utils.datasets import FileImages, load_dataset
+
+    cfg = resolve_config({**raw, "in_memory": False})
+    from utils.datasets import DATASETS
+    size = cfg["image_size"] or DATASETS[cfg["dataset"]].image_size
+    data = load_dataset(cfg["dataset"], cfg["data_root"], image_size=size, class_list=cfg["class_list"],
+                        cache_dir=None, in_memory=False)
+    paths = list(data.train.paths[:count])
+    files = FileImages(paths, size)
+    rows = []
+    for w in workers:
+        loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=w)
+        start = time.perf_counter()
+        n = sum(len(b) for b in loader)
+        seconds = time.perf_counter() - start
+        rows.append({"decoder": "pillow (streamed loader)", "workers": w, "images": n,
+                     "images_per_s": round(n / seconds, 1),
+                     "images_per_s_per_worker": round(n / seconds / max(w, 1), 1)})
+    if torch.cuda.is_available():
+        import torchvision.io as tio
+        import torch.nn.functional as F
+        blobs = [tio.read_file(p) for p in paths]
+        def gpu_pass():
+            out = 0
+            for i in range(0, len(blobs), batch_size):
+                imgs = tio.decode_jpeg(blobs[i:i + batch_size], device="cuda", mode=tio.ImageReadMode.RGB)
+                for im in imgs:   # short side to the stored size, centre crop (as decode_image)
+                    h, w = im.shape[-2:]
+                    s = size / min(h, w)
+                    r = F.interpolate(im[None].float(), size=(max(size, round(h * s)), max(size, round(w * s))),
+                                      mode="bilinear", antialias=True, align_corners=False)
+                    out += r.shape[0]
+            torch.cuda.synchronize()
+            return out
+        gpu_pass()   # warm-up
+        start = time.perf_counter()
+        n = gpu_pass()
+        seconds = time.perf_counter() - start
+        rows.append({"decoder": "torchvision.io.decode_jpeg on cuda (+ resize)", "workers": 0, "images": n,
+                     "images_per_s": round(n / seconds, 1), "images_per_s_per_worker": None})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| row | precision | images/s | vs plain | seconds | device |\n|---|---|---|---|---|---|\n"
+    return head + "".join(f"| {r['row']} | {r['precision']} | {r['images_per_s']} | {r.get('vs_plain', '')} | "
+                          f"{r['seconds']} | {r['device']} |\n" for r in rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="smoke")
     p.add_argument("--set", action="append", default=[])
-    p.add_argument("--compare", action="append", default=[], help="KEY=VALUE overrides for a second framework run")
+    p.add_argument("--compare", action="append", default=[],
+                   help="NAME:KEY=VALUE[,KEY=VALUE] overrides for another framework row")
+    p.add_argument("--precision", nargs="+", default=None, choices=sorted(PRECISION),
+                   help="rows per precision (default: the config's own amp/channels_last)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--decode", action="store_true", help="time image decoding instead of training")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    p.add_argument("--decode_images", type=int, default=2000)
+    p.add_argument("--out", default=None, help="also write the report as JSON here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     raw, _ = load_config_file(args.config)
     raw.update(parse_set(args.set))
-    report = {"config": args.config, "set": args.set, "epochs": args.epochs, "threads": torch.get_num_threads()}
-    report["plain"] = time_plain(raw, args.epochs)
-    report["framework"] = time_framework(raw, args.epochs)
-    report["framework_over_plain"] = round(report["framework"]["images_per_s"] / report["plain"]["images_per_s"], 3)
-    if args.compare:
-        other = {**raw, **parse_set(args.compare)}
-        report["compare"] = {"set": args.compare, **time_framework(other, args.epochs)}
-        report["compare_over_framework"] = round(report["compare"]["images_per_s"] / report["framework"]["images_per_s"], 3)
+    report = {"config": args.config, "set": args.set, "epochs": args.epochs, "threads": torch.get_num_threads(),
+              "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    if args.decode:
+        report["decode"] = time_decode(raw, args.workers, args.decode_images)
+    else:
+        rows = []
+        for precision in args.precision or [None]:
+            base = {**raw, **(PRECISION[precision] if precision else {})}
+            plain = time_plain(base, args.epochs)
+            on_gpu = plain["device"].startswith("cuda")   # amp and channels_last act on CUDA only
+            label = (precision or ("bf16" if base.get("amp", True) else "fp32")) if on_gpu else "fp32"
+            plain = {"row": "plain loop", "precision": label, **plain}
+            rows.append(plain)
+            for name, overrides in [("framework", {})] + [parse_compare(c) for c in args.compare]:
+                r = {"row": name, "precision": label, "overrides": overrides,
+                     **time_framework({**base, **overrides}, args.epochs)}
+                r["vs_plain"] = round(r["images_per_s"] / plain["images_per_s"], 3)
+                rows.append(r)
+        report["rows"] = rows
+        report["table"] = markdown(rows)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
+    if "table" in report:
+        print(report["table"])
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class LUCIR(Learner):
                 images, _ = self.ctx.class_images(c)
                 feats = self.ctx.embed(images, lambda x: self.net.backbone(x)["features"])
                 mean = F.normalize(F.normalize(feats, dim=1).mean(dim=0), dim=0)
-                head.fc2.weight[j] = (mean * target_norm).to(head.fc2.weight)
+                head.fc2.weight[j] = mean.to(head.fc2.weight) * target_norm   # mean: CPU; target_norm: the head's device
 
     # ---- training -----------------------------------------------------------------------------
     def stages(self, phase: Phase) -> list[Stage]:

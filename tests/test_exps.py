@@ -37,3 +37,55 @@ def test_localisation_restores_the_asked_phase(tmp_path):
     assert last == 0 and len(trainer.memory.classes) == 2
     with pytest.raises(SystemExit, match="phases \\[0, 1, 2\\]"):
         restore(out, phase=7)
+
+
+def _bench(monkeypatch, capsys, *argv):
+    import json
+
+    import bench_throughput
+
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", *argv])
+    bench_throughput.main()
+    text = capsys.readouterr().out
+    return json.loads(text[:text.rindex("}") + 1]), text
+
+
+def test_bench_throughput_rows_plain_framework_and_compared(tmp_path, monkeypatch, capsys):
+    """One row per arm, ratios against the plain loop of the same precision, the markdown table."""
+    import json
+
+    from conftest import tiny_config
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(tiny_config(init_epochs=1)))
+    report, text = _bench(monkeypatch, capsys, "--config", str(cfg), "--epochs", "1", "--threads", "1",
+                          "--compare", "cim:compression=cim", "--out", str(tmp_path / "r.json"))
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {"plain loop", "framework", "cim"}
+    assert all(r["images_per_s"] > 0 and r["precision"] == "fp32" for r in rows.values())   # CPU: no bf16
+    assert rows["cim"]["overrides"] == {"compression": "cim"}
+    assert rows["framework"]["vs_plain"] == pytest.approx(
+        rows["framework"]["images_per_s"] / rows["plain loop"]["images_per_s"], abs=1e-3)
+    assert "| cim | fp32 |" in text and json.loads((tmp_path / "r.json").read_text())["rows"] == report["rows"]
+    with pytest.raises(SystemExit, match="NAME:KEY=VALUE"):
+        _bench(monkeypatch, capsys, "--config", str(cfg), "--compare", "compression=cim")
+
+
+def test_bench_throughput_decode_counts_every_image_per_worker_setting(tmp_path, monkeypatch, capsys):
+    import json
+
+    from PIL import Image
+
+    for c in ("a", "b"):
+        for split, n in (("train", 6), ("val", 1)):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40 + i, 30), (50 * i, 20, 90)).save(tmp_path / "data" / split / c / f"{i}.jpg")
+    cfg = tmp_path / "folder.json"
+    cfg.write_text(json.dumps({"dataset": "folder", "data_root": str(tmp_path / "data"), "image_size": 24,
+                               "input_size": 24, "init_cls": 1, "increment": 1, "cache_dir": None}))
+    report, _ = _bench(monkeypatch, capsys, "--config", str(cfg), "--decode", "--workers", "0", "2",
+                       "--decode_images", "100")
+    pillow = [r for r in report["decode"] if r["decoder"].startswith("pillow")]
+    assert [r["workers"] for r in pillow] == [0, 2] and all(r["images"] == 12 for r in pillow)
+    assert pillow[1]["images_per_s_per_worker"] == pytest.approx(pillow[1]["images_per_s"] / 2, abs=0.1)

@@ -33,6 +33,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from utils.batching import to_device
 from utils.errors import ConfigError
 
 MODES = ("crop_flip", "resized_crop", "none")
@@ -251,8 +252,8 @@ def sample_resized_crop_boxes(batch: int, height: int, width: int, scale: Sequen
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float32 (x / 255 - mean) / std, one fused multiply-add."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    mean_t = to_device(torch.as_tensor(mean, dtype=torch.float32), images.device).view(1, -1, 1, 1)
+    std_t = to_device(torch.as_tensor(std, dtype=torch.float32), images.device).view(1, -1, 1, 1)
     return torch.addcmul(-mean_t / std_t, images.float(), 1.0 / (255.0 * std_t))
 
 
@@ -378,7 +379,7 @@ class TrainAugment:
         """bool [B]: which samples are mirrored (drawn even when ``flip`` is off, so that turning
         it off does not shift the random stream of the later steps)."""
         flips = _uniform((batch,), generator) < 0.5
-        return (flips if self.flip else torch.zeros_like(flips)).to(device)
+        return to_device(flips if self.flip else torch.zeros_like(flips), device)
 
     def _geometric(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         batch, _, height, width = images.shape
@@ -386,8 +387,8 @@ class TrainAugment:
         if self.mode == "crop_flip":
             return self._crop_flip(images, generator)
         if self.mode == "resized_crop":
-            boxes = sample_resized_crop_boxes(batch, height, width, self.scale, self.ratio,
-                                              generator).to(device)
+            boxes = to_device(sample_resized_crop_boxes(batch, height, width, self.scale, self.ratio,
+                                                        generator), device)
             top, left, h, w = boxes.unbind(1)
             # roi_align box corners in pixel-edge coordinates; aligned=True puts pixel centres at
             # k + 0.5, so a full-image box at the same size reproduces the image exactly. Its
@@ -411,8 +412,8 @@ class TrainAugment:
         if height + 2 * pad < size or width + 2 * pad < size:
             raise ValueError(f"crop_flip: images {height}x{width} padded by {pad} are smaller "
                              f"than input_size {size}")
-        top = _randint(height + 2 * pad - size + 1, (batch,), generator).to(device)
-        left = _randint(width + 2 * pad - size + 1, (batch,), generator).to(device)
+        top = to_device(_randint(height + 2 * pad - size + 1, (batch,), generator), device)
+        left = to_device(_randint(width + 2 * pad - size + 1, (batch,), generator), device)
         flips = self._flips(batch, generator, device)
         ramp = torch.arange(size, device=device)
         rows = top[:, None] + ramp                                          # [B, I]
@@ -430,7 +431,7 @@ class TrainAugment:
         torchvision's blends (contrast towards the image's mean grey, saturation towards the
         pixel's grey)."""
         batch, device = x.shape[0], x.device
-        factors = [_uniform((batch,), generator, max(0.0, 1 - a), 1 + a).to(device)
+        factors = [to_device(_uniform((batch,), generator, max(0.0, 1 - a), 1 + a), device)
                    .view(-1, 1, 1, 1) for a in self.jitter]
         brightness, contrast, saturation = self.jitter
         y = x.float()
@@ -484,8 +485,8 @@ class TrainAugment:
         """Zero one ``cutout`` x ``cutout`` square per sample (clipped at the image border)."""
         batch, _, height, width = x.shape
         half = self.cutout // 2
-        cy = _randint(height, (batch,), generator).to(x.device)
-        cx = _randint(width, (batch,), generator).to(x.device)
+        cy = to_device(_randint(height, (batch,), generator), x.device)
+        cx = to_device(_randint(width, (batch,), generator), x.device)
         ys = torch.arange(height, device=x.device)
         xs = torch.arange(width, device=x.device)
         in_rows = (ys >= cy[:, None] - half) & (ys < cy[:, None] + half)   # [B, H]

@@ -62,6 +62,15 @@ def materialize(images: Images, num_workers: int = 0, batch_size: int = 256) -> 
     return torch.cat([b for b, in iterate(images, batch_size=batch_size, num_workers=num_workers)])
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor bound for a GPU goes through pinned memory with a
+    non-blocking copy: a copy from pageable memory waits for the GPU's queue to drain, which
+    would stall every training step on the small per-batch tensors (indices, random draws)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def shard_batches(order: torch.Tensor, batch_size: int, min_batch: int = 1,
                   shard: tuple[int, int] = (0, 1)) -> list[torch.Tensor]:
     """The batches of one process: ``order`` cut into global batches of ``batch_size``; with
@@ -90,12 +99,15 @@ def iterate(images: Images, *extras: torch.Tensor, batch_size: int, generator: t
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     batches = shard_batches(order, batch_size, min_batch, shard)
     if isinstance(images, torch.Tensor):
-        for idx in batches:
-            if images.device.type != "cpu":
-                idx_dev = idx.to(images.device)
-                yield (images[idx_dev], *(e[idx_dev] if e.device.type != "cpu" else e[idx] for e in extras))
-            else:
+        if images.device.type == "cpu":
+            for idx in batches:
                 yield (images[idx], *(e[idx] for e in extras))
+            return
+        # Images on a GPU: the epoch's order goes there once, and the batches are cut from it there.
+        on_device = shard_batches(to_device(order, images.device), batch_size, min_batch, shard)
+        for idx, idx_dev in zip(batches, on_device):
+            yield (images[idx_dev], *(e[idx_dev] if e.device == images.device else e[idx.to(e.device)]
+                                      for e in extras))
         return
     loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=False)

@@ -85,6 +85,10 @@ COMMON_OPTIONS: dict[str, Option] = {
     "eval_batch_size": Option(256, "int", "Batch size for evaluation and feature extraction.", min=1),
     "amp": Option(True, "bool", "Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU."),
     "channels_last": Option(True, "bool", "channels_last memory format on CUDA; ignored on CPU."),
+    "compile": Option(False, "bool", "torch.compile each training stage's forward (compiled once per stage, so it "
+                                     "pays on long stages: ImageNet-scale epochs)."),
+    "compile_mode": Option("default", "str", "torch.compile mode when `compile` is on.",
+                           choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
     # augmentation (applied in batches on the training device)
     "augment": Option(None, "str", "Train augmentation: crop_flip, resized_crop or none; null = dataset default.",
                       choices=("crop_flip", "resized_crop", "none"), nullable=True),
@@ -408,7 +412,7 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
 
 # Keys that change where or how fast a run happens but not its results.
 _NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size", "threads",
-               "dist_timeout")
+               "dist_timeout", "compile", "compile_mode")
 
 
 def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:

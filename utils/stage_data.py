@@ -118,7 +118,7 @@ class StageData:
         def mask(allowed):
             if len(allowed) == len(ORIGINS):
                 return None
-            return torch.isin(origin, torch.tensor(allowed, dtype=origin.dtype, device=origin.device))
+            return torch.isin(origin, batching.to_device(torch.tensor(allowed, dtype=origin.dtype), origin.device))
         return mask(self.ce_origins), mask(self.kd_origins)
 
     def batches(self, batch_size: int, generator: torch.Generator, mix_generator: torch.Generator | None = None,
@@ -151,7 +151,7 @@ class StageData:
                 if k > 0:
                     positions.append(total + torch.arange(rank, k, world))
                     total += k
-                    pick = cursor.take(k)[rank::world].to(p.labels.device)
+                    pick = batching.to_device(cursor.take(k)[rank::world], p.labels.device)
                     k = len(pick)
                     parts.append((p.images[pick], p.labels[pick],
                                   torch.full((k,), p.origin, dtype=torch.int8, device=p.labels.device),
