@@ -3,7 +3,8 @@
 #
 #   OUT=logs/gpu bash exps/gpu_evidence.sh      # from the repository root
 #
-# It needs small copies of the shared data in .devpack/ (the device tool carries at most 64 MiB):
+# It needs small copies of the shared data in .devpack/ (the device tool carries at most 64 MiB,
+# counted per file, so they travel as one .devpack/data.tar.gz, unpacked here first):
 #   .devpack/tiny32          tiny-imagenet-50 resized to 32 px (JPEG q92; boxes halved), the
 #                            stored size of every tiny-imagenet config
 #   .devpack/imagenette-sub  imagenette2, the first 90 training / 20 validation images per class
@@ -11,10 +12,13 @@
 #                            synthetic-replay cache the CPU noise arms used), as a replay folder
 # Steps, each with its own time limit, so one failing step leaves the others' numbers:
 #   1. CUDA smoke runs (LUCIR 2 phases; LUCIR + CIM 2 phases), 1 epoch per phase;
-#   2. exps/bench_throughput.py: resnet32 at 32 px (tiny-imagenet-50, all 50 classes in phase 0) and
+#   2. exps/bench_throughput.py: resnet32 at 32 px (tiny-imagenet-50, 10 classes in phase 0: with all 50
+#      its six rows outlasted their 150 s on 2026-11-26) and
 #      ResNet-18 at 224 px (the imagenette subset), plain loop vs framework vs framework + CIM, bf16 +
 #      channels_last and float32; torch.compile on resnet32; decoding images/s per loader worker;
 #   3. issue 9's FOSTER arms (none / oracle / noise x seeds 1993, 1994), six runs sharing the GPU;
+# On 2026-11-26 (H100, torch 2.11) steps 1 and 2 ran (the resnet32 rows in a second call with 10
+# classes); steps 3 and 4 did not fit the 15 minutes of device time. README "Speed on one GPU".
 #   4. a 10-phase CIFAR-style LUCIR schedule on tiny-imagenet-50 at 32 px (B0, 5 classes per phase,
 #      160 epochs per phase, cosine_resnet32, 20 exemplars per class), timed alone.
 set -u
@@ -27,6 +31,7 @@ D=.devpack
 T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
+[ -f $D/data.tar.gz ] && tar xzf $D/data.tar.gz -C $D
 nvidia-smi -L
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
 
@@ -34,10 +39,11 @@ say "1. CUDA smoke runs"
 TINY="--set data_root=$D/tiny32 --set device=cuda --set checkpoints=none --set num_phases=2 --set init_epochs=1 --set epochs=1"
 timeout 150 $PY main.py --config lucir-tinyimagenet50 $TINY --set cbf_epochs=1 --output $R/smoke-lucir > $R/smoke-lucir.out 2>&1; say "lucir smoke rc $?"
 timeout 150 $PY main.py --config cim-lucir-tinyimagenet50 $TINY --set cbf_epochs=1 --output $R/smoke-cim-lucir > $R/smoke-cim-lucir.out 2>&1; say "cim-lucir smoke rc $?"
-tail -3 $R/smoke-lucir.out $R/smoke-cim-lucir.out
+tail -n 3 $R/smoke-lucir.out $R/smoke-cim-lucir.out
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_augment.py -k cuda 2>&1 | tail -2
 
 say "2. throughput"
-B32="--config cim-lucir-tinyimagenet50 --set data_root=$D/tiny32 --set convnet_type=resnet32 --set batch_size=128 --set init_cls=50 --set compression=none"
+B32="--config cim-lucir-tinyimagenet50 --set data_root=$D/tiny32 --set convnet_type=resnet32 --set batch_size=128 --set init_cls=10 --set compression=none"
 timeout 150 $PY exps/bench_throughput.py $B32 --epochs 3 --precision bf16 fp32 --compare cim:compression=cim \
     --out $R/bench-resnet32.json > $R/bench-resnet32.out 2>&1; say "bench resnet32 rc $?"
 B224="--config cim-lucir-imagenette-224 --set data_root=$D/imagenette-sub --set init_cls=10 --set compression=none"
@@ -60,7 +66,7 @@ for seed in 1993 1994; do
     [ $arm = oracle ] && extra=(--set "synthetic_replay=$ORACLE")
     [ $arm = noise ] && extra=(--set "synthetic_replay=$NOISE")
     timeout 300 $PY main.py --config foster-tinyimagenet50 --set seed=$seed --set data_root=$R/oracle32/data \
-        --set device=cuda --set checkpoints=none "${extra[@]}" --output $R/foster-$arm-$seed \
+        --set device=cuda --set checkpoints=none ${extra[@]+"${extra[@]}"} --output $R/foster-$arm-$seed \
         > $R/foster-$arm-$seed.out 2>&1 &
   done
 done
