@@ -144,7 +144,8 @@ class Trainer:
         self.data = load_dataset(cfg["dataset"], cfg["data_root"], image_size=self.image_size,
                                  class_list=cfg["class_list"], cache_dir=cfg["cache_dir"],
                                  skip_unreadable=cfg["skip_unreadable"], in_memory=cfg["in_memory"],
-                                 shapes=cfg["shapes"], num_workers=cfg["num_workers"] or None)
+                                 shapes=cfg["shapes"], num_workers=cfg["num_workers"] or None,
+                                 stored_form=cfg["stored_form"])
         self.num_classes = len(self.data.class_names)
         self.plan = phase_plan(cfg, self.num_classes)
         self.order = class_order(self.num_classes, cfg["seed"], cfg["shuffle"])
@@ -154,6 +155,9 @@ class Trainer:
         self.test_labels = remap[self.data.test.labels]
         self.train_images = self._source(self.data.train)
         self.test_images = self._source(self.data.test)
+        # stored form "whole": the original (height, width) of every training image, which follows
+        # the images into every stage's data (exemplars through their training-set index)
+        self.train_orig_hw = self.data.train.orig_hw
 
         self.augment = TrainAugment(
             self.input_size, self.data.mean, self.data.std, mode=cfg["augment"] or info.augment,
@@ -167,7 +171,7 @@ class Trainer:
             augment=self.augment, log=self.log, out=self.out, train_images=self.train_images,
             train_labels=self.train_labels, memory=self.memory, class_counts=self.class_counts,
             class_names=[self.data.class_names[c] for c in self.order], plan=self.plan,
-            rank=self.rank, world_size=self.world)
+            rank=self.rank, world_size=self.world, train_orig_hw=self.train_orig_hw)
         self.learner: Learner = get_learner_class(cfg["model_name"])(cfg, self.ctx)
         self.ctx.learner = self.learner
         self.plugins = [cls(cfg, self.ctx) for cls in PLUGINS.values() if cls.enabled(cfg)]
@@ -190,9 +194,11 @@ class Trainer:
         parts = []
         if kind == "phase":
             new = ((self.train_labels >= phase.first) & (self.train_labels < phase.last)).nonzero().flatten()
-            parts.append(SourceData("new", batching.select(self.train_images, new), self.train_labels[new], NEW, new))
+            parts.append(SourceData("new", batching.select(self.train_images, new), self.train_labels[new], NEW, new,
+                                    orig_hw=self.ctx.orig_hw(new)))
         mem_images, mem_labels = self.memory.tensors()
-        parts.append(SourceData("exemplars", mem_images, mem_labels, EXEMPLAR))
+        parts.append(SourceData("exemplars", mem_images, mem_labels, EXEMPLAR,
+                                orig_hw=self.ctx.orig_hw(self.memory.source_indices())))
         for plugin in self.plugins:
             parts += plugin.sources(phase, kind)
         return parts
@@ -276,7 +282,7 @@ class Trainer:
                 # its shard's rows, so every sample is augmented as in one process and the
                 # generator (which also draws the next epoch's order) stays in step on every rank.
                 x = self.augment(imgs, generator if self.world == 1 else
-                                 BatchShard(generator, raw.positions, raw.global_size))
+                                 BatchShard(generator, raw.positions, raw.global_size), raw.orig_hw)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 ce_mask, kd_mask = data.loss_masks(raw.origin)
@@ -378,7 +384,8 @@ class Trainer:
         report["nme"] = None
         if self.learner.uses_memory and self.cfg["nme"] and len(self.memory) > 0:
             mem_images, mem_labels = self.memory.tensors()
-            mem_feats = self.ctx.embed(mem_images, lambda x: self.learner.inference(x)["features"], flip=True)
+            mem_feats = self.ctx.embed(mem_images, lambda x: self.learner.inference(x)["features"], flip=True,
+                                       orig_hw=self.ctx.orig_hw(self.memory.source_indices()))
             means = class_means(mem_feats, mem_labels, phase.last)
             test_feats = torch.cat(feats) if feats else torch.empty(0, mem_feats.shape[1])
             report["nme"] = accuracy_report(nme_logits(test_feats, means), targets, bounds, k)
@@ -443,7 +450,8 @@ class Trainer:
         def update():
             compressor = next((c for c in (p.compressor(phase) for p in self.plugins) if c is not None), None)
             self.memory.update(range(phase.first, phase.last), self.ctx.class_images,
-                               lambda imgs: self.ctx.embed(imgs, lambda x: learner.inference(x)["features"]),
+                               lambda imgs, index: self.ctx.embed(imgs, lambda x: learner.inference(x)["features"],
+                                                                  orig_hw=self.ctx.orig_hw(index)),
                                phase.last, compressor)
             return self.memory.state_dict() if self.world > 1 else None
 

@@ -85,7 +85,7 @@ def time_plain(raw: dict, epochs: int) -> dict:
         device = trainer.device
         data = trainer.stage_data(phase, "phase")
         images, labels = data.images, data.labels
-        x_all = trainer.ctx.to_input(images)                          # float, normalised, on the device
+        x_all = trainer.ctx.to_input(images, data.orig_hw)            # float, normalised, on the device
         y_all = labels.to(device)
         opt = torch.optim.SGD(net.parameters(), lr=cfg["init_lr"], momentum=cfg["momentum"],
                               weight_decay=cfg["init_weight_decay"])

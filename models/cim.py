@@ -190,7 +190,9 @@ class ExemplarCompression(Plugin):
     # ---- CAMs and boxes -----------------------------------------------------------------------
     def cam_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] -> normalised float [B, 3, I, I]: the whole image (resized, not cropped,
-        so that the CAM covers every stored pixel)."""
+        so that the CAM covers every stored pixel). With the stored form ``whole`` the stored image
+        is the whole original squashed to a square, and so is this input: the CAM, and the box
+        drawn from it, are in stored pixels, which is where compression keeps or downsamples."""
         t = self.ctx
         x = normalize(images.to(t.device), t.mean, t.std)
         if x.shape[-1] != t.input_size:
@@ -348,7 +350,8 @@ class ExemplarCompression(Plugin):
         dev_pick = pick.to(labels.device)
         imgs = batching.materialize(batching.select(images, dev_pick if isinstance(images, torch.Tensor) else pick))
         t = self.ctx
-        x = t.augment(imgs.to(t.device), self.generator)
+        hw = self.stage_data.orig_hw
+        x = t.augment(imgs.to(t.device), self.generator, None if hw is None else hw[dev_pick.to(hw.device)])
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[dev_pick].to(t.device)

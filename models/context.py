@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from utils import batching
-from utils.augment import test_transform
+from utils.augment import centre_view, test_transform
 from utils.seeding import stream_seed
 
 
@@ -27,7 +27,7 @@ class RunContext:
                  image_size: int, input_size: int, mean, std, augment: Callable, log, out: Path,
                  train_images: batching.Images, train_labels: torch.Tensor, memory,
                  class_counts: Callable, class_names: list[str], plan: list[tuple[int, int]],
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, train_orig_hw: torch.Tensor | None = None):
         self.cfg = cfg
         self.device = device
         self.amp = amp
@@ -35,11 +35,14 @@ class RunContext:
         self.image_size = image_size          # side of the stored uint8 images
         self.input_size = input_size          # side of the network input
         self.mean, self.std = mean, std
-        self.augment = augment                # (uint8 [B, 3, S, S] on the device, generator) -> float input
+        self.augment = augment                # (uint8 [B, 3, S, S] on the device, generator, orig_hw=None) -> float input
         self.log = log
         self.out = Path(out)                  # the run folder (figures); written by rank 0 only
         self.train_images = train_images      # uint8 [N, 3, S, S] or a streamed source
         self.train_labels = train_labels      # int64 [N], after remapping to class-order position
+        # int64 [N, 2] original (height, width) when the training images are stored whole (squashed
+        # to S x S, config key stored_form); None when they are centre crops
+        self.train_orig_hw = train_orig_hw
         self.memory = memory                  # the ExemplarMemory (read-only for learners and plugins)
         self._class_counts = class_counts
         self.class_names = class_names        # the dataset's class names in class-order position
@@ -64,9 +67,21 @@ class RunContext:
         g.manual_seed(stream_seed(self.cfg["seed"], phase, name))
         return g
 
-    def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Test-time transform of uint8 images on the device (no augmentation)."""
-        x = test_transform(images.to(self.device, non_blocking=True), self.input_size, self.mean, self.std)
+    def orig_hw(self, index: torch.Tensor) -> torch.Tensor | None:
+        """int64 [n, 2] original sizes of the training images at ``index`` when they are stored whole
+        (what ``to_input``, ``embed`` and ``augment`` need with them); None for centre crops."""
+        if self.train_orig_hw is None:
+            return None
+        return self.train_orig_hw[index.cpu()]
+
+    def to_input(self, images: torch.Tensor, orig_hw: torch.Tensor | None = None) -> torch.Tensor:
+        """Test-time transform of uint8 images on the device (no augmentation). ``orig_hw``: the
+        images are stored whole (``train_images``, exemplars; see :meth:`orig_hw`) and are first
+        brought to the centre view the test images have (``utils.augment.centre_view``)."""
+        images = images.to(self.device, non_blocking=True)
+        if orig_hw is not None:
+            images = centre_view(images, orig_hw)
+        x = test_transform(images, self.input_size, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def class_images(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,17 +96,20 @@ class RunContext:
         return self._class_counts(phase)
 
     @torch.no_grad()
-    def embed(self, images: batching.Images, fn: Callable[[torch.Tensor], torch.Tensor], flip: bool = False) -> torch.Tensor:
+    def embed(self, images: batching.Images, fn: Callable[[torch.Tensor], torch.Tensor], flip: bool = False,
+              orig_hw: torch.Tensor | None = None) -> torch.Tensor:
         """fn(x) for uint8 ``images`` with every learner module in eval mode, batched: float32 [N, d]
         on the CPU. With ``flip``, the sum of the normalised features of the image and its mirror
-        (iCaRL's class means)."""
+        (iCaRL's class means). ``orig_hw`` (int64 [N, 2]): the images are stored whole; each is seen
+        through its centre view, as the test images are (:meth:`to_input`)."""
         for m in self.learner.modules().values():
             if m is not None:
                 m.eval()
         outs = []
-        for (imgs,) in batching.iterate(images, batch_size=self.cfg["eval_batch_size"],
-                                        num_workers=self.cfg["num_workers"]):
-            x = self.to_input(imgs)
+        extras = () if orig_hw is None else (orig_hw.cpu(),)
+        for imgs, *hw in batching.iterate(images, *extras, batch_size=self.cfg["eval_batch_size"],
+                                          num_workers=self.cfg["num_workers"]):
+            x = self.to_input(imgs, hw[0] if hw else None)
             with self.autocast():
                 f = fn(x).float()
                 if flip:

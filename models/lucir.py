@@ -78,8 +78,9 @@ class LUCIR(Learner):
         with torch.no_grad():
             target_norm = head.fc1.weight.norm(dim=1).mean()
             for j, c in enumerate(range(phase.first, phase.last)):
-                images, _ = self.ctx.class_images(c)
-                feats = self.ctx.embed(images, lambda x: self.net.backbone(x)["features"])
+                images, index = self.ctx.class_images(c)
+                feats = self.ctx.embed(images, lambda x: self.net.backbone(x)["features"],
+                                       orig_hw=self.ctx.orig_hw(index))
                 mean = F.normalize(F.normalize(feats, dim=1).mean(dim=0), dim=0)
                 head.fc2.weight[j] = mean.to(head.fc2.weight) * target_norm   # mean: CPU; target_norm: the head's device
 

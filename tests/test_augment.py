@@ -212,3 +212,124 @@ def test_cuda_images_cpu_generator_match_cpu():
     on_gpu = augment(images.cuda(), gen(5))
     assert on_gpu.is_cuda
     torch.testing.assert_close(on_gpu.cpu(), augment(images, gen(5)), atol=1e-4, rtol=0)
+
+
+# ---- the stored form "whole": crops drawn in the original image, applied to its squashed copy ----
+
+def _pattern(height, width):
+    """uint8 [3, height, width]: a smooth pattern (periods of tens of pixels) with pure red
+    bands over the left and right 15 % of the width (what a centre crop of a landscape loses)."""
+    yy, xx = torch.meshgrid(torch.arange(height * 1.0), torch.arange(width * 1.0), indexing="ij")
+    img = torch.stack([60 + 50 * torch.sin(xx / 23 + yy / 31), 127 + 100 * torch.cos(xx / 19),
+                       127 + 100 * torch.sin(yy / 17)])
+    band = int(0.15 * width)
+    img[:, :, :band] = torch.tensor([255.0, 0, 0]).view(3, 1, 1)
+    img[:, :, width - band:] = torch.tensor([255.0, 0, 0]).view(3, 1, 1)
+    return img.round().clamp(0, 255).to(torch.uint8)
+
+
+def _stored(original, size, whole, tmp_path):
+    """The stored form of ``original`` (uint8 [3, h, w]) as the dataset loader makes it."""
+    from PIL import Image
+
+    from utils.image_cache import decode_image
+
+    path = tmp_path / f"img_{whole}.png"
+    Image.fromarray(original.permute(1, 2, 0).numpy()).save(path)
+    image, hw = decode_image(str(path), size, whole=whole)
+    assert hw == tuple(original.shape[1:])
+    return torch.from_numpy(image)[None]
+
+
+def test_per_sample_sizes_draw_like_one_size():
+    """The per-sample path (whole-stored images) is the one-size rule: same boxes, same stream."""
+    g1, g2 = gen(5), gen(5)
+    one = sample_resized_crop_boxes(300, 90, 140, (0.08, 1.0), (3 / 4, 4 / 3), g1)
+    many = sample_resized_crop_boxes(300, torch.full((300,), 90), torch.full((300,), 140),
+                                     (0.08, 1.0), (3 / 4, 4 / 3), g2)
+    assert torch.equal(one, many) and torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    for h0, w0, ratio in [(100, 100, (2.0, 3.0)), (50, 200, (3 / 4, 4 / 3)), (200, 50, (3 / 4, 4 / 3))]:
+        fallback_one = sample_resized_crop_boxes(2, h0, w0, (1.0, 1.0), ratio, gen())
+        fallback_many = sample_resized_crop_boxes(2, torch.tensor([h0, h0]), torch.tensor([w0, w0]),
+                                                  (1.0, 1.0), ratio, gen())
+        assert torch.equal(fallback_one, fallback_many)
+
+
+@pytest.mark.parametrize("h0,w0", [(120, 200), (200, 120)])
+def test_whole_box_statistics_match_torchvision_on_the_original(h0, w0):
+    """Boxes for a whole-stored image follow torchvision's RandomResizedCrop on the ORIGINAL h0 x w0:
+    the same distribution of area fraction and aspect ratio (in original pixels)."""
+    n = 4000
+    ours = sample_resized_crop_boxes(n, torch.full((n,), h0), torch.full((n,), w0), (0.08, 1.0),
+                                     (3 / 4, 4 / 3), gen(1)).double()
+    torch.manual_seed(2)   # torchvision draws from the global generator
+    image = torch.empty(3, h0, w0)
+    ref = torch.tensor([v2.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)],
+                       dtype=torch.float64)
+    for boxes in (ours, ref):
+        top, left, h, w = boxes.unbind(1)
+        assert torch.all((top >= 0) & (left >= 0) & (top + h <= h0) & (left + w <= w0))
+    stats = []
+    for boxes in (ours, ref):
+        _, _, h, w = boxes.unbind(1)
+        area, log_aspect = h * w / (h0 * w0), torch.log(w / h)
+        stats.append(torch.stack([area.mean(), area.std(), log_aspect.mean(), log_aspect.std()]))
+    # standard errors at n = 4000: ~0.004 (area), ~0.003 (log aspect)
+    assert torch.allclose(stats[0], stats[1], atol=0.02), (stats[0], stats[1])
+    _, _, h, w = ours.unbind(1)
+    aspect = w / h
+    assert aspect.min() > 0.70 and aspect.max() < 1.42   # within ratio (up to pixel rounding), in ORIGINAL pixels
+
+
+def test_whole_crop_shows_what_torchvision_crops_from_the_original(tmp_path):
+    """Same box -> same pixels: our crop of the squashed stored image against torchvision's
+    resized_crop of the original, for every box of a batch."""
+    original = _pattern(150, 240)
+    stored = _stored(original, 96, True, tmp_path).expand(16, -1, -1, -1).contiguous()
+    hw = torch.tensor([[150, 240]]).expand(16, 2)
+    augment = TrainAugment(64, MEAN, STD, mode="resized_crop", flip=False)
+    out = denormalize(augment(stored, gen(4), orig_hw=hw))
+    boxes = sample_resized_crop_boxes(16, hw[:, 0], hw[:, 1], augment.scale, augment.ratio, gen(4))
+    errors = []
+    for b, (top, left, h, w) in enumerate(boxes.tolist()):
+        ref = TF.resized_crop(original, top, left, h, w, [64, 64], antialias=True).float()
+        errors.append((out[b] - ref).abs().mean().item())
+    # resampling only (measured max 1.4 grey levels; the stored copy has 96/240 of the original's
+    # columns): boxes drawn in the stored square instead would differ by ~40
+    assert max(errors) < 3.0, errors
+
+
+def test_whole_full_box_is_the_whole_image_not_the_centre_square(tmp_path):
+    """scale (1, 1) and the original's own aspect: the crop is the whole original (its red side bands
+    included), where the stored form "crop" can only give the centre square."""
+    original = _pattern(150, 240)
+    aspect = 240 / 150
+    augment = TrainAugment(64, MEAN, STD, mode="resized_crop", flip=False, scale=(1.0, 1.0), ratio=(aspect, aspect))
+    whole = denormalize(augment(_stored(original, 96, True, tmp_path), gen(), orig_hw=torch.tensor([[150, 240]])))[0]
+    ref = TF.resize(original, [64, 64], antialias=True).float()
+    assert (whole - ref).abs().mean() < 3.0
+    red = lambda x: ((x[0] > 200) & (x[1] < 60)).float().mean().item()   # noqa: E731
+    assert red(whole) == pytest.approx(0.30, abs=0.05)      # both bands: 2 x 15 % of the width
+    crop = denormalize(augment(_stored(original, 96, False, tmp_path), gen()))[0]
+    assert red(crop) == 0.0                                  # the centre square never saw them
+
+
+def test_centre_view_equals_todays_centre_crop(tmp_path):
+    from utils.augment import centre_view
+
+    for h0, w0 in [(150, 240), (240, 150), (97, 131)]:
+        original = _pattern(h0, w0)
+        crop = _stored(original, 64, False, tmp_path).float()
+        view = centre_view(_stored(original, 64, True, tmp_path), torch.tensor([[h0, w0]]))
+        assert view.shape == crop.shape and view.dtype == torch.uint8
+        assert (view.float() - crop).abs().mean() < 2.0   # measured 0.2 - 1.2; the squashed image: 20 - 50
+    # a square original (or a (0, 0) row: "as stored") is left exactly as it is; None: no-op
+    images = random_images(2, 16)
+    assert torch.equal(centre_view(images, torch.tensor([[50, 50], [0, 0]])), images)
+    assert centre_view(images, None) is images
+
+
+def test_whole_sizes_need_resized_crop():
+    augment = TrainAugment(16, MEAN, STD, mode="crop_flip")
+    with pytest.raises(ValueError, match="resized_crop"):
+        augment(random_images(2, 16), gen(), orig_hw=torch.tensor([[20, 30], [30, 20]]))

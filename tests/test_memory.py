@@ -12,7 +12,7 @@ def _class_data(c, n=30, size=8):
     return images, torch.arange(n) + 100 * c
 
 
-def _features(images):
+def _features(images, index=None):
     return images.float().flatten(1)[:, :16]
 
 
@@ -107,7 +107,7 @@ def test_herding_sees_the_compressed_images():
     seen = []
     mem = ExemplarMemory(memory_size=10, memory_per_class=0, fixed_memory=False, compress_ratio=4.0)
 
-    def features(images):
+    def features(images, index=None):
         seen.append(images.clone())
         return _features(images)
 

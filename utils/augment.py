@@ -205,8 +205,9 @@ def _randint(high: torch.Tensor | int, shape: Sequence[int],
     return (_uniform(shape, generator, dtype=torch.float64) * high).floor().long()
 
 
-def sample_resized_crop_boxes(batch: int, height: int, width: int, scale: Sequence[float],
-                              ratio: Sequence[float], generator: torch.Generator) -> torch.Tensor:
+def sample_resized_crop_boxes(batch: int, height: int | torch.Tensor, width: int | torch.Tensor,
+                              scale: Sequence[float], ratio: Sequence[float],
+                              generator: torch.Generator) -> torch.Tensor:
     """Per-sample RandomResizedCrop boxes with torchvision's rule, vectorised.
 
     torchvision tries up to 10 (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)) draws
@@ -214,11 +215,20 @@ def sample_resized_crop_boxes(batch: int, height: int, width: int, scale: Sequen
     the aspect ratio clamped into ``ratio``. Here all 10 tries are drawn at once for every sample
     and the first fitting one is selected.
 
+    ``height``/``width``: the image size, one int for the whole batch or int64 [batch] per sample
+    (the original sizes of whole-stored images, :func:`crop_resize`); the draws are the same
+    either way, so the generator moves by the same amount.
+
     Returns:
         int64 [batch, 4] (top, left, h, w) on the generator's device, with
         0 <= top, top + h <= height, 0 <= left, left + w <= width, h, w >= 1.
     """
     tries = 10
+    per_sample = isinstance(height, torch.Tensor)
+    if per_sample:
+        dev = generator.device
+        height = height.to(dev, torch.int64).view(batch, 1)
+        width = width.to(dev, torch.int64).view(batch, 1)
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     target_area = area * _uniform((batch, tries), generator, scale[0], scale[1], torch.float64)
@@ -230,22 +240,90 @@ def sample_resized_crop_boxes(batch: int, height: int, width: int, scale: Sequen
     first = fits.long().argmax(dim=1, keepdim=True)  # index of the first fitting try (0 if none)
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
 
-    # torchvision's fallback: a centred crop, the same for every sample.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
+    # torchvision's fallback: a centred crop (the same for every sample of one size).
+    if per_sample:
+        height, width = height.view(batch), width.view(batch)
+        in_ratio = width.double() / height.double()
+        fw = torch.where(in_ratio < min(ratio), width,
+                         torch.where(in_ratio > max(ratio), (height.double() * max(ratio)).round().long(), width))
+        fh = torch.where(in_ratio < min(ratio), (width.double() / min(ratio)).round().long(), height)
     else:
-        fw, fh = width, height
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            fw, fh = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            fw, fh = int(round(height * max(ratio))), height
+        else:
+            fw, fh = width, height
+        fw, fh = torch.full_like(w, fw), torch.full_like(h, fh)
     found = fits.any(dim=1)
-    h = torch.where(found, h, torch.full_like(h, fh))
-    w = torch.where(found, w, torch.full_like(w, fw))
-    top = torch.where(found, _randint(height - h + 1, (batch,), generator),
-                      torch.full_like(h, (height - fh) // 2))
-    left = torch.where(found, _randint(width - w + 1, (batch,), generator),
-                       torch.full_like(w, (width - fw) // 2))
+    h = torch.where(found, h, fh)
+    w = torch.where(found, w, fw)
+    top = torch.where(found, _randint(height - h + 1, (batch,), generator), (height - fh) // 2)
+    left = torch.where(found, _randint(width - w + 1, (batch,), generator), (width - fw) // 2)
     return torch.stack([top, left, h, w], dim=1)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop float boxes out of a uint8 batch and resize each to ``size`` x ``size``.
+
+    ``boxes``: float [B, 4] (y0, y1, x0, x1) in pixel-edge coordinates of ``images`` (fractions
+    allowed). roi_align with aligned=True puts pixel centres at k + 0.5, so a full-image box at the
+    same size reproduces the image exactly; its adaptive sampling (ceil(box/size) points per
+    output pixel and axis) averages when shrinking, an approximation of torchvision's antialiased
+    resize. Returns uint8 [B, 3, size, size].
+    """
+    batch, device = images.shape[0], images.device
+    y0, y1, x0, x1 = to_device(boxes.to(torch.float32), device).unbind(1)
+    rois = torch.stack([torch.arange(batch, device=device, dtype=torch.float32), x0, y0, x1, y1], dim=1)
+    x = roi_align(images.float(), rois, output_size=(size, size), spatial_scale=1.0,
+                  sampling_ratio=-1, aligned=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def whole_to_stored(boxes: torch.Tensor, orig_hw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Boxes ``(top, left, h, w)`` in original-image pixels -> float (y0, y1, x0, x1) in the
+    ``height`` x ``width`` stored image that holds the whole original resized (not cropped).
+    A row of ``orig_hw`` that is (0, 0) means the stored image is the original itself."""
+    hw = _effective_hw(orig_hw, height, width).to(boxes.device).double()
+    sy, sx = height / hw[:, 0], width / hw[:, 1]
+    top, left, h, w = boxes.double().unbind(1)
+    return torch.stack([top * sy, (top + h) * sy, left * sx, (left + w) * sx], dim=1)
+
+
+def _effective_hw(orig_hw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """int64 [B, 2]: ``orig_hw`` with the (0, 0) rows ("the stored image itself") made (height, width)."""
+    orig_hw = orig_hw.to(torch.int64)
+    known = (orig_hw > 0).all(dim=1, keepdim=True)
+    return torch.where(known, orig_hw, torch.tensor([height, width], device=orig_hw.device))
+
+
+def centre_view(images: torch.Tensor, orig_hw: torch.Tensor | None) -> torch.Tensor:
+    """The stored form ``crop`` of whole-stored images: uint8 [B, 3, S, S] -> uint8 [B, 3, S, S].
+
+    ``images`` hold whole originals of sizes ``orig_hw`` (int64 [B, 2]; (0, 0) = already as
+    stored) resized to S x S; the result is, up to resampling, what ``decode_image(path, S)``
+    stores — short side resized to S, centre S x S square — so every test-time consumer (the
+    test transform, herding, class means) sees the same view as with the stored form ``crop``.
+    Resolution along the original's long side is that of the whole image (S / long side).
+    ``orig_hw`` None returns ``images`` unchanged.
+    """
+    from utils.image_cache import resize_geometry
+
+    if orig_hw is None:
+        return images
+    _, _, height, width = images.shape
+    hw = _effective_hw(orig_hw, height, width).cpu()
+    regions = []
+    for h0, w0 in hw.tolist():
+        new_h, new_w, top, left = resize_geometry(h0, w0, height)
+        # the crop [top, top + S) x [left, left + S) of the new_h x new_w resized original
+        regions.append([top * height / new_h, (top + height) * height / new_h,
+                        left * width / new_w, (left + width) * width / new_w])
+    boxes = torch.tensor(regions, dtype=torch.float64).view(-1, 4)
+    out = crop_resize(images, boxes, height)
+    square = (hw[:, 0] == hw[:, 1]).to(images.device)   # a square original: stored as is
+    return torch.where(square.view(-1, 1, 1, 1), images, out)
 
 
 # --------------------------------------------------------------------------- pure image functions
@@ -316,8 +394,11 @@ class TrainAugment:
         cutout: side of a square set to 0 on the normalised tensor, centre uniform over the
             image, clipped at the borders (DeVries & Taylor; an odd side covers (side-1)^2). 0 disables.
 
-    Call: ``augment(images uint8 [B, 3, S, S], generator) -> float32 [B, 3, input_size, input_size]``
-    on the images' device. The same generator state gives the same output.
+    Call: ``augment(images uint8 [B, 3, S, S], generator, orig_hw=None) -> float32 [B, 3,
+    input_size, input_size]`` on the images' device. The same generator state gives the same
+    output. ``orig_hw`` (int64 [B, 2], ``resized_crop`` only): the images are whole originals of
+    these sizes resized to S x S (stored form ``whole``); the crop boxes are drawn in the
+    originals' pixels (:func:`whole_to_stored`). A (0, 0) row: the image is its own original.
     """
 
     def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], *,
@@ -361,9 +442,10 @@ class TrainAugment:
                 f"flip={self.flip}, color_jitter={self.jitter}, "
                 f"autoaugment={self.autoaugment!r}, cutout={self.cutout})")
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 orig_hw: torch.Tensor | None = None) -> torch.Tensor:
         _check_images(images)
-        x = self._geometric(images, generator)
+        x = self._geometric(images, generator, orig_hw)
         if any(self.jitter):
             x = self._color_jitter(x, generator)
         if self.autoaugment is not None:
@@ -381,24 +463,29 @@ class TrainAugment:
         flips = _uniform((batch,), generator) < 0.5
         return to_device(flips if self.flip else torch.zeros_like(flips), device)
 
-    def _geometric(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _geometric(self, images: torch.Tensor, generator: torch.Generator,
+                   orig_hw: torch.Tensor | None = None) -> torch.Tensor:
         batch, _, height, width = images.shape
         size, device = self.input_size, images.device
+        if orig_hw is not None and self.mode != "resized_crop":
+            raise ValueError(f"whole-stored images (orig_hw given) need mode 'resized_crop', not {self.mode!r}")
         if self.mode == "crop_flip":
             return self._crop_flip(images, generator)
         if self.mode == "resized_crop":
-            boxes = to_device(sample_resized_crop_boxes(batch, height, width, self.scale, self.ratio,
-                                                        generator), device)
-            top, left, h, w = boxes.unbind(1)
-            # roi_align box corners in pixel-edge coordinates; aligned=True puts pixel centres at
-            # k + 0.5, so a full-image box at the same size reproduces the image exactly. Its
-            # adaptive sampling (ceil(box/size) points per output pixel and axis) averages
-            # when shrinking, an approximation of torchvision's antialiased resize.
-            rois = torch.stack([torch.arange(batch, device=device), left, top, left + w, top + h],
-                               dim=1).float()
-            x = roi_align(images.float(), rois, output_size=(size, size), spatial_scale=1.0,
-                          sampling_ratio=-1, aligned=True)
-            x = x.round_().clamp_(0, 255).to(torch.uint8)
+            if orig_hw is None:
+                boxes = to_device(sample_resized_crop_boxes(batch, height, width, self.scale, self.ratio,
+                                                            generator), device)
+                top, left, h, w = boxes.unbind(1)
+                corners = torch.stack([top, top + h, left, left + w], dim=1)
+            else:
+                # Whole-stored images: torchvision's rule in each ORIGINAL image's pixels (area and
+                # aspect relative to it), the box then mapped into the stored S x S image, so the
+                # crop shows what RandomResizedCrop on the original would.
+                hw = _effective_hw(orig_hw, height, width)
+                boxes = sample_resized_crop_boxes(batch, hw[:, 0], hw[:, 1], self.scale, self.ratio,
+                                                  generator)
+                corners = whole_to_stored(boxes, hw, height, width)
+            x = crop_resize(images, corners, size)
         else:  # "none"
             x = _resize_center(images, size)
         flips = self._flips(batch, generator, device)

@@ -67,6 +67,13 @@ COMMON_OPTIONS: dict[str, Option] = {
     "cache_dir": Option(".cache/data", "str", "Folder for the decoded-image cache; null disables it.", nullable=True),
     "skip_unreadable": Option(False, "bool", "Skip (and report) unreadable images instead of stopping."),
     "in_memory": Option(None, "bool", "Hold decoded images in memory (null: yes except imagenet1000, which streams).", nullable=True),
+    "stored_form": Option(None, "str", "How training images are stored: crop (short side resized to image_size, centre "
+                                       "square: the sides of non-square images are lost) or whole (the whole image "
+                                       "resized to image_size x image_size plus its original size; RandomResizedCrop is "
+                                       "drawn in the original's pixels, as torchvision's on the whole image). null = "
+                                       "whole for in-memory folder/imagenet100/food101 with augment resized_crop, else "
+                                       "crop (resolved when the config is read). Test images are always crop.",
+                          choices=("crop", "whole"), nullable=True),
     "num_workers": Option(0, "int", "Loader processes for streamed datasets and image decoding (0 = main process).", min=0),
     # protocol
     "shuffle": Option(True, "bool", "Shuffle the class order with `seed` (labels are remapped to order position)."),
@@ -299,6 +306,10 @@ def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"Config key 'device' is {json.dumps(dev)}; allowed: auto, cpu, cuda, cuda:N.")
     _check_sizes(resolved)
     _check_paths_and_ranges(resolved)
+    from utils.datasets import stored_form
+
+    resolved["stored_form"] = stored_form(resolved["dataset"], resolved["augment"], resolved["in_memory"],
+                                          resolved["stored_form"])
     LEARNERS[model_name].check_config(resolved)
     from models.plugins import PLUGINS
 
@@ -431,7 +442,7 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
 
 # Keys that identify a run only when they are not at their default (added after runs existed:
 # their default must not move every run folder).
-_HASHED_WHEN_SET = {"sync_bn": False}
+_HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop"}
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:

@@ -13,7 +13,11 @@ Conventions:
   - Samples are in sorted path order (class-sorted for the generated set, file order for CIFAR),
     so that runs are reproducible.
   - Decoding (see :mod:`utils.image_cache`): RGB, short side resized to ``image_size`` (bilinear,
-    antialiased), centre ``image_size x image_size`` crop.
+    antialiased), centre ``image_size x image_size`` crop (stored form ``crop``). With the stored
+    form ``whole`` (the default of the ``resized_crop`` formats, see :func:`stored_form`) the
+    TRAINING split holds each whole image resized to ``image_size`` x ``image_size`` and its
+    original size in ``ImageSet.orig_hw``, so that RandomResizedCrop sees the whole image as in
+    the published pipelines; the test split is always ``crop`` (Resize + CenterCrop).
   - Boxes (shapes, Tiny-ImageNet) are ``(y0, y1, x0, x1)``, half-open, in stored-image pixels.
 
 ImageNet-100 without ``class_list`` uses this documented, deterministic rule
@@ -53,18 +57,22 @@ class ImageSet:
     keep them for messages); None for generated/CIFAR data.
     ``boxes``: int64 ``[N, 4]`` ground-truth object box ``(y0, y1, x0, x1)``, half-open, in
     stored-image pixels; None when the dataset has no boxes.
+    ``orig_hw``: int64 ``[N, 2]`` original ``(height, width)`` when the images are stored whole
+    (squashed to S x S, stored form ``whole``); None for the centre-crop form.
     """
 
     labels: torch.Tensor
     images: torch.Tensor | None = None
     paths: list[str] | None = None
     boxes: torch.Tensor | None = None
+    orig_hw: torch.Tensor | None = None
 
     def __post_init__(self):
         n = len(self.labels)
         if self.images is None and self.paths is None:
             raise ValueError("an ImageSet needs images or paths")
-        for what, value in (("images", self.images), ("paths", self.paths), ("boxes", self.boxes)):
+        for what, value in (("images", self.images), ("paths", self.paths), ("boxes", self.boxes),
+                            ("orig_hw", self.orig_hw)):
             if value is not None and len(value) != n:
                 raise ValueError(f"ImageSet: {len(value)} {what} for {n} labels")
 
@@ -179,6 +187,36 @@ def default_imagenet100_classes(wnids: list[str]) -> list[str]:
     return sorted(ordered[i] for i in perm[:100])
 
 
+STORED_FORMS = ("crop", "whole")
+
+
+def stored_form(name: str, augment: str | None, in_memory: bool | None, requested: str | None) -> str:
+    """The stored form of the training split (config key ``stored_form``; ``requested`` None = the
+    default): ``whole`` for an in-memory file-based format without boxes whose augmentation
+    (``augment`` None = the format's) is ``resized_crop``, else ``crop``. ``whole`` asked where it
+    cannot be honoured raises ConfigError naming the key."""
+    info = DATASETS[name]
+    augment = augment or info.augment
+    streamed = info.streamed if in_memory is None else not in_memory
+    why = None
+    if augment != "resized_crop":
+        why = f"the augmentation is {augment!r}; only 'resized_crop' crops from the whole image"
+    elif not info.file_based:
+        why = f"dataset {name!r} is not decoded from image files (its images are stored whole already)"
+    elif streamed:
+        why = "streamed images (in_memory false, or imagenet1000) are decoded as centre crops by the loader workers"
+    elif name == "tinyimagenet":
+        why = "its object boxes are mapped to the centre-crop form only"
+    if requested is None:
+        return "crop" if why else "whole"
+    if requested not in STORED_FORMS:
+        raise ConfigError(f"Config key 'stored_form' is {requested!r}; allowed: {', '.join(STORED_FORMS)} or null.")
+    if requested == "whole" and why:
+        raise ConfigError(f"Config key 'stored_form' is 'whole', which does not apply here: {why}. "
+                          f"Use 'crop' or null.")
+    return requested
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -187,7 +225,7 @@ def load_dataset(name: str, data_root: str | None, *, image_size: int,
                  class_list: str | None = None, cache_dir: str | None = None,
                  skip_unreadable: bool = False, in_memory: bool | None = None,
                  shapes: dict | None = None, progress: bool = True,
-                 num_workers: int | None = None) -> Dataset:
+                 num_workers: int | None = None, stored_form: str = "crop") -> Dataset:
     """Load dataset ``name`` from ``data_root`` with images stored at ``image_size`` px square.
 
     ``class_list``: a file of class names / wnids (one a
@@ -200,6 +238,8 @@ def load_dataset(name: str, data_root: str | None, *, image_size: int,
     :class:`FileImages`). ``shapes``: options of the procedural shapes set (its ``seed`` is the data
     seed, independent of a run's seed). ``progress``: tqdm bar.
     ``num_workers``: decoding processes (None = all usable cores, 0/1 = this process).
+    ``stored_form``: "crop" or "whole" for the training split (see :func:`stored_form`, which
+    the caller resolves; "whole" here requires an in-memory file-based set without boxes).
     Raises ConfigError for bad arguments and DataError for missing, malformed or unreadable data.
     """
     info = _check_arguments(name, class_list, in_memory, shapes)
@@ -212,6 +252,9 @@ def load_dataset(name: str, data_root: str | None, *, image_size: int,
         return _load_cifar(info, root, image_size)
     listing = _list_files(info, root, class_list)
     streamed = info.streamed if in_memory is None else not in_memory
+    whole = stored_form == "whole"
+    if whole and (streamed or listing["train"].boxes is not None):
+        raise ConfigError("Config key 'stored_form': 'whole' needs in-memory images without object boxes.")
     if streamed:
         train, test = (_streamed_set(listing[s], image_size) for s in ("train", "test"))
         return _make_dataset(info, listing["class_names"], train, test, image_size)
@@ -220,26 +263,32 @@ def load_dataset(name: str, data_root: str | None, *, image_size: int,
     if cache_dir is not None:
         files = listing["train"].paths + listing["test"].paths
         arrays = [a for s in ("train", "test") for a in (listing[s].labels, listing[s].boxes) if a is not None]
-        key = image_cache.cache_key({"dataset": name, "root": root, "image_size": image_size,
-                                     "classes": listing["class_names"], "skip_unreadable": skip_unreadable},
-                                    files, arrays)
+        description = {"dataset": name, "root": root, "image_size": image_size,
+                       "classes": listing["class_names"], "skip_unreadable": skip_unreadable}
+        if whole:   # only the new form changes the key: existing crop caches stay valid
+            description["stored_form"] = "whole"
+        key = image_cache.cache_key(description, files, arrays)
         target = image_cache.cache_path(cache_dir, name, image_size, key)
         payload = image_cache.load_cache(target, key)
         if payload is not None:
             try:
                 train, test = (ImageSet(**payload[s]) for s in ("train", "test"))
+                if whole and train.orig_hw is None:
+                    raise ValueError("no orig_hw for the stored form 'whole'")
                 return _make_dataset(info, payload["class_names"], train, test, image_size)
             except (KeyError, TypeError, ValueError) as exc:  # readable but not what we wrote: rewrite
                 warnings.warn(f"Ignoring malformed dataset cache {target} ({exc!r}); it will be rewritten.",
                               stacklevel=2)
 
-    train, test = (_decode_split(info, root, s, listing[s], image_size, skip_unreadable, progress, num_workers)
+    train, test = (_decode_split(info, root, s, listing[s], image_size, skip_unreadable, progress, num_workers,
+                                 whole=whole and s == "train")
                    for s in ("train", "test"))
     _check_classes_present(info, root, listing["class_names"], train)
     if target is not None:
         image_cache.save_cache(target, {
             "key": key, "class_names": listing["class_names"],
-            **{s: {"labels": st.labels, "images": st.images, "paths": st.paths, "boxes": st.boxes}
+            **{s: {"labels": st.labels, "images": st.images, "paths": st.paths, "boxes": st.boxes,
+                   **({"orig_hw": st.orig_hw} if st.orig_hw is not None else {})}
                for s, st in (("train", train), ("test", test))}})
     return _make_dataset(info, listing["class_names"], train, test, image_size)
 
@@ -644,11 +693,12 @@ def _list_food101(info, root, class_list) -> dict:
 # Decoding and streaming
 
 
-def _decode_split(info, root, split, listing: _Split, image_size, skip_unreadable, progress, num_workers) -> ImageSet:
+def _decode_split(info, root, split, listing: _Split, image_size, skip_unreadable, progress, num_workers,
+                  whole: bool = False) -> ImageSet:
     try:
         images, kept, orig_hw, failures = image_cache.decode_images(
             listing.paths, image_size, workers=num_workers, skip_unreadable=skip_unreadable,
-            progress=progress, desc=f"{info.name} {split}")
+            progress=progress, desc=f"{info.name} {split}", whole=whole)
     except image_cache.DecodeFailure as exc:
         path, reason = exc.failures[0]
         raise DataError(f"Cannot read image {path} ({reason}). Replace or delete it, or set "
@@ -661,7 +711,8 @@ def _decode_split(info, root, split, listing: _Split, image_size, skip_unreadabl
     if listing.boxes is not None:
         boxes = torch.from_numpy(image_cache.map_boxes(listing.boxes[kept], orig_hw, image_size))
     return ImageSet(labels=torch.from_numpy(listing.labels[kept]), images=torch.from_numpy(images),
-                    paths=[listing.paths[i] for i in kept], boxes=boxes)
+                    paths=[listing.paths[i] for i in kept], boxes=boxes,
+                    orig_hw=torch.from_numpy(orig_hw) if whole else None)
 
 
 def _check_classes_present(info, root, class_names, train: ImageSet) -> None:

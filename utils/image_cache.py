@@ -1,9 +1,16 @@
 """Decode image files once into uint8 arrays, in parallel, and keep the result in an on-disk cache.
 
-Decoding (:func:`decode_image`): Pillow, converted to RGB (greyscale/palette/RGBA -> RGB), the
-SHORT side resized to ``size`` (bilinear with Pillow's antialiasing), then the centre
-``size x size`` square cropped. JPEGs are first decoded at a reduced DCT scale (``Image.draft``)
-when that still leaves the short side >= ``size``: much faster for large photos, same geometry.
+Decoding (:func:`decode_image`): Pillow, converted to RGB (greyscale/palette/RGBA -> RGB), then
+one of two stored forms of side ``size``:
+
+* ``crop`` (the default): the SHORT side resized to ``size`` (bilinear with Pillow's
+  antialiasing), then the centre ``size x size`` square cropped;
+* ``whole``: the whole image resized to ``size x size`` (its aspect squashed, nothing cut off);
+  the caller keeps each image's original ``(height, width)`` to undo the squash geometrically
+  (``utils.augment``: RandomResizedCrop boxes drawn in the original's pixels, ``centre_view``).
+
+JPEGs are first decoded at a reduced DCT scale (``Image.draft``) when that still leaves both
+sides >= the resize target: much faster for large photos, same geometry.
 :func:`resize_geometry` is that geometry as numbers, so that object boxes can be mapped to the
 stored image (:func:`map_boxes`) without decoding.
 
@@ -43,14 +50,21 @@ def resize_geometry(height: int, width: int, size: int) -> tuple[int, int, int, 
     return new_h, new_w, (new_h - size) // 2, (new_w - size) // 2
 
 
-def decode_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode one file to the stored format.
+def decode_image(path: str, size: int, whole: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode one file to the stored form ``crop`` (``whole`` False) or ``whole``.
 
     Returns ``(image, (orig_height, orig_width))`` with ``image`` uint8 ``[3, size, size]``.
     Raises whatever Pillow raises for an unreadable file (callers turn it into a ``DataError``).
     """
     with Image.open(path) as img:
         orig_w, orig_h = img.size
+        if whole:
+            img.draft("RGB", (size, size))
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+            return np.ascontiguousarray(arr.transpose(2, 0, 1)), (orig_h, orig_w)
         new_h, new_w, top, left = resize_geometry(orig_h, orig_w, size)
         # For JPEG, let libjpeg skip detail we would throw away anyway (scale 1/2, 1/4, 1/8 while
         # the result stays >= the resize target). No-op for other formats.
@@ -107,18 +121,18 @@ def default_workers() -> int:
     return max(1, min(cores, 16))
 
 
-def _decode_chunk(job: tuple[int, Sequence[str], int, bool]):
-    """Pool worker: decode ``paths`` (indices ``start..``).
+def _decode_chunk(job: tuple[int, Sequence[str], int, bool, bool]):
+    """Pool worker: decode ``paths`` (indices ``start..``) to the stored form ``whole`` or ``crop``.
 
     Returns ``(start, images [k,3,S,S] uint8, ok_offsets [k], orig_hw [k,2], failures)``; with
     ``skip`` False it stops at the first failure (the caller raises).
     """
-    start, paths, size, skip = job
+    start, paths, size, skip, whole = job
     images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     ok, hw, failures = [], [], []
     for j, path in enumerate(paths):
         try:
-            img, orig = decode_image(path, size)
+            img, orig = decode_image(path, size, whole)
         except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError...
             failures.append((path, f"{type(exc).__name__}: {exc}"))
             if not skip:
@@ -141,8 +155,9 @@ class DecodeFailure(Exception):
 
 def decode_images(paths: Sequence[str], size: int, *, workers: int | None = None,
                   skip_unreadable: bool = False, progress: bool = True, desc: str = "decode",
-                  chunk_size: int | None = None):
-    """Decode every file of ``paths`` (a multiprocessing pool over chunks, results in order).
+                  chunk_size: int | None = None, whole: bool = False):
+    """Decode every file of ``paths`` (a multiprocessing pool over chunks, results in order) to the
+    stored form ``crop``, or with ``whole`` to the form ``whole`` (:func:`decode_image`).
 
     Returns ``(images, kept, orig_hw, failures)``:
       - ``images``: uint8 ``[K, 3, size, size]`` (numpy), for the K readable files, in order;
@@ -159,7 +174,7 @@ def decode_images(paths: Sequence[str], size: int, *, workers: int | None = None
     if chunk_size is None:
         # a few chunks per worker for load balance, but large enough to amortise pickling
         chunk_size = max(16, min(256, math.ceil(n / max(1, workers * 8))))
-    jobs = [(s, list(paths[s:s + chunk_size]), size, skip_unreadable) for s in range(0, n, chunk_size)]
+    jobs = [(s, list(paths[s:s + chunk_size]), size, skip_unreadable, whole) for s in range(0, n, chunk_size)]
     images = np.empty((n, 3, size, size), dtype=np.uint8)  # filled in place: no second copy
     kept, hws, failures = [], [], []
     filled = 0

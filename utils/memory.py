@@ -71,8 +71,10 @@ class ClassExemplars:
 # A compressor maps uint8 images [B, 3, S, S] of one class (and the class label) to the boxes
 # int64 [B, 4] kept at full resolution; the rest of each image is stored downsampled.
 Compressor = Callable[[torch.Tensor, int], torch.Tensor]
-# A feature function maps uint8 images [B, 3, S, S] to features [B, d] (the deployed model, eval mode).
-FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+# A feature function maps uint8 images [B, 3, S, S] of the training set and their training-set
+# indices [B] (which say how the images are stored: see RunContext.orig_hw) to features [B, d]
+# (the deployed model, eval mode).
+FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def full_image_boxes(n: int, size: int) -> torch.Tensor:
@@ -156,7 +158,7 @@ class ExemplarMemory:
             if compressor is not None:
                 boxes = compressor(images, c).cpu()
                 seen = compress_images(images, boxes, self.compress_ratio)
-            self.add_class(c, images, feature_fn(seen), m, boxes, index)
+            self.add_class(c, images, feature_fn(seen, index), m, boxes, index)
 
     # ---- access -------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -12,6 +12,11 @@ training images, the exemplar memory, synthetic replay, later others. Two ways t
 Each source also says whether its samples count in the classification loss (``in_ce``) and in the
 learner's distillation terms (``in_kd``); a batch carries the per-sample masks (None when every
 sample counts, which keeps the learners' losses exactly the plain batch means).
+
+Images stored whole (config key ``stored_form``) travel with their original ``(height, width)``
+(``orig_hw``), which the augmentation needs to crop them as the originals; a source without it
+(None: synthetic images, centre-crop training images) is its own original, written (0, 0) where
+it joins sources that have it. When no source has it the stage carries None.
 """
 from __future__ import annotations
 
@@ -31,7 +36,9 @@ class SourceData:
     """What one source gives a stage: uint8 ``images`` [n, 3, S, S] (or a streamed source),
     int64 ``labels`` [n], one ``origin`` (NEW / EXEMPLAR / SYNTHETIC), and int64 ``index`` [n], the
     training-set index of each sample (-1 where the sample is not a training-set image: exemplars
-    are stored, possibly compressed copies; synthetic images are generated)."""
+    are stored, possibly compressed copies; synthetic images are generated). ``orig_hw``: int64
+    [n, 2] original (height, width) of whole-stored images, None when the images are their own
+    originals."""
 
     name: str
     images: batching.Images
@@ -41,10 +48,17 @@ class SourceData:
     ratio: float | None = None
     in_ce: bool = True
     in_kd: bool = True
+    orig_hw: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.index is None:
             self.index = torch.full_like(self.labels, -1)
+
+    def hw_or_zeros(self) -> torch.Tensor:
+        """int64 [n, 2]: ``orig_hw``, or (0, 0) rows ("as stored") when there is none."""
+        if self.orig_hw is not None:
+            return self.orig_hw
+        return torch.zeros(len(self), 2, dtype=torch.long, device=self.labels.device)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -53,7 +67,8 @@ class SourceData:
 @dataclass
 class RawBatch:
     """A batch before augmentation, on the device: uint8 ``images`` [B, 3, S, S], ``labels`` [B],
-    int8 ``origin`` [B], ``index`` [B] (training-set index or -1)."""
+    int8 ``origin`` [B], ``index`` [B] (training-set index or -1), ``orig_hw`` [B, 2] (original
+    sizes of whole-stored images, (0, 0) = as stored; None when no image is stored whole)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -61,6 +76,7 @@ class RawBatch:
     index: torch.Tensor
     global_size: int | None = None        # samples of the whole batch over all ranks (None: one process)
     positions: torch.Tensor | None = None  # int64 [B] (CPU): these samples' rows in the global batch
+    orig_hw: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,6 +91,7 @@ class StageData:
     mixed: list[SourceData] = field(default_factory=list)
     ce_origins: tuple[int, ...] = tuple(range(len(ORIGINS)))
     kd_origins: tuple[int, ...] = tuple(range(len(ORIGINS)))
+    orig_hw: torch.Tensor | None = None   # int64 [n, 2] of the epoch part (see the module doc)
 
     @classmethod
     def assemble(cls, parts: list[SourceData]) -> "StageData":
@@ -89,10 +106,17 @@ class StageData:
         origin = torch.cat([torch.full((len(p),), p.origin, dtype=torch.int8) for p in epoch]) if epoch \
             else torch.zeros(0, dtype=torch.int8)
         index = torch.cat([p.index for p in epoch]) if epoch else empty
+        whole = any(p.orig_hw is not None for p in parts)
+        orig_hw = None
+        if whole:
+            orig_hw = torch.cat([p.hw_or_zeros() for p in epoch]) if epoch else torch.zeros(0, 2, dtype=torch.long)
+            mixed = [p if p.orig_hw is not None else
+                     SourceData(p.name, p.images, p.labels, p.origin, p.index, p.ratio, p.in_ce, p.in_kd,
+                                p.hw_or_zeros()) for p in mixed]
         # One source per origin may exclude its samples from a loss; the masks follow the origin.
         ce = tuple(o for o in range(len(ORIGINS)) if all(p.in_ce for p in parts if p.origin == o))
         kd = tuple(o for o in range(len(ORIGINS)) if all(p.in_kd for p in parts if p.origin == o))
-        return cls(images, labels, origin, index, mixed, ce, kd)
+        return cls(images, labels, origin, index, mixed, ce, kd, orig_hw)
 
     def __len__(self) -> int:
         """Samples in the epoch's pass (the mixed sources add to each batch on top)."""
@@ -108,10 +132,12 @@ class StageData:
     def to(self, device: torch.device) -> "StageData":
         """Tensors (and in-memory images) on ``device``: no per-batch host copies on a GPU."""
         move = (lambda t: t.to(device)) if isinstance(self.images, torch.Tensor) else (lambda t: t)
+        hw = (lambda t: None if t is None else t.to(device))
         mixed = [SourceData(p.name, p.images.to(device), p.labels.to(device), p.origin, p.index.to(device),
-                            p.ratio, p.in_ce, p.in_kd) for p in self.mixed]
+                            p.ratio, p.in_ce, p.in_kd, hw(p.orig_hw)) for p in self.mixed]
         return StageData(move(self.images), move(self.labels), move(self.origin), move(self.index),
-                         mixed, self.ce_origins, self.kd_origins)
+                         mixed, self.ce_origins, self.kd_origins,
+                         None if self.orig_hw is None else move(self.orig_hw))
 
     def loss_masks(self, origin: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """bool [B] masks of the samples that count in CE and in KD; None = every sample counts."""
@@ -139,13 +165,15 @@ class StageData:
         starts = range(0, n_epoch, batch_size)
         sizes = iter([min(batch_size, n_epoch - s) for s in starts if min(batch_size, n_epoch - s) // world >= 2]
                      if world > 1 else [])
-        for imgs, y, origin, idx in batching.iterate(self.images, self.labels, self.origin, self.index,
-                                                     batch_size=batch_size, generator=generator, min_batch=2,
-                                                     num_workers=num_workers, shard=shard):
+        whole = self.orig_hw is not None
+        extras = (self.labels, self.origin, self.index) + ((self.orig_hw,) if whole else ())
+        for imgs, *rest in batching.iterate(self.images, *extras, batch_size=batch_size, generator=generator,
+                                            min_batch=2, num_workers=num_workers, shard=shard):
+            y, origin, idx = rest[:3]
             global_n = next(sizes) if world > 1 else len(y)   # the whole batch's epoch samples
             total = global_n
             positions = [torch.arange(rank, global_n, world)]   # rows of this shard in the global batch
-            parts = [(imgs, y, origin, idx)]
+            parts = [(imgs, y, origin, idx, *rest[3:])]
             for p, cursor in zip(self.mixed, cursors):
                 k = int(round(p.ratio * global_n))
                 if k > 0:
@@ -155,15 +183,17 @@ class StageData:
                     k = len(pick)
                     parts.append((p.images[pick], p.labels[pick],
                                   torch.full((k,), p.origin, dtype=torch.int8, device=p.labels.device),
-                                  p.index[pick]))
+                                  p.index[pick], *((p.orig_hw[pick],) if whole else ())))
             if len(parts) == 1:
                 moved = [t.to(device, non_blocking=True) for t in parts[0]]
             else:
-                moved = [torch.cat([part[j].to(device, non_blocking=True) for part in parts]) for j in range(4)]
+                moved = [torch.cat([part[j].to(device, non_blocking=True) for part in parts])
+                         for j in range(len(parts[0]))]
+            hw = moved[4] if whole else None
             if world == 1:
-                yield RawBatch(*moved)
+                yield RawBatch(*moved[:4], orig_hw=hw)
             else:
-                yield RawBatch(*moved, global_size=total, positions=torch.cat(positions))
+                yield RawBatch(*moved[:4], global_size=total, positions=torch.cat(positions), orig_hw=hw)
 
 
 class _Cycle:
