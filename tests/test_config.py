@@ -405,3 +405,22 @@ def test_threads_flag_sets_the_key(tmp_path, monkeypatch, capsys):
     assert main.main(["--config", "t", "--threads", "1"]) == 0
     assert seen["threads"] == 1
     assert resolve_config(tiny_config())["threads"] is None
+
+
+def test_stored_form_is_resolved_and_identifies_only_whole_runs(tmp_path, monkeypatch, capsys):
+    shapes = resolve_config(tiny_config())
+    assert shapes["stored_form"] == "crop"
+    # the crop form leaves every existing run's identity (folder, resume) where it was
+    assert config_hash(shapes) == config_hash({k: v for k, v in shapes.items() if k != "stored_form"})
+    folder = resolve_config(tiny_config(dataset="folder", data_root=str(tmp_path), shapes={},
+                                        augment="resized_crop"))
+    assert folder["stored_form"] == "whole"
+    crop = resolve_config(tiny_config(dataset="folder", data_root=str(tmp_path), shapes={},
+                                      augment="resized_crop", stored_form="crop"))
+    assert config_hash(crop) != config_hash(folder)
+    assert resolve_config(tiny_config(dataset="folder", shapes={}, augment="crop_flip"))["stored_form"] == "crop"
+    # whole where it cannot apply: exit 2 naming the key
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(stored_form="whole"))
+    _assert_user_error(code, err, tmp_path, "'stored_form'", "'whole'")
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(stored_form="squash"))
+    _assert_user_error(code, err, tmp_path, "'stored_form'", "crop", "whole")

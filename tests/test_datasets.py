@@ -457,3 +457,66 @@ def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path, monk
     with pytest.warns(UserWarning, match=rf"Could not write the dataset cache {target} \(No space left"):
         image_cache.save_cache(str(target), {"key": 1})
     assert not target.exists() and not list((tmp_path / "cache").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# stored form "whole" (config key stored_form)
+
+
+def test_whole_form_keeps_every_training_image_whole_with_its_size(tmp_path):
+    root = make_folder_tree(tmp_path / "data")
+    # a landscape image whose sides are a colour the centre never has
+    img = Image.new("RGB", (90, 30), (0, 0, 255))
+    img.paste((255, 255, 0), (30, 0, 60, 30))
+    img.save(root / "train/cat/wide.png")
+    crop = load_dataset("folder", str(root), image_size=16, progress=False, num_workers=0)
+    whole = load_dataset("folder", str(root), image_size=16, progress=False, num_workers=0, stored_form="whole")
+    assert crop.train.orig_hw is None and whole.test.orig_hw is None
+    assert whole.train.images.shape == crop.train.images.shape           # the same S x S tensor: no extra pixels
+    sizes = {os.path.basename(p): hw for p, hw in zip(whole.train.paths, whole.train.orig_hw.tolist())}
+    assert sizes["a.png"] == [30, 40] and sizes["b.JPG"] == [50, 30] and sizes["wide.png"] == [30, 90]
+    assert torch.equal(whole.test.images, crop.test.images)              # test split: always the centre crop
+    k = whole.train.paths.index(str(root / "train/cat/wide.png"))
+    blue = lambda x: ((x[2] > 200) & (x[0] < 50)).float().mean().item()  # noqa: E731
+    assert blue(crop.train.images[k]) == 0.0                             # the centre crop lost the sides
+    assert blue(whole.train.images[k]) == pytest.approx(2 / 3, abs=0.1)  # the whole image kept them
+    # square originals are stored the same way in both forms
+    k = whole.train.paths.index(str(root / "train/cat/sub/c.png"))
+    assert torch.equal(whole.train.images[k], crop.train.images[k])
+
+
+def test_whole_form_has_its_own_cache_and_the_crop_key_is_unchanged(tmp_path, monkeypatch):
+    root, cache = make_folder_tree(tmp_path / "data"), tmp_path / "cache"
+    load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False, num_workers=0)
+    (crop_file,) = cache.iterdir()
+    # the crop form's key is computed from exactly what it was computed from before the whole form existed
+    listing = ds._list_files(DATASETS["folder"], str(root), None)
+    files = listing["train"].paths + listing["test"].paths
+    arrays = [listing[s].labels for s in ("train", "test")]
+    key = image_cache.cache_key({"dataset": "folder", "root": str(root), "image_size": 16,
+                                 "classes": listing["class_names"], "skip_unreadable": False}, files, arrays)
+    assert crop_file.name == os.path.basename(image_cache.cache_path(str(cache), "folder", 16, key))
+    first = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False, num_workers=0,
+                         stored_form="whole")
+    assert len(list(cache.iterdir())) == 2
+    with monkeypatch.context() as m:
+        m.setattr(image_cache, "decode_images", _must_not_decode)
+        second = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False,
+                              stored_form="whole")
+        crop_again = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False)
+    assert torch.equal(first.train.images, second.train.images) and torch.equal(first.train.orig_hw, second.train.orig_hw)
+    assert crop_again.train.orig_hw is None
+
+
+def test_stored_form_default_and_refusals():
+    assert ds.stored_form("folder", None, None, None) == "whole"
+    assert ds.stored_form("imagenet100", "resized_crop", None, None) == "whole"
+    assert ds.stored_form("food101", None, True, None) == "whole"
+    for name, augment, in_memory in [("folder", "crop_flip", None), ("folder", None, False), ("imagenet1000", None, None),
+                                     ("shapes", "resized_crop", None), ("cifar100", None, None),
+                                     ("tinyimagenet", "resized_crop", None)]:
+        assert ds.stored_form(name, augment, in_memory, None) == "crop"
+        assert ds.stored_form(name, augment, in_memory, "crop") == "crop"
+        with pytest.raises(ConfigError, match="'stored_form'"):
+            ds.stored_form(name, augment, in_memory, "whole")
+    assert ds.stored_form("folder", None, None, "crop") == "crop"

@@ -174,6 +174,40 @@ def test_stage_batches_shard_the_mixed_sources_and_draw_augmentation_for_the_glo
             assert torch.equal(d, full[s.positions])
 
 
+def test_whole_stored_images_carry_their_sizes_into_shards_and_crop_as_in_one_process():
+    """Stored form "whole": the original sizes travel with every sample (new images, exemplars; the
+    synthetic mixed source as (0, 0), "as stored"), and a shard's crops are the global batch's rows."""
+    from utils.augment import BatchShard, TrainAugment
+    from utils.stage_data import EXEMPLAR, NEW, SYNTHETIC, SourceData, StageData
+
+    images = torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images[:, 0, 0, 0] = torch.arange(40, dtype=torch.uint8)   # which image a batch row is
+    hw = torch.stack([torch.arange(40) + 20, 60 - torch.arange(40)], dim=1)
+    data = StageData.assemble([
+        SourceData("new", images[:30], torch.zeros(30, dtype=torch.long), NEW, torch.arange(30), orig_hw=hw[:30]),
+        SourceData("exemplars", images[30:], torch.ones(10, dtype=torch.long), EXEMPLAR, orig_hw=hw[30:]),
+        SourceData("syn", images[:7], torch.full((7,), 2), SYNTHETIC, ratio=0.25)])
+    augment = TrainAugment(8, (0.5,) * 3, (0.25,) * 3, mode="resized_crop")
+
+    def batches(shard):
+        return list(data.batches(16, torch.Generator().manual_seed(3), torch.Generator().manual_seed(4),
+                                 shard=shard))
+
+    one = batches((0, 1))
+    two = [batches((r, 2)) for r in range(2)]
+    for k, whole in enumerate(one):
+        epoch = whole.origin != SYNTHETIC
+        expected = hw[whole.images[:, 0, 0, 0].long()]
+        assert torch.equal(whole.orig_hw[epoch], expected[epoch])
+        assert torch.equal(whole.orig_hw[~epoch], torch.zeros(int((~epoch).sum()), 2, dtype=torch.long))
+        full = augment(whole.images, torch.Generator().manual_seed(5), whole.orig_hw)
+        for s in (two[r][k] for r in range(2)):
+            assert torch.equal(s.orig_hw, whole.orig_hw[s.positions])
+            part = augment(s.images, BatchShard(torch.Generator().manual_seed(5), s.positions, s.global_size),
+                           s.orig_hw)
+            assert torch.equal(part, full[s.positions])
+
+
 def test_a_plain_run_takes_no_distributed_path(monkeypatch):
     from utils import distributed
 

@@ -392,3 +392,89 @@ def test_compile_compiles_each_stage_forward_and_trains_the_same(tmp_path, tiny_
     for ref_row, got_row in zip(ref, got):
         assert got_row == pytest.approx(ref_row, abs=5.0)
     assert res["config_hash"] == reference["config_hash"]   # compile is not part of a run's identity
+
+
+# ---- stored form "whole": a resized_crop folder dataset of non-square images ------------------------
+
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 230), (230, 210, 30)]
+
+
+def _aspect_folder(root, train_per_class=16, test_per_class=6, sizes=((36, 24), (24, 36), (30, 30), (40, 22))):
+    """4 classes of landscape, portrait and square PNGs (``sizes``: (width, height)): a class colour
+    over noise, with a white disc."""
+    from PIL import Image, ImageDraw
+
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", train_per_class), ("val", test_per_class)):
+        for c, colour in enumerate(COLOURS):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                w, h = sizes[(i + c) % len(sizes)]
+                noise = torch.randint(-40, 41, (h, w, 3), generator=rng)
+                pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                img = Image.fromarray(pixels)
+                r = 3 + i % 4
+                ImageDraw.Draw(img).ellipse((w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r), fill=(255, 255, 255))
+                img.save(folder / f"{i:02d}.png")
+    return root
+
+
+def _whole_config(root, **overrides):
+    return tiny_config(**{**dict(dataset="folder", data_root=str(root), shapes={}, image_size=24, input_size=20,
+                                 augment="resized_crop", rrc_scale=[0.35, 1.0], init_cls=2, increment=2,
+                                 memory_size=16, batch_size=16, init_epochs=8, epochs=6, init_lr=0.05, lr=0.02,
+                                 scheduler="cosine"), **overrides})
+
+
+@pytest.fixture(scope="module")
+def aspect_data(tmp_path_factory):
+    return _aspect_folder(tmp_path_factory.mktemp("aspect") / "data")
+
+
+@pytest.mark.parametrize("learner", [{"model_name": "icarl"},
+                                     {"model_name": "lucir", "cbf_epochs": 2, "cbf_milestones": [],
+                                      "compression": "cim", "cam_update_interval": 2, "randombbxblur_prob_incre": 0.5,
+                                      "num_meta_iters_per_cls": 1.0, "meta_batch_size": 8}])
+def test_whole_form_trains_with_memory_across_phases_and_resumes_exactly(tmp_path, aspect_data, learner):
+    raw = _whole_config(aspect_data, **learner)
+    cfg = resolve_config(raw)
+    assert cfg["stored_form"] == "whole"      # the default of a resized_crop folder dataset
+    trainer = Trainer(cfg, tmp_path / "ref", "whole")
+    results = trainer.run()
+    # the original sizes reached the trainer and follow the exemplars (through their training-set index)
+    hw = trainer.train_orig_hw
+    assert hw is not None and {tuple(x) for x in hw.tolist()} == {(24, 36), (36, 24), (30, 30), (22, 40)}
+    last = trainer.phases()[-1]
+    data = trainer.stage_data(last, "phase")
+    mem_index = trainer.memory.source_indices()
+    assert len(mem_index) > 0 and data.orig_hw is not None
+    assert torch.equal(data.orig_hw[data.origin == 1], hw[mem_index])
+    assert torch.equal(data.orig_hw[data.origin == 0], hw[data.index[data.origin == 0]])
+    memory = results["phases"][-1]["memory"]
+    assert memory["exemplars"] > 0 and memory["used"] <= memory["budget"]
+    # it learns: 4 classes, chance 25 %
+    assert results["summary"]["cnn_last_top1"] > 50.0, results["summary"]
+    assert results["phases"][-1]["nme"]["top1"] > 50.0
+    # resume after phase 0 equals the uninterrupted run
+    out = tmp_path / "resumed"
+    run(raw, out, stop_after_phase=0)
+    resumed = run(raw, out, resume=True)
+    assert without_seconds(resumed) == without_seconds(results)
+    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(tmp_path / "ref"))
+
+
+def test_whole_form_of_square_images_is_exactly_the_crop_form(tmp_path):
+    """Square originals of the stored size: the whole image is the centre crop and original pixels are
+    stored pixels, so every path of the whole form (sizes through stage data, memory, per-sample
+    boxes, centre view) must reduce to the crop form's numbers exactly, with the same random stream.
+    (Originals of another size would not: the whole form draws boxes in the original's pixels.)"""
+    root = _aspect_folder(tmp_path / "data", train_per_class=8, test_per_class=4, sizes=((24, 24),))
+    raw = dict(model_name="lucir", cbf_epochs=1, cbf_milestones=[], init_epochs=2, epochs=2)
+    crop = run(_whole_config(root, stored_form="crop", **raw), tmp_path / "crop")
+    whole = run(_whole_config(root, **raw), tmp_path / "whole")
+    assert whole["config"]["stored_form"] == "whole" and crop["config"]["stored_form"] == "crop"
+    assert whole["config_hash"] != crop["config_hash"]
+    strip = lambda r: without_seconds({k: v for k, v in r.items() if k not in ("config", "config_hash")})  # noqa: E731
+    assert strip(whole) == strip(crop)
+    assert without_seconds(read_metrics(tmp_path / "whole")) == without_seconds(read_metrics(tmp_path / "crop"))

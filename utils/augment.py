@@ -314,6 +314,8 @@ def centre_view(images: torch.Tensor, orig_hw: torch.Tensor | None) -> torch.Ten
         return images
     _, _, height, width = images.shape
     hw = _effective_hw(orig_hw, height, width).cpu()
+    if bool((hw[:, 0] == hw[:, 1]).all()):   # square originals: the whole image is the centre crop
+        return images
     regions = []
     for h0, w0 in hw.tolist():
         new_h, new_w, top, left = resize_geometry(h0, w0, height)
