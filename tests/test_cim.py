@@ -318,3 +318,14 @@ def test_smoke_cli_accepts_every_learner_and_policy(capsys, monkeypatch):
         for policy in ("none", "full", "random", "center", "cam", "cim"):
             assert main.main(["--config", "smoke", "--set", f"model_name={learner}",
                               "--set", f"compression={policy}", "--check"]) == 0
+
+
+def test_exemplar_figure_draws_whole_stored_images_at_their_aspect():
+    from utils.exemplar_figure import letterbox
+
+    tiles = torch.zeros(3, 3, 20, 20, dtype=torch.uint8)
+    out = letterbox(tiles, torch.tensor([[30, 60], [60, 30], [40, 40]]))
+    assert (out[0, :, :5] == 255).all() and (out[0, :, 15:] == 255).all() and (out[0, :, 5:15] == 0).all()
+    assert (out[1, :, :, :5] == 255).all() and (out[1, :, :, 15:] == 255).all() and (out[1, :, :, 5:15] == 0).all()
+    assert torch.equal(out[2], tiles[2])
+    assert letterbox(tiles, None) is tiles

@@ -453,6 +453,8 @@ def test_whole_form_trains_with_memory_across_phases_and_resumes_exactly(tmp_pat
     assert torch.equal(data.orig_hw[data.origin == 0], hw[data.index[data.origin == 0]])
     memory = results["phases"][-1]["memory"]
     assert memory["exemplars"] > 0 and memory["used"] <= memory["budget"]
+    if "compression" in learner:   # compressed exemplars of whole-stored images, drawn at their aspect
+        assert memory["mean_cost"] < 1.0 and (tmp_path / "ref" / "exemplars_phase_1.png").exists()
     # it learns: 4 classes, chance 25 %
     assert results["summary"]["cnn_last_top1"] > 50.0, results["summary"]
     assert results["phases"][-1]["nme"]["top1"] > 50.0

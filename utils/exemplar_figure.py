@@ -2,7 +2,9 @@
 
 For a few classes, two rows each: the stored exemplars as rebuilt from memory with the kept
 (full-resolution) box outlined in red, and below them the original images with the CAM that chose
-the box overlaid as a heat map.
+the box overlaid as a heat map. Images stored whole (config key ``stored_form``: each original
+squashed to S x S) are drawn at their original aspect, fitted into the S x S tile (boxes and CAMs,
+computed in stored pixels, are drawn first and squashed back with them).
 """
 from __future__ import annotations
 
@@ -45,21 +47,44 @@ def cam_overlay(images: torch.Tensor, cams: torch.Tensor, alpha: float = 0.5) ->
     return (out * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def exemplar_grid(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], columns: int,
-                  pad: int = 2) -> torch.Tensor:
+def letterbox(tiles: torch.Tensor, orig_hw: torch.Tensor | None, fill: int = 255) -> torch.Tensor:
+    """uint8 [n, 3, S, S] tiles of whole-stored (squashed) images -> the same tiles at their original
+    aspect (``orig_hw`` int64 [n, 2]), the long side S, centred on ``fill``. None: unchanged."""
+    if orig_hw is None:
+        return tiles
+    import torch.nn.functional as F
+
+    out = torch.full_like(tiles, fill)
+    S = tiles.shape[-1]
+    for j, (h0, w0) in enumerate(orig_hw.tolist()):
+        if h0 <= 0 or w0 <= 0 or h0 == w0:
+            out[j] = tiles[j]
+            continue
+        th, tw = (max(1, round(S * h0 / w0)), S) if w0 > h0 else (S, max(1, round(S * w0 / h0)))
+        small = F.interpolate(tiles[j:j + 1].float(), size=(th, tw), mode="bilinear", align_corners=False,
+                              antialias=True).round().clamp(0, 255).to(torch.uint8)[0]
+        y, x = (S - th) // 2, (S - tw) // 2
+        out[j, :, y:y + th, x:x + tw] = small
+    return out
+
+
+def exemplar_grid(rows: list[tuple], columns: int, pad: int = 2) -> torch.Tensor:
     """Tile per-class rows into one uint8 [3, H, W] image.
 
     rows: per class (rebuilt uint8 [n, 3, S, S], originals uint8 [n, 3, S, S], boxes [n, 4],
-    cams [n, h, w]) with n ≤ ``columns``; each class gives two image rows (rebuilt + box, original + CAM).
+    cams [n, h, w]) with n ≤ ``columns``, optionally a fifth item: the original sizes int64 [n, 2]
+    of whole-stored images (drawn at their aspect, :func:`letterbox`); each class gives two image
+    rows (rebuilt + box, original + CAM).
     """
     S = rows[0][0].shape[-1]
     width = max(1, S // 48)
     H = len(rows) * 2 * (S + pad) + pad
     W = columns * (S + pad) + pad
     canvas = torch.full((3, H, W), 255, dtype=torch.uint8)
-    for r, (rebuilt, originals, boxes, cams) in enumerate(rows):
-        top = outline_boxes(rebuilt, boxes, width)
-        bottom = cam_overlay(originals, cams)
+    for r, (rebuilt, originals, boxes, cams, *hw) in enumerate(rows):
+        hw = hw[0] if hw else None
+        top = letterbox(outline_boxes(rebuilt, boxes, width), hw)
+        bottom = letterbox(cam_overlay(originals, cams), hw)
         for j in range(rebuilt.shape[0]):
             x = pad + j * (S + pad)
             y = pad + 2 * r * (S + pad)
@@ -104,6 +129,6 @@ def write_exemplar_figure(plugin, phase, path: Path, classes: int = 4, columns: 
         head = ex.prefix(min(columns, len(ex)))
         originals = batching.materialize(batching.select(ctx.train_images, head.source_index))
         cams = plugin.cams(originals, torch.full((len(head),), c, dtype=torch.long)).cpu()
-        rows.append((head.decode(), originals, head.boxes, cams))
+        rows.append((head.decode(), originals, head.boxes, cams, ctx.orig_hw(head.source_index)))
     if rows:
         write_png(path, exemplar_grid(rows, columns))
