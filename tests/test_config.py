@@ -424,3 +424,13 @@ def test_stored_form_is_resolved_and_identifies_only_whole_runs(tmp_path, monkey
     _assert_user_error(code, err, tmp_path, "'stored_form'", "'whole'")
     code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(stored_form="squash"))
     _assert_user_error(code, err, tmp_path, "'stored_form'", "crop", "whole")
+
+
+def test_a_config_saved_before_stored_form_existed_is_the_crop_form(tmp_path):
+    from utils.config import resolve_saved_config, result_key_differences
+
+    saved = tiny_config(dataset="folder", data_root=str(tmp_path), shapes={}, augment="resized_crop")
+    old, added = resolve_saved_config(saved)
+    assert old["stored_form"] == "crop" and "stored_form" not in added
+    assert result_key_differences(old, resolve_config(saved)) == ["stored_form"]   # today's default: whole
+    assert resolve_saved_config(tiny_config())[0] == resolve_config(tiny_config())  # crop datasets: unchanged

@@ -459,6 +459,10 @@ def resolve_saved_config(saved: Mapping[str, Any]) -> tuple[dict[str, Any], list
     with a new run's config, rather than the raw file, lets a run resume after a key was added
     whose default reproduces the old behaviour. Raises ConfigError if it holds a key no longer known."""
     renamed = renamed_keys(saved, notice=lambda msg: None)   # an old name is not a missing key
+    # A run saved before stored_form existed stored its training images as centre crops, whatever
+    # today's default for its dataset ("whole" for resized_crop folders): resuming it, or counting its
+    # results as today's, must not pass for the same run.
+    renamed.setdefault("stored_form", "crop")
     resolved = resolve_config(renamed)
     return resolved, sorted(k for k in hashed_keys(resolved) if k not in renamed)
 
