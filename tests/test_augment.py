@@ -333,3 +333,17 @@ def test_whole_sizes_need_resized_crop():
     augment = TrainAugment(16, MEAN, STD, mode="crop_flip")
     with pytest.raises(ValueError, match="resized_crop"):
         augment(random_images(2, 16), gen(), orig_hw=torch.tensor([[20, 30], [30, 20]]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_whole_form_matches_cpu():
+    from utils.augment import centre_view
+
+    augment = TrainAugment(24, MEAN, STD, mode="resized_crop", **FULL)
+    images = random_images(16, 32)
+    hw = torch.stack([torch.randint(20, 90, (16,), generator=gen(1)), torch.randint(20, 90, (16,), generator=gen(2))], 1)
+    on_gpu = augment(images.cuda(), gen(5), hw.cuda())
+    assert on_gpu.is_cuda
+    torch.testing.assert_close(on_gpu.cpu(), augment(images, gen(5), hw), atol=1e-4, rtol=0)
+    view = centre_view(images.cuda(), hw.cuda())
+    assert view.is_cuda and (view.cpu().float() - centre_view(images, hw).float()).abs().max() <= 1
