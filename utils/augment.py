@@ -216,7 +216,7 @@ def sample_resized_crop_boxes(batch: int, height: int | torch.Tensor, width: int
     and the first fitting one is selected.
 
     ``height``/``width``: the image size, one int for the whole batch or int64 [batch] per sample
-    (the original sizes of whole-stored images, :func:`crop_resize`); the draws are the same
+    (the original sizes of whole-stored images, :func:`whole_to_stored`); the draws are the same
     either way, so the generator moves by the same amount.
 
     Returns:
