@@ -351,7 +351,7 @@ class ExemplarCompression(Plugin):
         imgs = batching.materialize(batching.select(images, dev_pick if isinstance(images, torch.Tensor) else pick))
         t = self.ctx
         hw = self.stage_data.orig_hw
-        x = t.augment(imgs.to(t.device), self.generator, None if hw is None else hw[dev_pick.to(hw.device)])
+        x = t.augment(imgs.to(t.device), self.generator, None if hw is None else hw[pick.cpu()])
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[dev_pick].to(t.device)

@@ -58,7 +58,7 @@ class SourceData:
         """int64 [n, 2]: ``orig_hw``, or (0, 0) rows ("as stored") when there is none."""
         if self.orig_hw is not None:
             return self.orig_hw
-        return torch.zeros(len(self), 2, dtype=torch.long, device=self.labels.device)
+        return torch.zeros(len(self), 2, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -67,8 +67,8 @@ class SourceData:
 @dataclass
 class RawBatch:
     """A batch before augmentation, on the device: uint8 ``images`` [B, 3, S, S], ``labels`` [B],
-    int8 ``origin`` [B], ``index`` [B] (training-set index or -1), ``orig_hw`` [B, 2] (original
-    sizes of whole-stored images, (0, 0) = as stored; None when no image is stored whole)."""
+    int8 ``origin`` [B], ``index`` [B] (training-set index or -1), ``orig_hw`` [B, 2] on the host
+    (original sizes of whole-stored images, (0, 0) = as stored; None when no image is stored whole)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -130,14 +130,14 @@ class StageData:
         return {k: v for k, v in out.items() if v}
 
     def to(self, device: torch.device) -> "StageData":
-        """Tensors (and in-memory images) on ``device``: no per-batch host copies on a GPU."""
+        """Tensors (and in-memory images) on ``device``: no per-batch host copies on a GPU. The
+        original sizes stay on the host, where the augmentation draws its boxes (a per-batch copy
+        back from the GPU would make every step wait for it)."""
         move = (lambda t: t.to(device)) if isinstance(self.images, torch.Tensor) else (lambda t: t)
-        hw = (lambda t: None if t is None else t.to(device))
         mixed = [SourceData(p.name, p.images.to(device), p.labels.to(device), p.origin, p.index.to(device),
-                            p.ratio, p.in_ce, p.in_kd, hw(p.orig_hw)) for p in self.mixed]
+                            p.ratio, p.in_ce, p.in_kd, p.orig_hw) for p in self.mixed]
         return StageData(move(self.images), move(self.labels), move(self.origin), move(self.index),
-                         mixed, self.ce_origins, self.kd_origins,
-                         None if self.orig_hw is None else move(self.orig_hw))
+                         mixed, self.ce_origins, self.kd_origins, self.orig_hw)
 
     def loss_masks(self, origin: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """bool [B] masks of the samples that count in CE and in KD; None = every sample counts."""
@@ -179,17 +179,17 @@ class StageData:
                 if k > 0:
                     positions.append(total + torch.arange(rank, k, world))
                     total += k
-                    pick = batching.to_device(cursor.take(k)[rank::world], p.labels.device)
+                    host_pick = cursor.take(k)[rank::world]
+                    pick = batching.to_device(host_pick, p.labels.device)
                     k = len(pick)
                     parts.append((p.images[pick], p.labels[pick],
                                   torch.full((k,), p.origin, dtype=torch.int8, device=p.labels.device),
-                                  p.index[pick], *((p.orig_hw[pick],) if whole else ())))
+                                  p.index[pick], *((p.orig_hw[host_pick],) if whole else ())))
             if len(parts) == 1:
-                moved = [t.to(device, non_blocking=True) for t in parts[0]]
+                moved = [t.to(device, non_blocking=True) for t in parts[0][:4]]
             else:
-                moved = [torch.cat([part[j].to(device, non_blocking=True) for part in parts])
-                         for j in range(len(parts[0]))]
-            hw = moved[4] if whole else None
+                moved = [torch.cat([part[j].to(device, non_blocking=True) for part in parts]) for j in range(4)]
+            hw = torch.cat([part[4] for part in parts]) if whole else None   # stays on the host
             if world == 1:
                 yield RawBatch(*moved[:4], orig_hw=hw)
             else:
