@@ -8,7 +8,8 @@ Measures images/s of phase 0's main training stage as run by ``Trainer.run_stage
 augmentation, learner forward/loss, plugins, logging) and of a plain loop over the same backbone, batch
 size, optimiser and images already on the device as a normalised float tensor (no augmentation, no CIL
 logic). The framework's rate is given for the whole timed stage (its one-time setup included) and for
-its epochs alone (their logged wall times). Both run the same number of epochs after one warm-up epoch (which also pays for cuDNN's
+its epochs alone (their logged wall times), and for the epochs after the first (the steady state,
+without what a stage pays once, such as compilation). Both run the same number of epochs after one warm-up epoch (which also pays for cuDNN's
 algorithm search and, with ``compile``, for compilation). Each ``--compare NAME:overrides`` adds a
 framework row with those overrides (e.g. ``cim:compression=cim``, ``compiled:compile=true``); each
 ``--precision`` repeats every row with bf16 autocast + channels_last (``amp``/``channels_last`` true)
@@ -70,9 +71,13 @@ def time_framework(raw: dict, epochs: int) -> dict:
         # Each epoch ends in a device sync (its losses are read), so the logged epoch seconds are
         # wall times of the epochs alone: without the stage's one-time setup (assembling the stage
         # data and copying it to the device), which the plain loop's timing leaves out too.
-        epoch_seconds = sum(r["seconds"] for r in records if r.get("stage") == stage.name)
+        timed = [r["seconds"] for r in records if r.get("stage") == stage.name]
+        epoch_seconds, later = sum(timed), sum(timed[1:])
+        # Epochs after the first: the steady state, without what a stage pays once in its first
+        # epoch (torch.compile compiles the stage's forward there).
         return {"images_per_s": round(epochs * n / seconds, 1), "seconds": round(seconds, 2),
                 "epoch_images_per_s": round(epochs * n / epoch_seconds, 1) if epoch_seconds else None,
+                "steady_images_per_s": round((len(timed) - 1) * n / later, 1) if later else None,
                 "device": str(trainer.device)}
 
 
@@ -182,10 +187,11 @@ def time_decode(raw: dict, workers: list[int], count: int, batch_size: int = 64)
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| row | precision | images/s (stage) | vs plain | images/s (epochs) | vs plain | seconds | device |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    head = ("| row | precision | images/s (stage) | vs plain | images/s (epochs) | vs plain | "
+            "images/s (epochs 2+) | vs plain | seconds | device |\n|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(f"| {r['row']} | {r['precision']} | {r['images_per_s']} | {r.get('vs_plain', '')} | "
                           f"{r.get('epoch_images_per_s') or ''} | {r.get('epochs_vs_plain', '')} | "
+                          f"{r.get('steady_images_per_s') or ''} | {r.get('steady_vs_plain', '')} | "
                           f"{r['seconds']} | {r['device']} |\n" for r in rows)
 
 
@@ -228,6 +234,8 @@ def main() -> None:
                 r["vs_plain"] = round(r["images_per_s"] / plain["images_per_s"], 3)
                 if r["epoch_images_per_s"]:
                     r["epochs_vs_plain"] = round(r["epoch_images_per_s"] / plain["images_per_s"], 3)
+                if r["steady_images_per_s"]:
+                    r["steady_vs_plain"] = round(r["steady_images_per_s"] / plain["images_per_s"], 3)
                 rows.append(r)
         report["rows"] = rows
         report["table"] = markdown(rows)
