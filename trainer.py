@@ -10,8 +10,9 @@ stages → evaluation (CNN, NME, extra models) → checkpoint and results.json, 
 Learners and plugins see a :class:`models.context.RunContext`, never the trainer.
 
 Under ``torchrun`` (``utils/distributed.py``) every process runs this loop on its shard of each
-global batch, the stage's network wrapped in DistributedDataParallel; rank 0 alone decides the
-memory (then broadcast), evaluates, and writes the run folder.
+global batch, the stage's network wrapped in DistributedDataParallel; the ranks share out the
+memory update's feature extraction, rank 0 alone decides the memory (then broadcast), evaluates,
+and writes the run folder.
 """
 from __future__ import annotations
 
@@ -443,21 +444,20 @@ class Trainer:
         return record
 
     def update_memory(self, phase: Phase) -> None:
-        """End-of-phase memory update (herding, compression). With several processes rank 0 decides
-        it and every rank loads rank 0's memory, so all hold bit-identical exemplars."""
+        """End-of-phase memory update (herding, compression). With several processes every rank
+        computes its share of the features (and of the CAM boxes, ``Plugin.compressor``) and gathers
+        the rest, so all ranks herd on the same numbers; rank 0's decision is then broadcast and
+        loaded by every other rank, so all hold bit-identical exemplars (``check_memory``)."""
         learner = self.learner
-
-        def update():
-            compressor = next((c for c in (p.compressor(phase) for p in self.plugins) if c is not None), None)
-            self.memory.update(range(phase.first, phase.last), self.ctx.class_images,
-                               lambda imgs, index: self.ctx.embed(imgs, lambda x: learner.inference(x)["features"],
-                                                                  orig_hw=self.ctx.orig_hw(index)),
-                               phase.last, compressor)
-            return self.memory.state_dict() if self.world > 1 else None
-
-        state = distributed.on_main(update)
-        if not self.is_main:
-            self.memory.load_state_dict(state)
+        compressor = next((c for c in (p.compressor(phase) for p in self.plugins) if c is not None), None)
+        self.memory.update(range(phase.first, phase.last), self.ctx.class_images,
+                           lambda imgs, index: self.ctx.embed(imgs, lambda x: learner.inference(x)["features"],
+                                                              orig_hw=self.ctx.orig_hw(index), shard=True),
+                           phase.last, compressor)
+        if self.world > 1:
+            state = distributed.broadcast_object(self.memory.state_dict() if self.is_main else None)
+            if not self.is_main:
+                self.memory.load_state_dict(state)
 
     def check_memory(self) -> str:
         """sha1 of the memory (``ExemplarMemory.digest``), logged each phase; with several processes

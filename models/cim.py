@@ -26,13 +26,15 @@ What the plugin does in a phase (hooks of ``models/plugins.py``):
 4. ``compressor``: the boxes of the memory update (computed with the final model of the phase).
 5. ``after_phase``: ``exemplars_phase_<k>.png`` (stored exemplars, kept box, CAM overlay).
 
-With several processes (torchrun): rank 0 computes the boxes of artifact augmentation and
-broadcasts them, and rank 0 alone runs the bilevel iterations after each epoch and then broadcasts
-φ, so the CIM model is the same on every rank (the eval-mode CAM network reads BatchNorm statistics
-that differ per rank during a stage; on rank 0 the numbers are those of its own network). Each rank
-draws which of its new-class images to compress for the whole global batch and keeps its shard's
-draws (the same picks as one process, and the generator in step on every rank). The memory update
-(``compressor``) runs on rank 0 only (the trainer), and so does the figure.
+With several processes (torchrun): rank 0 alone runs the bilevel iterations after each epoch and
+then broadcasts φ, so the CIM model is the same on every rank. The CAM boxes (artifact augmentation
+and the memory update's ``compressor``) are computed in shares, each rank the CAMs of a contiguous
+share of the images, and gathered, so every rank holds all boxes (``shared_boxes``); before a
+refresh during a stage the CAM network takes rank 0's BatchNorm statistics, which each rank
+otherwise updates on its own shard, so the boxes are those rank 0's network gives. Each rank draws
+which of its new-class images to compress for the whole global batch and keeps its shard's draws
+(the same picks as one process, and the generator in step on every rank; the ``random`` policy's
+boxes are drawn in full by every rank for the same reason). The figure is drawn on rank 0 only.
 """
 from __future__ import annotations
 
@@ -237,9 +239,20 @@ class ExemplarCompression(Plugin):
             b = mask_box(self.cams(images, labels), (size, size), self.cfg["mask_threshold"])
         return b.to(images.device)
 
+    def shared_boxes(self, n: int, rows_boxes) -> torch.Tensor:
+        """int64 [n, 4]: ``rows_boxes(rows)`` (the boxes of the images at ``rows``, a slice of the n)
+        for all n, the same on every rank. ``cam``/``cim``: each rank runs the network on its share
+        and the shares are gathered (``utils.distributed.map_shards``); every rank must hold the
+        same CAM network (weights, φ, BatchNorm statistics). The other policies cost nothing and are
+        drawn in full by every rank, which keeps ``random``'s generator in step on all of them."""
+        if self.policy in ("cam", "cim"):
+            return distributed.map_shards(rows_boxes, n)
+        return rows_boxes(slice(0, n))
+
     def compressor(self, phase: Phase):
         def compress(images: torch.Tensor, label: int) -> torch.Tensor:
-            return self.boxes(images, torch.full((images.shape[0],), label, dtype=torch.long))
+            labels = torch.full((images.shape[0],), label, dtype=torch.long)
+            return self.shared_boxes(images.shape[0], lambda rows: self.boxes(images[rows], labels[rows]))
         return compress
 
     # ---- phase and stage ----------------------------------------------------------------------
@@ -284,20 +297,31 @@ class ExemplarCompression(Plugin):
         self.phi_opt = None
 
     def refresh_boxes(self) -> None:
-        """Recompute the boxes of the stage's new-class training images (artifact augmentation);
-        with several processes rank 0 computes them and every rank takes rank 0's."""
+        """Recompute the boxes of the stage's new-class training images (artifact augmentation).
+        With several processes each rank computes the CAMs of its share of the images and the
+        shares are gathered (``shared_boxes``); the CAM network's BatchNorm statistics, which each
+        rank updated on its own shard since DDP last broadcast them, are rank 0's first (the
+        running statistics play no part in training, only in eval-mode passes such as this)."""
         start = time.time()
         data = self.stage_data
         images, labels, index = data.images, data.labels, data.index
         new = (data.origin == NEW).nonzero().flatten()
-        table = torch.zeros(len(self.ctx.train_labels), 4, dtype=torch.long, device=self.ctx.device)
+        if self.policy in ("cam", "cim"):
+            distributed.broadcast_tensors(list(self.ctx.learner.cam_network().buffers()))
         bs = max(self.cfg["cam_batch_size"], self.cfg["eval_batch_size"])
-        for i in range(0, new.numel() if self.ctx.is_main else 0, bs):
-            sel = new[i:i + bs]
-            imgs = batching.materialize(batching.select(images, sel.to(images.device)
-                                                        if isinstance(images, torch.Tensor) else sel))
-            table[index[sel].to(table.device)] = self.boxes(imgs, labels[sel]).to(table.device)
-        distributed.broadcast_tensors([table])
+
+        def rows_boxes(rows: slice) -> torch.Tensor:
+            out = [torch.zeros(0, 4, dtype=torch.long, device=self.ctx.device)]
+            mine = new[rows]
+            for i in range(0, mine.numel(), bs):
+                sel = mine[i:i + bs]
+                imgs = batching.materialize(batching.select(images, sel.to(images.device)
+                                                            if isinstance(images, torch.Tensor) else sel))
+                out.append(self.boxes(imgs, labels[sel]).to(self.ctx.device))
+            return torch.cat(out)
+
+        table = torch.zeros(len(self.ctx.train_labels), 4, dtype=torch.long, device=self.ctx.device)
+        table[index[new].to(table.device)] = self.shared_boxes(new.numel(), rows_boxes).to(table.device)
         self.box_table = table
         self.refreshes += 1
         self.refresh_seconds += time.time() - start

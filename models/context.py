@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from utils import batching
+from utils import batching, distributed
 from utils.augment import centre_view, test_transform
 from utils.seeding import stream_seed
 
@@ -97,11 +97,21 @@ class RunContext:
 
     @torch.no_grad()
     def embed(self, images: batching.Images, fn: Callable[[torch.Tensor], torch.Tensor], flip: bool = False,
-              orig_hw: torch.Tensor | None = None) -> torch.Tensor:
+              orig_hw: torch.Tensor | None = None, shard: bool = False) -> torch.Tensor:
         """fn(x) for uint8 ``images`` with every learner module in eval mode, batched: float32 [N, d]
         on the CPU. With ``flip``, the sum of the normalised features of the image and its mirror
         (iCaRL's class means). ``orig_hw`` (int64 [N, 2]): the images are stored whole; each is seen
-        through its centre view, as the test images are (:meth:`to_input`)."""
+        through its centre view, as the test images are (:meth:`to_input`).
+
+        ``shard``: with several processes each embeds its contiguous share of the images and every
+        one gets all N features (``utils.distributed.map_shards``): every rank must call it, with
+        the same images and the same weights (e.g. after the trainer's ``sync_modules``)."""
+        if shard and self.world_size > 1:
+            def share(rows: slice) -> torch.Tensor:
+                part = images[rows] if isinstance(images, torch.Tensor) else \
+                    batching.select(images, torch.arange(len(images))[rows])
+                return self.embed(part, fn, flip, None if orig_hw is None else orig_hw[rows])
+            return distributed.map_shards(share, len(images))
         for m in self.learner.modules().values():
             if m is not None:
                 m.eval()

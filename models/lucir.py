@@ -80,7 +80,7 @@ class LUCIR(Learner):
             for j, c in enumerate(range(phase.first, phase.last)):
                 images, index = self.ctx.class_images(c)
                 feats = self.ctx.embed(images, lambda x: self.net.backbone(x)["features"],
-                                       orig_hw=self.ctx.orig_hw(index))
+                                       orig_hw=self.ctx.orig_hw(index), shard=True)
                 mean = F.normalize(F.normalize(feats, dim=1).mean(dim=0), dim=0)
                 head.fc2.weight[j] = mean.to(head.fc2.weight) * target_norm   # mean: CPU; target_norm: the head's device
 

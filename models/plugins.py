@@ -13,8 +13,10 @@ to results.json once.
 
 Under torchrun every hook runs on every process, in step (``ctx.rank``, ``ctx.world_size``,
 ``ctx.is_main``): a plugin writes files on rank 0 only, and whatever must be the same on every rank
-(CIM's φ and boxes) is computed on rank 0 and broadcast (``utils/distributed.py``). ``compressor``
-and ``phase_report`` are called on rank 0 only.
+is computed on rank 0 and broadcast (CIM's φ), or computed in shares and gathered
+(``utils/distributed.map_shards``: CIM's CAM boxes), so every rank holds the same numbers.
+``compressor`` is called on every rank (the memory update is a collective: each rank extracts its
+share of the features), ``phase_report`` on rank 0 only.
 """
 from __future__ import annotations
 

@@ -66,6 +66,10 @@ def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
         from trainer import average_gradients
 
         gathered = distributed.all_gather(torch.arange(rank + 2) + 10 * rank)   # lengths 2 and 3
+        # one row in all: rank 0's share is empty (an untyped 1-D empty tensor, as embed gives)
+        one_row = distributed.map_shards(lambda rows: torch.ones(1, 3)[rows] if rows.stop > rows.start
+                                         else torch.empty(0), 1)
+        shared = distributed.map_shards(lambda rows: torch.arange(7)[rows].float()[:, None] * torch.ones(1, 2), 7)
         p = torch.nn.Parameter(torch.zeros(3))
         p.grad = torch.full((3,), float(rank + 1))     # a parameter no DDP wrapper holds
         average_gradients([p])
@@ -80,6 +84,7 @@ def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
                     loss, parts = original(out, batch)
                     return loss, {**parts, "ce": parts["ce"] * float("nan")}
                 trainer.learner.loss = nan_part
+            rows = count_rows(trainer)
             try:
                 results = trainer.run()
             except TrainingDiverged as err:
@@ -88,10 +93,46 @@ def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
             state = [t for m in trainer.learner.state_dict().values() for t in m.values()]
             info = {"memory": trainer.memory_digests, "weights": distributed.tensor_digest(state),
                     "returned_phases": len(results["phases"]), "gathered": gathered.tolist(),
-                    "averaged_grad": p.grad.tolist()}
+                    "averaged_grad": p.grad.tolist(), "one_row": one_row.tolist(), "shared": shared.tolist(),
+                    "rows": rows, "train_images": int((trainer.ctx.train_labels < trainer.phases()[-1].last).sum())}
             (Path(info_dir) / f"{job['name']}_rank{rank}.json").write_text(json.dumps(info))
     finally:
         distributed.shutdown()
+
+
+def count_rows(trainer) -> dict:
+    """Counts, filled in while ``trainer`` runs, of the images this process put through the network
+    in the memory updates (features) and in CIM's box computations (CAMs)."""
+    rows = {"memory_features": 0, "boxes": 0}
+    update, to_input = trainer.update_memory, trainer.ctx.to_input
+
+    def counted_update(phase):
+        def counted_input(images, orig_hw=None):
+            rows["memory_features"] += images.shape[0]
+            return to_input(images, orig_hw)
+        trainer.ctx.to_input = counted_input
+        try:
+            update(phase)
+        finally:
+            trainer.ctx.to_input = to_input
+    trainer.update_memory = counted_update
+    for plugin in trainer.plugins:
+        if hasattr(plugin, "cams"):   # CIM: the CAMs of boxes, not those of rank 0's exemplar figure
+            cams, after_phase = plugin.cams, plugin.after_phase
+            figure = []
+
+            def counted_cams(images, labels, cams=cams, figure=figure):
+                rows["boxes"] += 0 if figure else images.shape[0]
+                return cams(images, labels)
+
+            def uncounted_after_phase(phase, after_phase=after_phase, figure=figure):
+                figure.append(True)
+                try:
+                    after_phase(phase)
+                finally:
+                    figure.clear()
+            plugin.cams, plugin.after_phase = counted_cams, uncounted_after_phase
+    return rows
 
 
 JOBS = {
@@ -236,6 +277,26 @@ def test_all_gather_of_unequal_lengths_and_gradients_averaged_by_hand(two_proces
     _, ranks = two_process_runs["icarl"]
     assert ranks[0]["gathered"] == ranks[1]["gathered"] == [0, 1, 10, 11, 12]
     assert ranks[0]["averaged_grad"] == ranks[1]["averaged_grad"] == [1.5, 1.5, 1.5]
+
+
+def test_map_shards_gathers_every_share_in_order_even_an_empty_one(two_process_runs):
+    _, ranks = two_process_runs["icarl"]
+    for r in range(WORLD):
+        assert ranks[r]["one_row"] == [[1.0, 1.0, 1.0]]
+        assert ranks[r]["shared"] == [[float(i)] * 2 for i in range(7)]
+
+
+def test_the_ranks_share_out_the_memory_features_and_the_cam_boxes(two_process_runs):
+    """Each rank embeds about half of the new classes' images for herding (every class seen is new
+    once, so the shares add up to those classes' training images), and computes the CAMs of about half of the images
+    whose boxes CIM needs; the memories still agree (test above)."""
+    for name in ("icarl", "der_cim"):
+        _, ranks = two_process_runs[name]
+        shares = [ranks[r]["rows"]["memory_features"] for r in range(WORLD)]
+        assert sum(shares) == ranks[0]["train_images"], name
+        assert abs(shares[0] - shares[1]) <= 4, (name, shares)   # at most one row per class apart
+    boxes = [two_process_runs["der_cim"][1][r]["rows"]["boxes"] for r in range(WORLD)]
+    assert min(boxes) > 0 and abs(boxes[0] - boxes[1]) <= 0.1 * sum(boxes), boxes
 
 
 def test_rank_0_alone_writes_the_run_folder(two_process_runs):

@@ -112,7 +112,7 @@ COMMON_OPTIONS: dict[str, Option] = {
     "sync_bn": Option(False, "bool", "Distributed runs (torchrun) on CUDA: SyncBatchNorm, BatchNorm statistics over the "
                                      "global batch instead of each process's shard; no effect in one process."),
     "dist_timeout": Option(30, "int", "Distributed runs: minutes a process waits in a collective for the others (rank 0 "
-                                      "alone updates the memory and evaluates meanwhile) before the run stops.", min=1),
+                                      "alone decides the memory, evaluates and saves meanwhile) before the run stops.", min=1),
     "checkpoints": Option("all", "str", "Which phase checkpoints to keep.", choices=("all", "last", "none")),
 }
 

@@ -11,7 +11,7 @@ Every collective waits at most the config key ``dist_timeout`` (minutes; default
 that died or stopped calling the same collectives makes the others fail after that time instead of
 hanging forever. Under torchrun the agent stops the others sooner, as soon as one process exits
 with an error. The timeout must exceed the longest step rank 0 takes alone while the others wait
-(the memory update, the evaluation, writing a checkpoint).
+(herding, the evaluation, writing a checkpoint).
 """
 from __future__ import annotations
 
@@ -141,22 +141,46 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's ``t``, then rank 1's, ... concatenated along dim 0; the ranks' lengths may differ
-    (the other dimensions and the dtype must not)."""
+    """Rank 0's ``t``, then rank 1's, ... concatenated along dim 0; the ranks' lengths may differ,
+    and a rank may hold nothing (any empty tensor: it takes the others' trailing shape and dtype);
+    the non-empty ones must agree in trailing shape and dtype."""
     if not is_distributed():
         return t
     dev = _comm_device()
     local = t.detach().to(dev).contiguous()
-    n = torch.tensor([local.shape[0]], device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
+    shapes = all_gather_object((tuple(local.shape), str(local.dtype).removeprefix("torch.")) if local.numel()
+                               else None)
+    filled = [s for s in shapes if s is not None]
+    if not filled:
+        return t
+    tail, dtype = filled[0][0][1:], getattr(torch, filled[0][1])
+    if any(s[0][1:] != tail or s[1] != filled[0][1] for s in filled):
+        raise RuntimeError(f"all_gather: the ranks' tensors differ in trailing shape or dtype: {shapes}")
+    sizes = [s[0][0] if s is not None else 0 for s in shapes]
+    if not local.numel():
+        local = torch.zeros((0, *tail), dtype=dtype, device=dev)
     longest = max(sizes)
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=dev)
+    padded = torch.zeros((longest, *tail), dtype=dtype, device=dev)
     padded[:local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(t.device)
+
+
+def shard_span(n: int) -> slice:
+    """This rank's contiguous share of ``n`` rows: rank r of W takes rows [⌊n·r/W⌋, ⌊n·(r+1)/W⌋),
+    so that the shares, concatenated in rank order, are rows 0..n-1 (all of them in one process)."""
+    r, w = rank(), world_size()
+    return slice(n * r // w, n * (r + 1) // w)
+
+
+def map_shards(fn: Callable[[slice], torch.Tensor], n: int) -> torch.Tensor:
+    """``fn`` of this rank's rows (:func:`shard_span` of ``n``), gathered: every rank gets the rows of
+    all ranks in order, the same tensor as ``fn(slice(0, n))`` in one process (up to how batch
+    composition rounds), computed by W processes at once. ``fn(rows)`` returns a tensor with
+    ``rows``' length along dim 0 (an empty one for no rows). Every rank must call it (a collective)."""
+    span = shard_span(n)
+    return all_gather(fn(span))
 
 
 def on_main(fn: Callable[[], T]) -> T:
