@@ -186,7 +186,10 @@ class Trainer:
 
         if split.images is not None:
             return split.images
-        return FileImages(split.paths, self.image_size)   # streamed: decoded by loader workers
+        # streamed: decoded by the loader workers, or (stream_decode "device") batch by batch on
+        # this run's device from the bytes the workers read (utils.stream_decode)
+        decode_on = self.device if self.cfg["stream_decode"] == "device" else None
+        return FileImages(split.paths, self.image_size, decode_on)
 
     def stage_sources(self, phase: Phase, kind: str) -> list[SourceData]:
         """The sources of a stage's data, in order: for ``kind`` "phase" the new classes' training

@@ -3,15 +3,20 @@
 In-memory data is indexed directly: no DataLoader, no per-image Python. Streamed data (ImageNet-1000)
 goes through a DataLoader whose workers decode files; both yield the same uint8 batches, which the
 trainer moves to the device and augments there.
+
+A streamed set that decodes on the run's device (``FileImages`` with ``decode_on``, config key
+``stream_decode``) has its workers read the files' bytes only; :func:`iterate` hands each batch's
+items, as a list, to that set's ``finish_batch``, which decodes them on the device. Every
+consumer of a source (training, evaluation, :func:`materialize`) goes through :func:`iterate`.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-Images = torch.Tensor | Dataset   # uint8 [N, 3, S, S] or a Dataset whose items are uint8 [3, S, S]
+Images = torch.Tensor | Dataset   # uint8 [N, 3, S, S] or a Dataset whose items are uint8 [3, S, S] (or encoded files: batch_finisher)
 
 
 class ConcatImages(Dataset):
@@ -56,10 +61,29 @@ def select(images: Images, index: torch.Tensor) -> Images:
 
 
 def materialize(images: Images, num_workers: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """uint8 [N, 3, S, S] tensor of a source (decoding a streamed one)."""
+    """uint8 [N, 3, S, S] tensor of a source (decoding a streamed one: on the host, also where the
+    batches were decoded on a device, as the callers keep them there, e.g. the exemplar memory)."""
     if isinstance(images, torch.Tensor):
         return images
-    return torch.cat([b for b, in iterate(images, batch_size=batch_size, num_workers=num_workers)])
+    return torch.cat([b for b, in iterate(images, batch_size=batch_size, num_workers=num_workers)]).cpu()
+
+
+def batch_finisher(images: Dataset) -> Callable[[list], torch.Tensor] | None:
+    """``finish_batch`` of the streamed set under ``images`` (through subsets and concatenations)
+    when it decodes on a device: it turns a list of the source's items into a uint8 batch there.
+    None when the loader workers decode (their items are ready images)."""
+    if isinstance(images, _Subset):
+        return batch_finisher(images.images)
+    if isinstance(images, ConcatImages):
+        return next((f for f in map(batch_finisher, images.parts) if f is not None), None)
+    if getattr(images, "decode_on", None) is not None:
+        return images.finish_batch
+    return None
+
+
+def _as_list(items: list) -> list:
+    """collate_fn of a device-decoded source: the batch's items as they are, finished later."""
+    return items
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -109,7 +133,15 @@ def iterate(images: Images, *extras: torch.Tensor, batch_size: int, generator: t
             yield (images[idx_dev], *(e[idx_dev] if e.device == images.device else e[idx.to(e.device)]
                                       for e in extras))
         return
+    finish = batch_finisher(images)
+    if finish is None:
+        loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        for idx, imgs in zip(batches, loader):
+            yield (imgs, *(e[idx] for e in extras))
+        return
+    # The workers read bytes; each batch is decoded on the device, in this process.
     loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
-    for idx, imgs in zip(batches, loader):
-        yield (imgs, *(e[idx] for e in extras))
+                        collate_fn=_as_list, persistent_workers=False)
+    for idx, items in zip(batches, loader):
+        yield (finish(items), *(e[idx] for e in extras))

@@ -75,6 +75,16 @@ COMMON_OPTIONS: dict[str, Option] = {
                                        "crop (resolved when the config is read). Test images are always crop.",
                           choices=("crop", "whole"), nullable=True),
     "num_workers": Option(0, "int", "Loader processes for streamed datasets and image decoding (0 = main process).", min=0),
+    # Identifies a run when set to "device" (_HASHED_WHEN_SET): the network sees slightly different
+    # pixels (another JPEG decoder and resampler), so its results are not the "workers" run's.
+    "stream_decode": Option("workers", "str", "Where a streamed dataset's JPEGs are decoded: workers (Pillow in the "
+                                              "num_workers loader processes) or device (the workers only read the "
+                                              "files; each batch is decoded on the run's device by "
+                                              "torchvision.io.decode_jpeg, nvjpeg on a GPU, and resized there as "
+                                              "Pillow would; pixels differ by a few levels, so it identifies the "
+                                              "run; non-JPEG or rejected files fall back to Pillow). Streamed sets "
+                                              "only (in_memory false, or imagenet1000).",
+                            choices=("workers", "device")),
     # protocol
     "shuffle": Option(True, "bool", "Shuffle the class order with `seed` (labels are remapped to order position)."),
     "init_cls": Option(10, "int", "Classes in phase 0.", min=1),
@@ -306,10 +316,11 @@ def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"Config key 'device' is {json.dumps(dev)}; allowed: auto, cpu, cuda, cuda:N.")
     _check_sizes(resolved)
     _check_paths_and_ranges(resolved)
-    from utils.datasets import stored_form
+    from utils.datasets import check_stream_decode, stored_form
 
     resolved["stored_form"] = stored_form(resolved["dataset"], resolved["augment"], resolved["in_memory"],
                                           resolved["stored_form"])
+    check_stream_decode(resolved["dataset"], resolved["in_memory"], resolved["stream_decode"])
     LEARNERS[model_name].check_config(resolved)
     from models.plugins import PLUGINS
 
@@ -442,7 +453,7 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
 
 # Keys that identify a run only when they are not at their default (added after runs existed:
 # their default must not move every run folder).
-_HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop"}
+_HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "workers"}
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:

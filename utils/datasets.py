@@ -27,6 +27,7 @@ The rule does not depend on the run's ``seed``, so every seed sees the same 100 
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import warnings
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data
 
-from utils import image_cache, shapes as shapes_set
+from utils import image_cache, shapes as shapes_set, stream_decode
 from utils.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -187,6 +188,23 @@ def default_imagenet100_classes(wnids: list[str]) -> list[str]:
     return sorted(ordered[i] for i in perm[:100])
 
 
+def is_streamed(name: str, in_memory: bool | None) -> bool:
+    """Whether dataset ``name``'s images stay on disk and are decoded batch by batch
+    (``in_memory`` None = the format's default; formats without image files never stream)."""
+    info = DATASETS[name]
+    return info.file_based and (info.streamed if in_memory is None else not in_memory)
+
+
+def check_stream_decode(name: str, in_memory: bool | None, value: str) -> None:
+    """Config key ``stream_decode``: "device" applies to streamed sets only (an in-memory set is
+    decoded once, with Pillow, when it is loaded); ConfigError naming the key otherwise."""
+    if value == "device" and not is_streamed(name, in_memory):
+        why = (f"dataset {name!r} is not decoded from image files" if not DATASETS[name].file_based else
+               f"dataset {name!r} is held in memory (in_memory {json.dumps(in_memory)}), decoded once when loaded")
+        raise ConfigError(f"Config key 'stream_decode' is 'device', which applies to streamed datasets only: {why}. "
+                          f"Use 'workers', or set in_memory false to stream a file-based dataset.")
+
+
 STORED_FORMS = ("crop", "whole")
 
 
@@ -197,7 +215,7 @@ def stored_form(name: str, augment: str | None, in_memory: bool | None, requeste
     cannot be honoured raises ConfigError naming the key."""
     info = DATASETS[name]
     augment = augment or info.augment
-    streamed = info.streamed if in_memory is None else not in_memory
+    streamed = is_streamed(name, in_memory)
     why = None
     if augment != "resized_crop":
         why = f"the augmentation is {augment!r}; only 'resized_crop' crops from the whole image"
@@ -319,22 +337,35 @@ class FileImages(torch.utils.data.Dataset):
 
     ``FileImages(paths, image_size)[i]`` -> uint8 ``[3, S, S]``; an unreadable file raises
     DataError naming it.
+
+    ``decode_on`` (config key ``stream_decode`` "device": the run's device): items are the files'
+    bytes instead (:class:`utils.stream_decode.EncodedImage`, read by the loader workers), and
+    :meth:`finish_batch` decodes a batch of them on that device. ``utils.batching.iterate`` does
+    this for every source that holds such a set, so no consumer sees another decoder.
     """
 
-    def __init__(self, paths: list[str], image_size: int):
+    def __init__(self, paths: list[str], image_size: int, decode_on: torch.device | None = None):
         self.paths = list(paths)
         self.image_size = image_size
+        self.decode_on = decode_on
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int):
         path = self.paths[index]
+        if self.decode_on is not None:
+            return stream_decode.read_encoded(path)
         try:
             image, _ = image_cache.decode_image(path, self.image_size)
         except Exception as exc:
-            raise DataError(f"Cannot read image {path} ({type(exc).__name__}: {exc}).") from exc
+            raise stream_decode.unreadable(path, exc) from exc
         return torch.from_numpy(image)
+
+    def finish_batch(self, items: list) -> torch.Tensor:
+        """uint8 [B, 3, S, S] on ``decode_on`` from a batch of items (this set's encoded files and
+        decoded images of in-memory sources joined with it): :func:`utils.stream_decode.finish_batch`."""
+        return stream_decode.finish_batch(items, self.image_size, self.decode_on)
 
 
 # ----------------------------------------------------------------------------------------------

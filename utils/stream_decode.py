@@ -1,0 +1,146 @@
+"""Decoding streamed JPEGs on the run's device (config key ``stream_decode`` = "device").
+
+With the key at "workers" a streamed dataset's loader workers decode each file with Pillow
+(:func:`utils.image_cache.decode_image`). With "device" they only read the file's bytes
+(:func:`read_encoded`), and the main process decodes each batch in one
+``torchvision.io.decode_jpeg`` call on the run's device (nvjpeg on a GPU, libjpeg-turbo on a
+CPU), then brings each image to the stored form ``crop`` by the same geometry
+(:func:`utils.image_cache.resize_geometry`: short side to ``size``, bilinear with antialias, centre
+square). :func:`finish_batch` is that step; ``utils.batching.iterate`` calls it for every batch of
+a source that holds a :class:`~utils.datasets.FileImages` decoding on a device, so training,
+evaluation, class images and feature extraction all see the same decoder.
+
+The pixels differ slightly from Pillow's: Pillow first decodes a large JPEG at a reduced DCT scale
+(``draft``, 1/2 to 1/8) and resizes with its own bilinear filter; here the JPEG is decoded at full
+size and resized by ``torch.nn.functional.interpolate``. The tests measure the difference.
+
+A file that is not a JPEG (ImageNet has a PNG named .JPEG) or that ``decode_jpeg`` rejects (CMYK
+JPEGs on the GPU, for one) is decoded with Pillow instead, for that image only; a file Pillow cannot
+read either raises DataError naming it.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils import image_cache
+from utils.errors import DataError
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class EncodedImage(NamedTuple):
+    """One file as a loader worker hands it over: its ``path`` (for the Pillow fallback and for
+    messages) and ``data``, its bytes as uint8 [n] on the CPU."""
+
+    path: str
+    data: torch.Tensor
+
+
+def unreadable(path: str, exc: BaseException) -> DataError:
+    """The error of a file that cannot be read (the message FileImages gives)."""
+    return DataError(f"Cannot read image {path} ({type(exc).__name__}: {exc}).")
+
+
+def read_encoded(path: str) -> EncodedImage:
+    """The bytes of ``path``, undecoded (what a loader worker does for a device-decoded set)."""
+    try:
+        return EncodedImage(path, torch.from_numpy(np.fromfile(path, dtype=np.uint8)))
+    except Exception as exc:
+        raise unreadable(path, exc) from exc
+
+
+def draft_scale(height: int, width: int, new_height: int, new_width: int) -> int:
+    """The s of the reduced DCT scale 1/s at which Pillow decodes a JPEG before resizing it to
+    ``new_height x new_width`` (``Image.draft``): the largest of 8, 4, 2, 1 with both sides still
+    at least the target's (1 when the image is enlarged)."""
+    scale = min(width // new_width, height // new_height)
+    return next((s for s in (8, 4, 2) if scale >= s), 1)
+
+
+def to_stored(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, size, size]: a decoded uint8 [3, h, w] JPEG brought to the stored form ``crop``
+    on its device, as :func:`utils.image_cache.decode_image` does it: first reduced by the factor
+    Pillow's DCT scaling would use (here an s x s mean, edge blocks partial, as the DCT scale rounds
+    the side up), then the short side resized to ``size`` (bilinear with antialias), centre square."""
+    h, w = image.shape[-2:]
+    new_h, new_w, top, left = image_cache.resize_geometry(h, w, size)
+    if (new_h, new_w) != (h, w):
+        x = image[None].float()
+        s = draft_scale(h, w, new_h, new_w)
+        if s > 1:
+            x = F.avg_pool2d(x, s, ceil_mode=True).round_()
+        if x.shape[-2:] != (new_h, new_w):
+            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        image = x[0].round_().clamp_(0, 255).to(torch.uint8)
+    return image[:, top:top + size, left:left + size]
+
+
+def _pillow(item: EncodedImage, size: int, device: torch.device) -> torch.Tensor:
+    try:
+        image, _ = image_cache.decode_image(item.path, size)
+    except Exception as exc:
+        raise unreadable(item.path, exc) from exc
+    return torch.from_numpy(image).to(device)
+
+
+def _decode_jpegs(items: Sequence[EncodedImage], device: torch.device) -> list[torch.Tensor | None]:
+    """Decoded uint8 [3, h, w] images on ``device``: one batched call, and only when it fails
+    one call per image to find those it rejects (None)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data):
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders for TorchCodec, on every call; still works
+            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
+                                    category=DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    if not items:
+        return []
+    try:
+        return list(decode([it.data for it in items]))
+    except RuntimeError:   # a file of the batch was rejected: one by one, to find it
+        pass
+    out = []
+    for it in items:
+        try:
+            out.append(decode(it.data))
+        except RuntimeError as exc:
+            _note_fallback(it.path, exc)
+            out.append(None)
+    return out
+
+
+_fallback_noted = False
+
+
+def _note_fallback(path: str, exc: RuntimeError) -> None:
+    """Warn once per process that a JPEG went to Pillow (a rare CMYK file is expected; every file
+    would mean this torchvision cannot decode here, and the run decodes on one CPU core)."""
+    global _fallback_noted
+    if not _fallback_noted:
+        _fallback_noted = True
+        warnings.warn(f"stream_decode 'device': torchvision.io.decode_jpeg rejected {path} ({exc}); handing it to "
+                      f"Pillow (further such files are not reported).", stacklevel=2)
+
+
+def finish_batch(items: Sequence, size: int, device: torch.device) -> torch.Tensor:
+    """uint8 [B, 3, size, size] on ``device`` from a batch's items, in order: encoded files
+    (:class:`EncodedImage`) are decoded there; decoded uint8 [3, size, size] images (from
+    in-memory sources joined with the streamed one, e.g. exemplars) are moved there."""
+    out = torch.empty(len(items), 3, size, size, dtype=torch.uint8, device=device)
+    ready = [i for i, it in enumerate(items) if not isinstance(it, EncodedImage)]
+    if ready:
+        out[ready] = torch.stack([items[i] for i in ready]).to(device)
+    jpegs = [i for i, it in enumerate(items) if isinstance(it, EncodedImage)
+             and bytes(it.data[:3].numpy()) == _JPEG_MAGIC]
+    for i, image in zip(jpegs, _decode_jpegs([items[i] for i in jpegs], device)):
+        out[i] = _pillow(items[i], size, device) if image is None else to_stored(image, size)
+    for i in sorted(set(range(len(items))) - set(ready) - set(jpegs)):   # PNG named .JPEG and the like
+        out[i] = _pillow(items[i], size, device)
+    return out
