@@ -434,3 +434,33 @@ def test_a_config_saved_before_stored_form_existed_is_the_crop_form(tmp_path):
     assert old["stored_form"] == "crop" and "stored_form" not in added
     assert result_key_differences(old, resolve_config(saved)) == ["stored_form"]   # today's default: whole
     assert resolve_saved_config(tiny_config())[0] == resolve_config(tiny_config())  # crop datasets: unchanged
+
+
+def test_stream_decode_applies_to_streamed_sets_and_identifies_device_runs(tmp_path, monkeypatch, capsys):
+    from utils.config import result_key_differences
+
+    base = resolve_config(tiny_config())
+    assert base["stream_decode"] == "workers"
+    # the default leaves every existing run's identity (folder, resume) where it was
+    assert config_hash(base) == config_hash({k: v for k, v in base.items() if k != "stream_decode"})
+    streamed = dict(dataset="folder", data_root=str(tmp_path), shapes={}, in_memory=False)
+    workers = resolve_config(tiny_config(**streamed))
+    device = resolve_config(tiny_config(**streamed, stream_decode="device"))
+    # other pixels reach the network: another run
+    assert config_hash(device) != config_hash(workers)
+    assert result_key_differences(workers, device) == ["stream_decode"]
+    inet = resolve_config(tiny_config(dataset="imagenet1000", data_root=str(tmp_path), shapes={},
+                                      stream_decode="device"))   # streams by default
+    assert inet["stream_decode"] == "device"
+    # where nothing streams, or a value that does not exist: exit 2 naming the key
+    for raw, needles in [
+        (tiny_config(stream_decode="device"), ["'stream_decode'", "'device'", "'shapes'", "not decoded from image files"]),
+        (tiny_config(**{**streamed, "in_memory": None}, stream_decode="device"),
+         ["'stream_decode'", "'folder'", "held in memory", "in_memory false"]),
+        (tiny_config(dataset="imagenet1000", data_root=str(tmp_path), shapes={}, in_memory=True,
+                     stream_decode="device"), ["'stream_decode'", "held in memory"]),
+        (tiny_config(**streamed, stream_decode="gpu"), ["'stream_decode'", '"gpu"', "workers, device"]),
+    ]:
+        code, err = _main_error(tmp_path, monkeypatch, capsys, raw)
+        _assert_user_error(code, err, tmp_path, *needles)
+        _one_paragraph(err)

@@ -399,9 +399,10 @@ def test_compile_compiles_each_stage_forward_and_trains_the_same(tmp_path, tiny_
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 230), (230, 210, 30)]
 
 
-def _aspect_folder(root, train_per_class=16, test_per_class=6, sizes=((36, 24), (24, 36), (30, 30), (40, 22))):
-    """4 classes of landscape, portrait and square PNGs (``sizes``: (width, height)): a class colour
-    over noise, with a white disc."""
+def _aspect_folder(root, train_per_class=16, test_per_class=6, sizes=((36, 24), (24, 36), (30, 30), (40, 22)),
+                   ext="png"):
+    """4 classes of landscape, portrait and square images (``sizes``: (width, height); PNG, or
+    another format by ``ext``): a class colour over noise, with a white disc."""
     from PIL import Image, ImageDraw
 
     rng = torch.Generator().manual_seed(0)
@@ -416,7 +417,7 @@ def _aspect_folder(root, train_per_class=16, test_per_class=6, sizes=((36, 24), 
                 img = Image.fromarray(pixels)
                 r = 3 + i % 4
                 ImageDraw.Draw(img).ellipse((w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r), fill=(255, 255, 255))
-                img.save(folder / f"{i:02d}.png")
+                img.save(folder / f"{i:02d}.{ext}")
     return root
 
 
@@ -480,3 +481,47 @@ def test_whole_form_of_square_images_is_exactly_the_crop_form(tmp_path):
     strip = lambda r: without_seconds({k: v for k, v in r.items() if k not in ("config", "config_hash")})  # noqa: E731
     assert strip(whole) == strip(crop)
     assert without_seconds(read_metrics(tmp_path / "whole")) == without_seconds(read_metrics(tmp_path / "crop"))
+
+
+def test_streamed_run_decoding_on_the_device_goes_through_one_decoder(tmp_path, monkeypatch):
+    """stream_decode "device" on a CPU run (torchvision decodes in this process): a LUCIR run over
+    two phases completes with Pillow forbidden, and training batches (new images joined with
+    exemplars), evaluation and class images (herding, imprinting: ``batching.materialize``) all
+    decoded their streamed images through the one finishing step."""
+    import inspect
+
+    from utils import image_cache, stream_decode
+
+    root = _aspect_folder(tmp_path / "data", train_per_class=8, test_per_class=4, ext="jpg")
+    raw = _whole_config(root, model_name="lucir", cbf_epochs=1, cbf_milestones=[], init_epochs=2, epochs=2,
+                        in_memory=False, stream_decode="device")
+    cfg = resolve_config(raw)
+    assert cfg["stored_form"] == "crop" and cfg["stream_decode"] == "device"
+
+    def no_pillow(*args, **kwargs):
+        raise AssertionError("a streamed JPEG was decoded with Pillow")
+
+    callers = set()
+    real = stream_decode.finish_batch
+
+    def recording(items, size, device):
+        callers.update(f.function for f in inspect.stack()[1:8])
+        return real(items, size, device)
+
+    monkeypatch.setattr(image_cache, "decode_image", no_pillow)
+    monkeypatch.setattr(stream_decode, "finish_batch", recording)
+    trainer = Trainer(cfg, tmp_path / "device", "device")
+    assert trainer.train_images.decode_on == trainer.device
+    results = trainer.run()
+    assert [p["phase"] for p in results["phases"]] == [0, 1]
+    assert results["phases"][-1]["memory"]["exemplars"] > 0 and results["phases"][-1]["nme"] is not None
+    assert {"batches", "evaluate", "class_images", "materialize"} <= callers, callers
+    # feature extraction of a streamed source (today's learners embed decoded tensors) decodes the same way
+    from utils import batching
+
+    callers.clear()
+    index = torch.arange(5)
+    feats = trainer.ctx.embed(batching.select(trainer.train_images, index), lambda x: x.flatten(1))
+    assert "embed" in callers and torch.equal(feats, trainer.ctx.embed(
+        batching.materialize(batching.select(trainer.train_images, index)), lambda x: x.flatten(1)))
+    assert results["config_hash"] != config_hash(resolve_config({**raw, "stream_decode": "workers"}))
