@@ -81,9 +81,9 @@ COMMON_OPTIONS: dict[str, Option] = {
                                               "num_workers loader processes) or device (the workers only read the "
                                               "files; each batch is decoded on the run's device by "
                                               "torchvision.io.decode_jpeg, nvjpeg on a GPU, and resized there as "
-                                              "Pillow would; pixels differ by a few levels, so it identifies the "
-                                              "run; non-JPEG or rejected files fall back to Pillow). Streamed sets "
-                                              "only (in_memory false, or imagenet1000).",
+                                              "Pillow would; pixels differ by under a level on average, so it "
+                                              "identifies the run; non-JPEG or rejected files fall back to Pillow). "
+                                              "Streamed sets only (in_memory false, or imagenet1000).",
                             choices=("workers", "device")),
     # protocol
     "shuffle": Option(True, "bool", "Shuffle the class order with `seed` (labels are remapped to order position)."),
