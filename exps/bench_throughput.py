@@ -15,8 +15,10 @@ framework row with those overrides (e.g. ``cim:compression=cim``, ``compiled:com
 ``--precision`` repeats every row with bf16 autocast + channels_last (``amp``/``channels_last`` true)
 or float32 (both false); on a CPU the two are the same, so one is enough there. Ratios are against the
 plain loop of the same precision. ``--decode`` instead times decoding the training files to the stored
-form through the streamed path's loader (images/s and images/s per worker), and on a GPU
-``torchvision.io.decode_jpeg`` on the device, for the dataset's first ``--decode_images`` files.
+form through the streamed path's loader (images/s and images/s per worker), through the same loader
+with ``stream_decode: "device"`` (the workers read bytes, each batch is decoded on the GPU, or on a
+CPU-only machine by torchvision on the CPU, with the stored form's resize), and on a GPU
+``torchvision.io.decode_jpeg`` on the device alone, for the dataset's first ``--decode_images`` files.
 """
 from __future__ import annotations
 
@@ -137,8 +139,9 @@ def parse_compare(text: str) -> tuple[str, dict]:
 
 def time_decode(raw: dict, workers: list[int], count: int, batch_size: int = 64) -> list[dict]:
     """Decode the first ``count`` training files to the stored form: through the streamed path's
-    DataLoader (FileImages, Pillow with JPEG draft mode) with each number of workers, and, on a GPU,
-    with ``torchvision.io.decode_jpeg`` on the device plus a resize there."""
+    DataLoader (FileImages, Pillow with JPEG draft mode) with each number of workers, the same with
+    ``stream_decode`` "device" (bytes in the workers, ``utils.stream_decode`` on the GPU, else the
+    CPU), and, on a GPU, with ``torchvision.io.decode_jpeg`` on the device plus a resize there."""
     from utils.datasets import FileImages, load_dataset
 
     cfg = resolve_config({**raw, "in_memory": False})
@@ -156,6 +159,19 @@ def time_decode(raw: dict, workers: list[int], count: int, batch_size: int = 64)
         seconds = time.perf_counter() - start
         rows.append({"decoder": "pillow (streamed loader)", "workers": w, "images": n,
                      "images_per_s": round(n / seconds, 1),
+                     "images_per_s_per_worker": round(n / seconds / max(w, 1), 1)})
+    from utils import batching
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_device = FileImages(paths, size, device)
+    for w in workers:
+        start = time.perf_counter()
+        n = sum(len(b) for b, in batching.iterate(on_device, batch_size=batch_size, num_workers=w))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        rows.append({"decoder": f"stream_decode device (bytes in the loader, decode_jpeg on {device.type})",
+                     "workers": w, "images": n, "images_per_s": round(n / seconds, 1),
                      "images_per_s_per_worker": round(n / seconds / max(w, 1), 1)})
     if torch.cuda.is_available():
         import torchvision.io as tio

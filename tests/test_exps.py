@@ -91,3 +91,5 @@ def test_bench_throughput_decode_counts_every_image_per_worker_setting(tmp_path,
     pillow = [r for r in report["decode"] if r["decoder"].startswith("pillow")]
     assert [r["workers"] for r in pillow] == [0, 2] and all(r["images"] == 12 for r in pillow)
     assert pillow[1]["images_per_s_per_worker"] == pytest.approx(pillow[1]["images_per_s"] / 2, abs=0.1)
+    on_device = [r for r in report["decode"] if r["decoder"].startswith("stream_decode device")]
+    assert [r["workers"] for r in on_device] == [0, 2] and all(r["images"] == 12 for r in on_device)
