@@ -14,7 +14,13 @@ algorithm search and, with ``compile``, for compilation). Each ``--compare NAME:
 framework row with those overrides (e.g. ``cim:compression=cim``, ``compiled:compile=true``); each
 ``--precision`` repeats every row with bf16 autocast + channels_last (``amp``/``channels_last`` true)
 or float32 (both false); on a CPU the two are the same, so one is enough there. Ratios are against the
-plain loop of the same precision. ``--decode`` instead times decoding the training files to the stored
+plain loop of the same precision. A second plain row, ``plain + augment``, runs the plain loop on the stored uint8 images with the
+framework's batched augmentation on the device (``Trainer.augment``): what is left between it and
+the framework row is the framework's own work per step (sources, hooks, loss parts, logging).
+``--profile`` then runs one more epoch of every row under ``torch.profiler`` and reports, per row,
+the wall time per step, the device's busy fraction (the sum of its kernel times over the wall time:
+well below 1 means the GPU waits for the host, i.e. per-step Python or a host sync is the limit) and
+the top operators by host time and by device time. ``--decode`` instead times decoding the training files to the stored
 form through the streamed path's loader (images/s and images/s per worker), through the same loader
 with ``stream_decode: "device"`` (the workers read bytes, each batch is decoded on the GPU, or on a
 CPU-only machine by torchvision on the CPU, with the stored form's resize), and on a GPU
@@ -53,7 +59,7 @@ def build_trainer(raw: dict, epochs: int, out: Path) -> tuple[Trainer, object]:
     return trainer, phase
 
 
-def time_framework(raw: dict, epochs: int) -> dict:
+def time_framework(raw: dict, epochs: int, profile: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainer, phase = build_trainer(raw, 1, Path(tmp) / "warm")
         stage = trainer.learner.stages(phase)[0]
@@ -75,16 +81,24 @@ def time_framework(raw: dict, epochs: int) -> dict:
         # data and copying it to the device), which the plain loop's timing leaves out too.
         timed = [r["seconds"] for r in records if r.get("stage") == stage.name]
         epoch_seconds, later = sum(timed), sum(timed[1:])
+        profiled = None
+        if profile:
+            stage = trainer.learner.stages(phase)[0]
+            stage.epochs = 1
+            profiled = profile_call(lambda: trainer.run_stage(phase, stage, gen), trainer.device,
+                                    steps=-(-len(images) // (stage.batch_size or trainer.cfg["batch_size"])))
         # Epochs after the first: the steady state, without what a stage pays once in its first
         # epoch (torch.compile compiles the stage's forward there).
         return {"images_per_s": round(epochs * n / seconds, 1), "seconds": round(seconds, 2),
                 "epoch_images_per_s": round(epochs * n / epoch_seconds, 1) if epoch_seconds else None,
                 "steady_images_per_s": round((len(timed) - 1) * n / later, 1) if later else None,
-                "device": str(trainer.device)}
+                "device": str(trainer.device), **({"profile": profiled} if profiled else {})}
 
 
-def time_plain(raw: dict, epochs: int) -> dict:
-    """Same backbone/head, batch, SGD settings; data pre-normalised in memory; nothing else."""
+def time_plain(raw: dict, epochs: int, augment: bool = False, profile: bool = False) -> dict:
+    """Same backbone/head, batch, SGD settings; nothing else. Without ``augment`` the data are
+    pre-normalised in memory; with it, the stored uint8 images are on the device and each batch goes
+    through the framework's augmentation there (``Trainer.augment``) before the step."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer, phase = build_trainer(raw, 1, Path(tmp) / "plain")
         net = trainer.learner.net
@@ -92,7 +106,11 @@ def time_plain(raw: dict, epochs: int) -> dict:
         device = trainer.device
         data = trainer.stage_data(phase, "phase")
         images, labels = data.images, data.labels
-        x_all = trainer.ctx.to_input(images, data.orig_hw)            # float, normalised, on the device
+        if augment:
+            stored = images.to(device)                                 # uint8, as the framework holds it
+            hw = data.orig_hw.to(device) if data.orig_hw is not None else None
+        else:
+            x_all = trainer.ctx.to_input(images, data.orig_hw)        # float, normalised, on the device
         y_all = labels.to(device)
         opt = torch.optim.SGD(net.parameters(), lr=cfg["init_lr"], momentum=cfg["momentum"],
                               weight_decay=cfg["init_weight_decay"])
@@ -104,8 +122,14 @@ def time_plain(raw: dict, epochs: int) -> dict:
             perm = torch.randperm(len(y_all), generator=gen).to(device)
             for i in range(0, len(perm) - bs + 1, bs):
                 idx = perm[i:i + bs]
+                if augment:
+                    x = trainer.augment(stored[idx], gen, None if hw is None else hw[idx])
+                    if trainer.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                else:
+                    x = x_all[idx]
                 with trainer.ctx.autocast():
-                    loss = F.cross_entropy(net(x_all[idx])["logits"], y_all[idx])
+                    loss = F.cross_entropy(net(x)["logits"], y_all[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -118,7 +142,37 @@ def time_plain(raw: dict, epochs: int) -> dict:
         sync(device)
         seconds = time.perf_counter() - start
         n = len(y_all) // bs * bs
-        return {"images_per_s": round(epochs * n / seconds, 1), "seconds": round(seconds, 2), "device": str(device)}
+        out = {"images_per_s": round(epochs * n / seconds, 1), "seconds": round(seconds, 2), "device": str(device)}
+        if profile:
+            out["profile"] = profile_call(epoch, device, steps=len(y_all) // bs)
+        return out
+
+
+def profile_call(fn, device: torch.device, steps: int, top: int = 15) -> dict:
+    """Run ``fn`` (one epoch of ``steps`` steps) under torch.profiler: its wall time per step, the
+    device's busy fraction (sum of the kernels' times / wall time; None on a CPU) and the top
+    operators by self host time and, on a GPU, by self device time (tables as text)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    out = {"wall_s": round(wall, 4), "steps": steps, "ms_per_step": round(1000 * wall / max(steps, 1), 3),
+           "device_busy": None,
+           "top_host": averages.table(sort_by="self_cpu_time_total", row_limit=top)}
+    if device.type == "cuda":
+        def kernel_us(e):
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        busy_us = sum(kernel_us(e) for e in averages if e.device_type == DeviceType.CUDA)
+        out["device_busy"] = round(busy_us / 1e6 / wall, 3)
+        out["top_device"] = averages.table(sort_by="self_device_time_total", row_limit=top)
+    return out
 
 
 def sync(device: torch.device) -> None:
@@ -203,12 +257,22 @@ def time_decode(raw: dict, workers: list[int], count: int, batch_size: int = 64)
 
 
 def markdown(rows: list[dict]) -> str:
+    profiled = any("profile" in r for r in rows)
     head = ("| row | precision | images/s (stage) | vs plain | images/s (epochs) | vs plain | "
-            "images/s (epochs 2+) | vs plain | seconds | device |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "images/s (epochs 2+) | vs plain | seconds | device |" + (" ms/step (profiled) | device busy |" if profiled
+                                                                      else "") + "\n"
+            + "|---" * (10 + 2 * profiled) + "|\n")
+
+    def profile_cells(r):
+        if not profiled:
+            return ""
+        prof = r.get("profile") or {}
+        busy = prof.get("device_busy")
+        return f" {prof.get('ms_per_step', '')} | {'' if busy is None else busy} |"
     return head + "".join(f"| {r['row']} | {r['precision']} | {r['images_per_s']} | {r.get('vs_plain', '')} | "
                           f"{r.get('epoch_images_per_s') or ''} | {r.get('epochs_vs_plain', '')} | "
                           f"{r.get('steady_images_per_s') or ''} | {r.get('steady_vs_plain', '')} | "
-                          f"{r['seconds']} | {r['device']} |\n" for r in rows)
+                          f"{r['seconds']} | {r['device']} |{profile_cells(r)}\n" for r in rows)
 
 
 def main() -> None:
@@ -224,6 +288,8 @@ def main() -> None:
     p.add_argument("--decode", action="store_true", help="time image decoding instead of training")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--decode_images", type=int, default=2000)
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more epoch of every row (busy fraction of the device, top operators)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     args = p.parse_args()
     if args.threads:
@@ -239,14 +305,18 @@ def main() -> None:
         rows = []
         for precision in args.precision or [None]:
             base = {**raw, **(PRECISION[precision] if precision else {})}
-            plain = time_plain(base, args.epochs)
+            plain = time_plain(base, args.epochs, profile=args.profile)
             on_gpu = plain["device"].startswith("cuda")   # amp and channels_last act on CUDA only
             label = (precision or ("bf16" if base.get("amp", True) else "fp32")) if on_gpu else "fp32"
             plain = {"row": "plain loop", "precision": label, **plain}
             rows.append(plain)
+            augmented = {"row": "plain + augment", "precision": label,
+                         **time_plain(base, args.epochs, augment=True, profile=args.profile)}
+            augmented["vs_plain"] = round(augmented["images_per_s"] / plain["images_per_s"], 3)
+            rows.append(augmented)
             for name, overrides in [("framework", {})] + [parse_compare(c) for c in args.compare]:
                 r = {"row": name, "precision": label, "overrides": overrides,
-                     **time_framework({**base, **overrides}, args.epochs)}
+                     **time_framework({**base, **overrides}, args.epochs, profile=args.profile)}
                 r["vs_plain"] = round(r["images_per_s"] / plain["images_per_s"], 3)
                 if r["epoch_images_per_s"]:
                     r["epochs_vs_plain"] = round(r["epoch_images_per_s"] / plain["images_per_s"], 3)
@@ -260,6 +330,11 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     if "table" in report:
         print(report["table"])
+        for r in report["rows"]:
+            if "profile" in r:
+                prof = r["profile"]
+                print(f"{r['row']} ({r['precision']}): {prof['ms_per_step']} ms per step, device busy "
+                      f"{prof['device_busy']}")
 
 
 if __name__ == "__main__":

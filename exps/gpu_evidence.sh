@@ -47,7 +47,7 @@ B32="--config cim-lucir-tinyimagenet50 --set data_root=$D/tiny32 --set convnet_t
 timeout 150 $PY exps/bench_throughput.py $B32 --epochs 3 --precision bf16 fp32 --compare cim:compression=cim \
     --out $R/bench-resnet32.json > $R/bench-resnet32.out 2>&1; say "bench resnet32 rc $?"
 B224="--config cim-lucir-imagenette-224 --set data_root=$D/imagenette-sub --set init_cls=10 --set compression=none"
-timeout 150 $PY exps/bench_throughput.py $B224 --epochs 4 --precision bf16 fp32 --compare cim:compression=cim \
+timeout 150 $PY exps/bench_throughput.py $B224 --epochs 4 --precision bf16 fp32 --compare cim:compression=cim --profile \
     --out $R/bench-resnet18-224.json > $R/bench-resnet18-224.out 2>&1; say "bench resnet18 rc $?"
 timeout 60 $PY exps/bench_throughput.py --decode --config cim-lucir-imagenette-224 --set data_root=$D/imagenette-sub \
     --workers 0 1 2 4 8 --decode_images 900 --out $R/bench-decode.json > $R/bench-decode.out 2>&1; say "decode rc $?"

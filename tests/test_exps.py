@@ -61,7 +61,7 @@ def test_bench_throughput_rows_plain_framework_and_compared(tmp_path, monkeypatc
     report, text = _bench(monkeypatch, capsys, "--config", str(cfg), "--epochs", "1", "--threads", "1",
                           "--compare", "cim:compression=cim", "--out", str(tmp_path / "r.json"))
     rows = {r["row"]: r for r in report["rows"]}
-    assert set(rows) == {"plain loop", "framework", "cim"}
+    assert set(rows) == {"plain loop", "plain + augment", "framework", "cim"}
     assert all(r["images_per_s"] > 0 and r["precision"] == "fp32" for r in rows.values())   # CPU: no bf16
     assert rows["cim"]["overrides"] == {"compression": "cim"}
     assert rows["framework"]["vs_plain"] == pytest.approx(
@@ -71,6 +71,26 @@ def test_bench_throughput_rows_plain_framework_and_compared(tmp_path, monkeypatc
     assert rows["cim"]["steady_images_per_s"] is None   # one epoch: no epoch after the first
     with pytest.raises(SystemExit, match="NAME:KEY=VALUE"):
         _bench(monkeypatch, capsys, "--config", str(cfg), "--compare", "compression=cim")
+
+
+def test_bench_throughput_profile_gives_every_row_its_step_time_and_top_operators(tmp_path, monkeypatch, capsys):
+    """--profile: one more epoch per row under torch.profiler; on a CPU there is no device busy
+    fraction, and the host table names the convolutions the steps ran."""
+    import json
+
+    from conftest import tiny_config
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(tiny_config(init_epochs=1)))
+    report, text = _bench(monkeypatch, capsys, "--config", str(cfg), "--epochs", "1", "--threads", "1",
+                          "--profile")
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {"plain loop", "plain + augment", "framework"}
+    for name, r in rows.items():
+        prof = r["profile"]
+        assert prof["steps"] >= 1 and prof["ms_per_step"] > 0 and prof["device_busy"] is None, name
+        assert "aten::convolution" in prof["top_host"] or "aten::mkldnn_convolution" in prof["top_host"], name
+    assert "ms/step (profiled) | device busy |" in text and "ms per step, device busy None" in text
 
 
 def test_bench_throughput_decode_counts_every_image_per_worker_setting(tmp_path, monkeypatch, capsys):
