@@ -430,7 +430,7 @@ class ExemplarCompression(Plugin):
             torch.nn.utils.clip_grad_norm_([p for p in phi if p.grad is not None], clip)
             self.phi_opt.step()
             self.meta_iterations += 1
-            self.last_outer_loss = float(outer.detach())
+            self.last_outer_loss = outer.detach()   # read at the phase's end: no second sync per iteration
         model.train(was_training)
 
     def phi_clip(self, phase: Phase) -> float:
@@ -459,6 +459,7 @@ class ExemplarCompression(Plugin):
             "policy": self.policy, "ratio": self.ratio,
             "mean_box_area": round(sum(areas) / (n * size * size), 6) if n else None,
             "bilevel": {"iterations": self.meta_iterations, "skipped_nonfinite": self.meta_skipped,
-                        "last_outer_loss": self.last_outer_loss, "seconds": round(self.meta_seconds, 3)},
+                        "last_outer_loss": None if self.last_outer_loss is None else float(self.last_outer_loss),
+                        "seconds": round(self.meta_seconds, 3)},
             "box_refresh": {"count": self.refreshes, "seconds": round(self.refresh_seconds, 3)},
         }}
