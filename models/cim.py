@@ -80,6 +80,25 @@ def random_boxes(n: int, size: int, area: float, generator: torch.Generator) -> 
     return torch.stack([y0, y0 + side, x0, x0 + side], dim=1)
 
 
+def compress_picked(images: torch.Tensor, pick: torch.Tensor, boxes: torch.Tensor, ratio: float,
+                    sync_free: bool | None = None) -> torch.Tensor:
+    """uint8 [B, 3, S, S]: the images with the rows of bool ``pick`` [B] compressed with their
+    ``boxes`` int64 [B, 4] (``utils.compression.compress_images``; the other rows' boxes are unused).
+
+    On a GPU every row is compressed and the picked ones are kept with ``torch.where``: selecting
+    the rows would read ``pick`` on the host, a sync per training step that stops the host from
+    queueing the next step's work. On the CPU only the picked rows are compressed (less work, and
+    no queue to keep). Both give the same images: compression acts on each row alone.
+    ``sync_free`` forces one way (None: by the device)."""
+    if images.device.type != "cpu" if sync_free is None else sync_free:
+        return torch.where(pick.view(-1, 1, 1, 1), compress_images(images, boxes, ratio), images)
+    if not bool(pick.any()):
+        return images
+    images = images.clone()
+    images[pick] = compress_images(images[pick], boxes[pick], ratio)
+    return images
+
+
 def frozen_parts(net: torch.nn.Module) -> list[torch.nn.Module]:
     """The submodules of ``net`` whose own weights (every parameter but Padé coefficients) are all
     frozen — the old backbones of DER and FOSTER. Modules without such weights are not counted."""
@@ -342,11 +361,7 @@ class ExemplarCompression(Plugin):
         else:   # a shard of a global batch: draw for the whole batch, keep this shard's
             draws = torch.rand(batch.global_size, generator=self.generator)[batch.positions]
         pick = (draws < p).to(images.device) & (batch.origin == NEW)
-        if not bool(pick.any()):
-            return images
-        images = images.clone()
-        images[pick] = compress_images(images[pick], self.box_table[index[pick]], self.ratio)
-        return images
+        return compress_picked(images, pick, self.box_table[index], self.ratio)
 
     def after_epoch(self, phase, stage, epoch, lr) -> None:
         if self.phi_opt is not None:

@@ -132,12 +132,12 @@ class LUCIR(Learner):
         old_rows = batch.y < num_old
         if batch.kd_mask is not None:   # margin ranking is a distillation term too
             old_rows = old_rows & batch.kd_mask
-        if old_rows.any():
-            k = min(self.cfg["K"], num_new)
-            c = cos[old_rows].float()
-            gt = c.gather(1, batch.y[old_rows, None])                    # [n, 1]
-            hard = c[:, num_old:].topk(k, dim=1).values                  # [n, K]
-            mr = F.relu(self.cfg["margin"] - gt + hard).mean() * self.cfg["lw_mr"]
-        else:
-            mr = cos.new_zeros(())
+        # Margin ranking over the old-class rows, computed for every row and masked (no host sync
+        # to select the rows: the GPU's queue keeps running); mean over rows x K; 0 without one.
+        k = min(self.cfg["K"], num_new)
+        c = cos.float()
+        gt = c.gather(1, batch.y[:, None])                                # [B, 1]
+        hard = c[:, num_old:].topk(k, dim=1).values                       # [B, K]
+        ranked = F.relu(self.cfg["margin"] - gt + hard) * old_rows[:, None]
+        mr = ranked.sum() / (old_rows.sum() * k).clamp(min=1) * self.cfg["lw_mr"]
         return ce + lf + mr, {"ce": ce, "lf": lf, "mr": mr}

@@ -148,6 +148,25 @@ def test_artifact_augmentation_compresses_new_images_only(tmp_path):
     assert torch.equal(plugin.before_augment(batch, raw, stage, epoch=0), batch)   # p = 0
 
 
+def test_picked_rows_compress_alike_with_and_without_a_host_sync():
+    """The GPU way (compress every row, keep the picked ones with torch.where: no host sync) gives
+    the images the CPU way (compress the picked rows only) does; unpicked rows are untouched."""
+    from models.cim import compress_picked
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (7, 3, 16, 16), generator=g, dtype=torch.uint8)
+    boxes = torch.tensor([[2, 10, 3, 12]] * 7)
+    pick = torch.tensor([True, False, True, True, False, False, True])
+    by_rows = compress_picked(images, pick, boxes, 4.0, sync_free=False)
+    by_where = compress_picked(images, pick, boxes, 4.0, sync_free=True)
+    assert torch.equal(by_rows, by_where)
+    assert torch.equal(by_rows[~pick], images[~pick]) and not torch.equal(by_rows[pick], images[pick])
+    assert torch.equal(by_rows[pick], compress_images(images[pick], boxes[pick], 4.0))
+    none = torch.zeros(7, dtype=torch.bool)
+    assert torch.equal(compress_picked(images, none, boxes, 4.0, sync_free=True), images)
+    assert compress_picked(images, none, boxes, 4.0, sync_free=False) is images
+
+
 def test_foster_compression_stage_keeps_the_boosting_probability_and_boxes(tmp_path):
     """FOSTER's compression stage trains the student, not the CAM network (the teacher): as in the
     official code (one loader for both stages) it goes on with the p and the boxes boosting ended
