@@ -12,7 +12,7 @@ re-runs the same loss with other parameters — what the CIM bilevel step needs.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch

@@ -11,7 +11,7 @@ from conftest import REPO, run, tiny_config, without_seconds
 from convs.activation import activation_sites
 from models.cim import ExemplarCompression, center_boxes, random_boxes
 from trainer import Trainer
-from utils.compression import compress_images, exemplar_cost
+from utils.compression import compress_images
 from utils.config import resolve_config
 from utils.errors import ConfigError
 from utils.stage_data import EXEMPLAR, RawBatch
