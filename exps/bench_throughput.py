@@ -150,21 +150,38 @@ def time_plain(raw: dict, epochs: int, augment: bool = False, profile: bool = Fa
 
 def profile_call(fn, device: torch.device, steps: int, top: int = 15) -> dict:
     """Run ``fn`` (one epoch of ``steps`` steps) under torch.profiler: its wall time per step, the
-    device's busy fraction (sum of the kernels' times / wall time; None on a CPU) and the top
+    device's busy fraction (sum of the kernels' times / wall time; None on a CPU), on a GPU the host
+    syncs it made (``torch.cuda.set_sync_debug_mode``: their number and the lines that made them;
+    an epoch reads its losses once, so a few are expected, one per step is a stall) and the top
     operators by self host time and, on a GPU, by self device time (tables as text)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    import warnings
+    from collections import Counter
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         sync(device)
+        if cuda:   # every host read of a GPU value warns, with the Python line that made it
+            torch.cuda.set_sync_debug_mode("warn")
         start = time.perf_counter()
-        fn()
+        try:
+            fn()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
         sync(device)
         wall = time.perf_counter() - start
     averages = prof.key_averages()
+    syncs = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                    if "synchronizing CUDA operation" in str(w.message))
     out = {"wall_s": round(wall, 4), "steps": steps, "ms_per_step": round(1000 * wall / max(steps, 1), 3),
            "device_busy": None,
+           # host syncs in the epoch (GPU only): their count and where they are (file:line -> count)
+           "host_syncs": sum(syncs.values()) if cuda else None, "host_sync_sites": dict(syncs.most_common(10)),
            "top_host": averages.table(sort_by="self_cpu_time_total", row_limit=top)}
     if device.type == "cuda":
         def kernel_us(e):
@@ -334,7 +351,8 @@ def main() -> None:
             if "profile" in r:
                 prof = r["profile"]
                 print(f"{r['row']} ({r['precision']}): {prof['ms_per_step']} ms per step, device busy "
-                      f"{prof['device_busy']}")
+                      f"{prof['device_busy']}, host syncs {prof['host_syncs']}"
+                      + "".join(f"; {site} x{n}" for site, n in prof["host_sync_sites"].items()))
 
 
 if __name__ == "__main__":

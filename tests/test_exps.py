@@ -89,8 +89,9 @@ def test_bench_throughput_profile_gives_every_row_its_step_time_and_top_operator
     for name, r in rows.items():
         prof = r["profile"]
         assert prof["steps"] >= 1 and prof["ms_per_step"] > 0 and prof["device_busy"] is None, name
+        assert prof["host_syncs"] is None and prof["host_sync_sites"] == {}, name   # counted on a GPU only
         assert "aten::convolution" in prof["top_host"] or "aten::mkldnn_convolution" in prof["top_host"], name
-    assert "ms/step (profiled) | device busy |" in text and "ms per step, device busy None" in text
+    assert "ms/step (profiled) | device busy |" in text and "ms per step, device busy None, host syncs None" in text
 
 
 def test_bench_throughput_decode_counts_every_image_per_worker_setting(tmp_path, monkeypatch, capsys):
