@@ -450,7 +450,10 @@ class Trainer:
         """End-of-phase memory update (herding, compression). With several processes every rank
         computes its share of the features (and of the CAM boxes, ``Plugin.compressor``) and gathers
         the rest, so all ranks herd on the same numbers; rank 0's decision is then broadcast and
-        loaded by every other rank, so all hold bit-identical exemplars (``check_memory``)."""
+        loaded by every other rank, so all hold bit-identical exemplars (``check_memory``). Every
+        rank runs this, so an error here (an unreadable image in one rank's share, an out-of-memory)
+        is raised on that rank alone: it exits with the message and torchrun's agent stops the
+        others; without an agent they fail in their next collective after ``dist_timeout``."""
         learner = self.learner
         compressor = next((c for c in (p.compressor(phase) for p in self.plugins) if c is not None), None)
         self.memory.update(range(phase.first, phase.last), self.ctx.class_images,

@@ -27,7 +27,9 @@ What the plugin does in a phase (hooks of ``models/plugins.py``):
 5. ``after_phase``: ``exemplars_phase_<k>.png`` (stored exemplars, kept box, CAM overlay).
 
 With several processes (torchrun): rank 0 alone runs the bilevel iterations after each epoch and
-then broadcasts φ, so the CIM model is the same on every rank. The CAM boxes (artifact augmentation
+then broadcasts φ, so the CIM model is the same on every rank. Their batches and augmentation draw
+from a generator of their own (``meta_generator``), so the draws every rank makes (the picks below)
+come from a generator that rank 0's bilevel step leaves untouched. The CAM boxes (artifact augmentation
 and the memory update's ``compressor``) are computed in shares, each rank the CAMs of a contiguous
 share of the images, and gathered, so every rank holds all boxes (``shared_boxes``); before a
 refresh during a stage the CAM network takes rank 0's BatchNorm statistics, which each rank
@@ -164,7 +166,8 @@ class ExemplarCompression(Plugin):
         super().__init__(cfg, ctx)
         self.policy = cfg["compression"]
         self.ratio = cfg["compress_ratio"]
-        self.generator = torch.Generator()
+        self.generator = torch.Generator()        # picks and ``random`` boxes: drawn on every rank
+        self.meta_generator = torch.Generator()   # the bilevel batches: drawn by rank 0 alone
         self.phase: Phase | None = None
         self.box_table: torch.Tensor | None = None   # int64 [N_train, 4] on the device
         self.fixed_p: float | None = None            # artifact probability held for a whole stage
@@ -278,6 +281,7 @@ class ExemplarCompression(Plugin):
     def before_phase(self, phase: Phase) -> None:
         self.phase = phase
         self.generator.manual_seed(stream_seed(self.cfg["seed"], phase.index, "cim"))
+        self.meta_generator.manual_seed(stream_seed(self.cfg["seed"], phase.index, "cim-meta"))
         self.box_table = None
         self.carried = None
         self.reset_counters()
@@ -381,7 +385,7 @@ class ExemplarCompression(Plugin):
         slices of shuffled passes over the data (batches A and B never overlap while the data lasts)."""
         n = len(self.stage_data)
         need = 2 * iters * min(self.cfg["meta_batch_size"], n)
-        passes = [torch.randperm(n, generator=self.generator) for _ in range(-(-need // n))]
+        passes = [torch.randperm(n, generator=self.meta_generator) for _ in range(-(-need // n))]
         return torch.cat(passes)[:need]
 
     def _meta_batch(self, phase: Phase, pick: torch.Tensor):
@@ -390,7 +394,7 @@ class ExemplarCompression(Plugin):
         imgs = batching.materialize(batching.select(images, dev_pick if isinstance(images, torch.Tensor) else pick))
         t = self.ctx
         hw = self.stage_data.orig_hw
-        x = t.augment(imgs.to(t.device), self.generator, None if hw is None else hw[pick.cpu()])
+        x = t.augment(imgs.to(t.device), self.meta_generator, None if hw is None else hw[pick.cpu()])
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[dev_pick].to(t.device)

@@ -106,6 +106,19 @@ def test_bilevel_step_changes_phi_and_only_phi(tmp_path):
             assert p.grad is None or not p.grad.abs().sum()
 
 
+def test_the_bilevel_step_leaves_the_generator_of_the_picks_alone(tmp_path):
+    """Under torchrun rank 0 alone runs the bilevel step while every rank draws the artifact
+    augmentation's picks; had the step drawn from the picks' generator, rank 0's picks would part
+    from the other ranks' (and from one process's) after the first epoch."""
+    t, plugin, phase, stage = _ready_for_bilevel(tmp_path)
+    picks_state = plugin.generator.get_state()
+    meta_state = plugin.meta_generator.get_state()
+    plugin.bilevel_epoch(phase, stage, lr=0.1)
+    assert plugin.meta_iterations > 0
+    assert torch.equal(plugin.generator.get_state(), picks_state)
+    assert not torch.equal(plugin.meta_generator.get_state(), meta_state)
+
+
 def test_phi_gradient_flows_through_the_inner_step(tmp_path):
     """With div and reg switched off, φ still gets a gradient: only through θ⁺ = θ − β∇θL(x̃(φ))."""
     t, plugin, phase, stage = _ready_for_bilevel(tmp_path, div_coef=0.0, reg_coef=0.0)
