@@ -14,16 +14,27 @@ algorithm search and, with ``compile``, for compilation). Each ``--compare NAME:
 framework row with those overrides (e.g. ``cim:compression=cim``, ``compiled:compile=true``); each
 ``--precision`` repeats every row with bf16 autocast + channels_last (``amp``/``channels_last`` true)
 or float32 (both false); on a CPU the two are the same, so one is enough there. Ratios are against the
-plain loop of the same precision. A second plain row, ``plain + augment``, runs the plain loop on the stored uint8 images with the
-framework's batched augmentation on the device (``Trainer.augment``): what is left between it and
-the framework row is the framework's own work per step (sources, hooks, loss parts, logging).
-``--profile`` then runs one more epoch of every row under ``torch.profiler`` and reports, per row,
-the wall time per step, the device's busy fraction (the sum of its kernel times over the wall time:
-well below 1 means the GPU waits for the host, i.e. per-step Python or a host sync is the limit) and
-the top operators by host time and by device time. ``--decode`` instead times decoding the training files to the stored
-form through the streamed path's loader (images/s and images/s per worker), through the same loader
-with ``stream_decode: "device"`` (the workers read bytes, each batch is decoded on the GPU, or on a
-CPU-only machine by torchvision on the CPU, with the stored form's resize), and on a GPU
+plain loop of the same precision. A second plain row, ``plain + augment``, runs the plain loop on
+the stored uint8 images with the framework's batched augmentation on the device
+(``Trainer.augment``; the original sizes of whole-stored images stay on the host, where it draws
+the crop boxes, as in the framework's loader): what is left between it and the framework row is
+the framework's own work per step (sources, hooks, loss parts, logging).
+``--profile`` then profiles, per row, steady-state training steps under ``torch.profiler``: for
+the plain rows one more epoch; for a framework row a fresh stage of two epochs of which only the
+second is profiled, from its first batch to its end (so the stage's one-time setup, copying its
+data to the device and ``compile``'s compilation, are left out; see ``profile_framework``). It
+reports the wall time per step (over the steps the loader really gave, the framework's last
+partial batch included) and the images/s of those steps (in the JSON; it compares rows whatever
+their last batch), both with the profiler's own overhead in them, so compare the rows with each
+other, not with their unprofiled images/s; the device's busy fraction (the union of the device's
+kernel, copy and memset intervals over the wall time: kernels overlapping on several streams
+count once and the profiler's annotation ranges not at all; well below 1 means the GPU waits for
+the host, i.e. per-step Python or a host sync is the limit), on a GPU the host syncs of the
+window (count and source lines) and the top operators by host time and by device time.
+``--decode`` instead times decoding the training files to the stored form through the streamed
+path's loader (images/s and images/s per worker), through the same loader with ``stream_decode:
+"device"`` (the workers read bytes, each batch is decoded on the GPU, or on a CPU-only machine by
+torchvision on the CPU, with the stored form's resize), and on a GPU
 ``torchvision.io.decode_jpeg`` on the device alone, for the dataset's first ``--decode_images`` files.
 """
 from __future__ import annotations
@@ -33,6 +44,8 @@ import json
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,6 +54,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from trainer import Trainer  # noqa: E402
+from utils import batching  # noqa: E402
 from utils.config import load_config_file, parse_set, resolve_config  # noqa: E402
 
 
@@ -81,18 +95,57 @@ def time_framework(raw: dict, epochs: int, profile: bool = False) -> dict:
         # data and copying it to the device), which the plain loop's timing leaves out too.
         timed = [r["seconds"] for r in records if r.get("stage") == stage.name]
         epoch_seconds, later = sum(timed), sum(timed[1:])
-        profiled = None
-        if profile:
-            stage = trainer.learner.stages(phase)[0]
-            stage.epochs = 1
-            profiled = profile_call(lambda: trainer.run_stage(phase, stage, gen), trainer.device,
-                                    steps=-(-len(images) // (stage.batch_size or trainer.cfg["batch_size"])))
+        profiled = profile_framework(trainer, phase, gen) if profile else None
         # Epochs after the first: the steady state, without what a stage pays once in its first
         # epoch (torch.compile compiles the stage's forward there).
         return {"images_per_s": round(epochs * n / seconds, 1), "seconds": round(seconds, 2),
                 "epoch_images_per_s": round(epochs * n / epoch_seconds, 1) if epoch_seconds else None,
                 "steady_images_per_s": round((len(timed) - 1) * n / later, 1) if later else None,
                 "device": str(trainer.device), **({"profile": profiled} if profiled else {})}
+
+
+def profile_framework(trainer: Trainer, phase, gen: torch.Generator, top: int = 15) -> dict:
+    """Profile the framework's steady-state steps: a fresh stage runs two epochs and the profiler
+    covers the second one only, from its first batch to its end. Two bench-only plugins open and
+    close the window: one placed first, whose ``before_augment`` starts the profiler at the second
+    epoch's first batch and counts that epoch's batches (the loader's real number of steps, the
+    last partial batch included), and one placed last, whose ``after_epoch`` stops it once the
+    epoch's losses were read and every plugin's per-epoch work (e.g. CIM's bilevel step) ran.
+    So the stage's one-time setup (stage data, copy to the device, optimiser, torch.compile's
+    compilation in the first epoch's forward) is outside the window, and ms/step is the wall
+    time of those steps over their count."""
+    from models.plugins import Plugin
+
+    stage = trainer.learner.stages(phase)[0]                      # fresh stage, as the timed one
+    stage.epochs = 2
+    last = stage.epochs - 1
+    window = StepProfiler(trainer.device, top)
+    state = {"steps": 0, "images": 0, "result": None}
+
+    class OpenWindow(Plugin):
+        def before_augment(self, images, batch, stage, epoch):
+            if epoch == last:
+                if state["steps"] == 0:
+                    window.start()
+                state["steps"] += 1
+                state["images"] += images.shape[0]
+            return images
+
+    class CloseWindow(Plugin):
+        def after_epoch(self, phase, stage, epoch, lr):
+            if epoch == last and window.running:
+                state["result"] = window.stop(state["steps"], state["images"])
+
+    plugins = trainer.plugins
+    trainer.plugins = [OpenWindow(trainer.cfg, trainer.ctx), *plugins, CloseWindow(trainer.cfg, trainer.ctx)]
+    try:
+        trainer.run_stage(phase, stage, gen)
+    finally:
+        trainer.plugins = plugins
+        window.close()
+    if state["result"] is None:
+        raise RuntimeError(f"--profile: the framework's stage {stage.name!r} ran no batch in its second epoch")
+    return state["result"]
 
 
 def time_plain(raw: dict, epochs: int, augment: bool = False, profile: bool = False) -> dict:
@@ -108,7 +161,8 @@ def time_plain(raw: dict, epochs: int, augment: bool = False, profile: bool = Fa
         images, labels = data.images, data.labels
         if augment:
             stored = images.to(device)                                 # uint8, as the framework holds it
-            hw = data.orig_hw.to(device) if data.orig_hw is not None else None
+            hw = data.orig_hw        # int64 [N, 2] or None: stays on the host, as in the framework's loader,
+            #                          where the augmentation draws its crop boxes (no per-step copy back)
         else:
             x_all = trainer.ctx.to_input(images, data.orig_hw)        # float, normalised, on the device
         y_all = labels.to(device)
@@ -117,13 +171,18 @@ def time_plain(raw: dict, epochs: int, augment: bool = False, profile: bool = Fa
         bs = cfg["batch_size"]
         gen = torch.Generator().manual_seed(0)
 
-        def epoch():
+        def epoch() -> int:
+            """One pass of full batches; returns its number of steps. The order is drawn on the
+            host and copied to the device once (``batching.iterate`` does the same): the batches
+            are cut from the device copy, the sizes of whole-stored images from the host one."""
             net.train()
-            perm = torch.randperm(len(y_all), generator=gen).to(device)
-            for i in range(0, len(perm) - bs + 1, bs):
-                idx = perm[i:i + bs]
+            order = torch.randperm(len(y_all), generator=gen)
+            order_dev = batching.to_device(order, device)
+            steps = 0
+            for i in range(0, len(order) - bs + 1, bs):
+                idx = order_dev[i:i + bs]
                 if augment:
-                    x = trainer.augment(stored[idx], gen, None if hw is None else hw[idx])
+                    x = trainer.augment(stored[idx], gen, None if hw is None else hw[order[i:i + bs]])
                     if trainer.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                 else:
@@ -133,6 +192,8 @@ def time_plain(raw: dict, epochs: int, augment: bool = False, profile: bool = Fa
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                steps += 1
+            return steps
 
         epoch()                                                   # warm-up
         sync(device)
@@ -144,52 +205,129 @@ def time_plain(raw: dict, epochs: int, augment: bool = False, profile: bool = Fa
         n = len(y_all) // bs * bs
         out = {"images_per_s": round(epochs * n / seconds, 1), "seconds": round(seconds, 2), "device": str(device)}
         if profile:
-            out["profile"] = profile_call(epoch, device, steps=len(y_all) // bs)
+            out["profile"] = profile_call(epoch, device, bs)
         return out
 
 
-def profile_call(fn, device: torch.device, steps: int, top: int = 15) -> dict:
-    """Run ``fn`` (one epoch of ``steps`` steps) under torch.profiler: its wall time per step, the
-    device's busy fraction (sum of the kernels' times / wall time; None on a CPU), on a GPU the host
-    syncs it made (``torch.cuda.set_sync_debug_mode``: their number and the lines that made them;
-    an epoch reads its losses once, so a few are expected, one per step is a stall) and the top
-    operators by self host time and, on a GPU, by self device time (tables as text)."""
+# What the device's busy time counts among the profiler's device-side events (Kineto activity
+# types): kernels, copies and memsets. Not counted: the user-annotation ranges (record_function,
+# ProfilerStep#) that the profiler also places on the device's timeline, spanning the kernels
+# they enclose, nor anything else (e.g. synchronisation records).
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def device_intervals(events) -> list[tuple[float, float]]:
+    """(start, end) in µs of the device's own work among profiler events (``prof.events()``,
+    ``FunctionEvent``s): events on a non-CPU device that are not user annotations and, where the
+    event names its activity type, of a type in ``DEVICE_WORK``."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    import warnings
-    from collections import Counter
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        sync(device)
-        if cuda:   # every host read of a GPU value warns, with the Python line that made it
-            torch.cuda.set_sync_debug_mode("warn")
-        start = time.perf_counter()
-        try:
-            fn()
-        finally:
-            if cuda:
-                torch.cuda.set_sync_debug_mode("default")
-        sync(device)
-        wall = time.perf_counter() - start
-    averages = prof.key_averages()
-    syncs = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
-                    if "synchronizing CUDA operation" in str(w.message))
-    out = {"wall_s": round(wall, 4), "steps": steps, "ms_per_step": round(1000 * wall / max(steps, 1), 3),
-           "device_busy": None,
-           # host syncs in the epoch (GPU only): their count and where they are (file:line -> count)
-           "host_syncs": sum(syncs.values()) if cuda else None, "host_sync_sites": dict(syncs.most_common(10)),
-           "top_host": averages.table(sort_by="self_cpu_time_total", row_limit=top)}
-    if device.type == "cuda":
-        def kernel_us(e):
-            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        busy_us = sum(kernel_us(e) for e in averages if e.device_type == DeviceType.CUDA)
-        out["device_busy"] = round(busy_us / 1e6 / wall, 3)
-        out["top_device"] = averages.table(sort_by="self_device_time_total", row_limit=top)
+    out = []
+    for e in events:
+        if e.device_type == DeviceType.CPU or getattr(e, "is_user_annotation", False):
+            continue
+        kind = getattr(e, "activity_type", None)
+        if kind and kind not in DEVICE_WORK:
+            continue
+        out.append((e.time_range.start, e.time_range.end))
     return out
+
+
+def busy_us(intervals) -> float:
+    """Length of the union of ``(start, end)`` intervals: time during which at least one of them
+    runs, so kernels overlapping on several streams, or nested, count once; empty or reversed
+    intervals count nothing."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= start or end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+class StepProfiler:
+    """torch.profiler over a window of training steps that the caller opens (``start``) and closes
+    (``stop(steps)`` -> the report); ``close`` ends a window left open (an error), restoring the
+    sync debug mode. The report: the window's wall time per step; the device's busy fraction (the
+    union of its kernel, copy and memset intervals, :func:`device_intervals` / :func:`busy_us`,
+    over the wall time; None on a CPU); on a GPU the host syncs it made
+    (``torch.cuda.set_sync_debug_mode``: their number and the lines that made them; an epoch reads
+    its losses once, so a few are expected, one per step is a stall) and the top operators by self
+    host time and, on a GPU, by self device time (tables as text)."""
+
+    def __init__(self, device: torch.device, top: int = 15):
+        self.device, self.top = device, top
+        self.cuda = device.type == "cuda"
+        self.running = False
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.prof = profile(activities=activities)
+        self.prof.start()
+        self.running = True
+        self._warnings = warnings.catch_warnings(record=True)
+        self.caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        sync(self.device)
+        if self.cuda:   # every host read of a GPU value warns, with the Python line that made it
+            torch.cuda.set_sync_debug_mode("warn")
+        self.t0 = time.perf_counter()
+
+    def stop(self, steps: int, images: int) -> dict:
+        self._end_sync_debug()
+        sync(self.device)
+        wall = time.perf_counter() - self.t0
+        self.close()
+        return self.report(wall, steps, images)
+
+    def _end_sync_debug(self) -> None:
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def close(self) -> None:
+        if not self.running:
+            return
+        self.running = False
+        try:
+            self._end_sync_debug()
+            self._warnings.__exit__(None, None, None)
+        finally:
+            self.prof.stop()
+
+    def report(self, wall: float, steps: int, images: int) -> dict:
+        averages = self.prof.key_averages()
+        syncs = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in self.caught
+                        if "synchronizing CUDA operation" in str(w.message))
+        out = {"wall_s": round(wall, 4), "steps": steps, "ms_per_step": round(1000 * wall / max(steps, 1), 3),
+               # images the steps trained (a framework row's last batch may be partial): images/s
+               # under the profiler, comparable between rows whatever their batches
+               "images": images, "images_per_s": round(images / wall, 1) if wall > 0 else None,
+               "device_busy": None,
+               # host syncs in the window (GPU only): their count and where they are (file:line -> count)
+               "host_syncs": sum(syncs.values()) if self.cuda else None,
+               "host_sync_sites": dict(syncs.most_common(10)),
+               "top_host": averages.table(sort_by="self_cpu_time_total", row_limit=self.top)}
+        if self.cuda:
+            intervals = device_intervals(self.prof.events())
+            out["device_busy"] = round(busy_us(intervals) / 1e6 / wall, 3)
+            out["device_ops"] = len(intervals)   # kernels, copies, memsets counted (0 would mean none was seen)
+            out["top_device"] = averages.table(sort_by="self_device_time_total", row_limit=self.top)
+        return out
+
+
+def profile_call(fn, device: torch.device, batch_size: int, top: int = 15) -> dict:
+    """Run ``fn`` (one epoch of full batches of ``batch_size``; it returns its number of steps)
+    under :class:`StepProfiler`."""
+    window = StepProfiler(device, top)
+    window.start()
+    try:
+        steps = fn()
+        return window.stop(steps, steps * batch_size)
+    finally:
+        window.close()
 
 
 def sync(device: torch.device) -> None:
@@ -306,7 +444,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--decode_images", type=int, default=2000)
     p.add_argument("--profile", action="store_true",
-                   help="profile one more epoch of every row (busy fraction of the device, top operators)")
+                   help="profile steady-state steps of every row: one more epoch of the plain rows, the "
+                        "second epoch of a fresh two-epoch stage of the framework rows (ms per step, the "
+                        "device's busy fraction as the union of its kernel intervals, host syncs, top operators)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     args = p.parse_args()
     if args.threads:

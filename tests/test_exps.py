@@ -74,8 +74,9 @@ def test_bench_throughput_rows_plain_framework_and_compared(tmp_path, monkeypatc
 
 
 def test_bench_throughput_profile_gives_every_row_its_step_time_and_top_operators(tmp_path, monkeypatch, capsys):
-    """--profile: one more epoch per row under torch.profiler; on a CPU there is no device busy
-    fraction, and the host table names the convolutions the steps ran."""
+    """--profile: steady-state steps of every row under torch.profiler (the framework's from the
+    second epoch of a fresh stage), counted as the loader gave them; on a CPU there is no device
+    busy fraction, and the host table names the convolutions the steps ran."""
     import json
 
     from conftest import tiny_config
@@ -88,10 +89,47 @@ def test_bench_throughput_profile_gives_every_row_its_step_time_and_top_operator
     assert set(rows) == {"plain loop", "plain + augment", "framework"}
     for name, r in rows.items():
         prof = r["profile"]
-        assert prof["steps"] >= 1 and prof["ms_per_step"] > 0 and prof["device_busy"] is None, name
+        assert prof["ms_per_step"] > 0 and prof["device_busy"] is None, name
         assert prof["host_syncs"] is None and prof["host_sync_sites"] == {}, name   # counted on a GPU only
         assert "aten::convolution" in prof["top_host"] or "aten::mkldnn_convolution" in prof["top_host"], name
+    # The loader's real steps: 80 images in batches of 32 are 2 full batches for the plain loops,
+    # and for the framework also the last 16 (it drops only a batch under 2 samples).
+    assert [rows[k]["profile"]["steps"] for k in ("plain loop", "plain + augment", "framework")] == [2, 2, 3]
+    assert [rows[k]["profile"]["images"] for k in ("plain loop", "plain + augment", "framework")] == [64, 64, 80]
     assert "ms/step (profiled) | device busy |" in text and "ms per step, device busy None, host syncs None" in text
+
+
+def test_bench_throughput_device_busy_is_the_union_of_kernel_intervals_known_answer():
+    """Busy time = the union of the device's kernel/copy/memset intervals: overlapping kernels on
+    two streams and a kernel nested in another count once; user-annotation ranges on the device
+    (record_function, ProfilerStep#), host events and synchronisation records not at all."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    import bench_throughput
+
+    def ev(start, end, device=DeviceType.CUDA, kind="kernel", annotation=False):
+        return SimpleNamespace(device_type=device, activity_type=kind, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    events = [
+        ev(0, 10), ev(5, 15),                    # two streams, overlapping: busy 0..15
+        ev(20, 30), ev(22, 25),                  # nested: busy 20..30
+        ev(40, 41, kind="gpu_memcpy"), ev(41, 43, kind="gpu_memset"),   # back to back: 40..43
+        ev(0, 100, kind="gpu_user_annotation", annotation=True),        # ProfilerStep# on the device
+        ev(50, 90, kind="kernel", annotation=True),                     # an annotation whatever its type
+        ev(60, 80, kind="cuda_sync"),            # a sync record, no work
+        ev(0, 100, device=DeviceType.CPU, kind="cpu_op"),               # host op
+        ev(95, 97, kind=None),                   # no activity type (older profilers): a device event counts
+    ]
+    intervals = bench_throughput.device_intervals(events)
+    assert sorted(intervals) == [(0, 10), (5, 15), (20, 30), (22, 25), (40, 41), (41, 43), (95, 97)]
+    assert bench_throughput.busy_us(intervals) == 15 + 10 + 3 + 2
+    assert bench_throughput.busy_us([]) == 0
+    assert bench_throughput.busy_us([(5, 5), (7, 6)]) == 0              # empty, reversed
+    assert bench_throughput.busy_us([(0, 4), (1, 2), (3, 8), (8, 9)]) == 9
+    assert bench_throughput.busy_us([(3, 8), (0, 4)]) == 8              # order does not matter
 
 
 def test_bench_throughput_decode_counts_every_image_per_worker_setting(tmp_path, monkeypatch, capsys):
