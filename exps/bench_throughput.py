@@ -7,7 +7,8 @@
 Measures images/s of phase 0's main training stage as run by ``Trainer.run_stage`` (batched on-device
 augmentation, learner forward/loss, plugins, logging) and of a plain loop over the same backbone, batch
 size, optimiser and images already on the device as a normalised float tensor (no augmentation, no CIL
-logic). The framework's rate is given for the whole timed stage (its one-time setup included) and for
+logic). The framework's images are those its loader trains (its last partial batch included; the
+plain loops run full batches only). The framework's rate is given for the whole timed stage (its one-time setup included) and for
 its epochs alone (their logged wall times), and for the epochs after the first (the steady state,
 without what a stage pays once, such as compilation). Both run the same number of epochs after one warm-up epoch (which also pays for cuDNN's
 algorithm search and, with ``compile``, for compilation). Each ``--compare NAME:overrides`` adds a
@@ -81,7 +82,7 @@ def time_framework(raw: dict, epochs: int, profile: bool = False) -> dict:
         trainer.run_stage(phase, stage, gen)                      # warm-up epoch
         stage = trainer.learner.stages(phase)[0]                  # fresh stage: params may be a generator
         stage.epochs = epochs
-        images = trainer.stage_data(phase, stage.data).images
+        data = trainer.stage_data(phase, stage.data)
         records = []
         trainer.log.metric = records.append                       # the epochs' own timings
         sync(trainer.device)
@@ -89,7 +90,7 @@ def time_framework(raw: dict, epochs: int, profile: bool = False) -> dict:
         trainer.run_stage(phase, stage, gen)
         sync(trainer.device)
         seconds = time.perf_counter() - start
-        n = len(images) // (stage.batch_size or trainer.cfg["batch_size"]) * (stage.batch_size or trainer.cfg["batch_size"])
+        n = trained_per_epoch(data, stage.batch_size or trainer.cfg["batch_size"])
         # Each epoch ends in a device sync (its losses are read), so the logged epoch seconds are
         # wall times of the epochs alone: without the stage's one-time setup (assembling the stage
         # data and copying it to the device), which the plain loop's timing leaves out too.
@@ -102,6 +103,15 @@ def time_framework(raw: dict, epochs: int, profile: bool = False) -> dict:
                 "epoch_images_per_s": round(epochs * n / epoch_seconds, 1) if epoch_seconds else None,
                 "steady_images_per_s": round((len(timed) - 1) * n / later, 1) if later else None,
                 "device": str(trainer.device), **({"profile": profiled} if profiled else {})}
+
+
+def trained_per_epoch(data, batch_size: int) -> int:
+    """Samples one framework epoch trains: every batch of the loader (``StageData.batches``) but
+    a last one under 2 samples, so the last partial batch counts (the plain loops drop it and
+    count full batches only). Phase 0 has no mixed source (``ratio``) adding samples per batch."""
+    if data.mixed:
+        raise SystemExit("bench_throughput: the stage has mixed sources; its images per epoch are not counted")
+    return sum(len(b) for b in batching.shard_batches(torch.arange(len(data)), batch_size, min_batch=2))
 
 
 def profile_framework(trainer: Trainer, phase, gen: torch.Generator, top: int = 15) -> dict:

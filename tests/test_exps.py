@@ -69,6 +69,10 @@ def test_bench_throughput_rows_plain_framework_and_compared(tmp_path, monkeypatc
     assert "| cim | fp32 |" in text and rows["cim"]["epoch_images_per_s"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == report["rows"]
     assert rows["cim"]["steady_images_per_s"] is None   # one epoch: no epoch after the first
+    # 80 images in batches of 32: the plain loops train 64 (full batches), the framework 80 (its
+    # loader keeps the last 16); seconds are rounded to 10 ms
+    assert rows["plain loop"]["images_per_s"] * rows["plain loop"]["seconds"] == pytest.approx(64, rel=0.1)
+    assert rows["framework"]["images_per_s"] * rows["framework"]["seconds"] == pytest.approx(80, rel=0.1)
     with pytest.raises(SystemExit, match="NAME:KEY=VALUE"):
         _bench(monkeypatch, capsys, "--config", str(cfg), "--compare", "compression=cim")
 
