@@ -229,15 +229,16 @@ DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 def device_intervals(events) -> list[tuple[float, float]]:
     """(start, end) in µs of the device's own work among profiler events (``prof.events()``,
     ``FunctionEvent``s): events on a non-CPU device that are not user annotations and, where the
-    event names its activity type, of a type in ``DEVICE_WORK``."""
+    event names its activity type (a string; older or other profilers may give none), of a type
+    in ``DEVICE_WORK``."""
     from torch.autograd import DeviceType
 
     out = []
     for e in events:
         if e.device_type == DeviceType.CPU or getattr(e, "is_user_annotation", False):
             continue
-        kind = getattr(e, "activity_type", None)
-        if kind and kind not in DEVICE_WORK:
+        kind = getattr(e, "activity_type", None)   # a name, e.g. "kernel" (Kineto's); else unknown
+        if isinstance(kind, str) and kind and kind not in DEVICE_WORK:
             continue
         out.append((e.time_range.start, e.time_range.end))
     return out
@@ -275,13 +276,15 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        # The device's queue drained first, so every kernel the profiler records ran in the window
+        # (the busy time's intervals and the wall time cover the same span).
+        sync(self.device)
         self.prof = profile(activities=activities)
         self.prof.start()
         self.running = True
         self._warnings = warnings.catch_warnings(record=True)
         self.caught = self._warnings.__enter__()
         warnings.simplefilter("always")
-        sync(self.device)
         if self.cuda:   # every host read of a GPU value warns, with the Python line that made it
             torch.cuda.set_sync_debug_mode("warn")
         self.t0 = time.perf_counter()

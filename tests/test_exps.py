@@ -126,10 +126,11 @@ def test_bench_throughput_device_busy_is_the_union_of_kernel_intervals_known_ans
         ev(60, 80, kind="cuda_sync"),            # a sync record, no work
         ev(0, 100, device=DeviceType.CPU, kind="cpu_op"),               # host op
         ev(95, 97, kind=None),                   # no activity type (older profilers): a device event counts
+        ev(96, 99, kind=27),                     # a type that is no name: counts too
     ]
     intervals = bench_throughput.device_intervals(events)
-    assert sorted(intervals) == [(0, 10), (5, 15), (20, 30), (22, 25), (40, 41), (41, 43), (95, 97)]
-    assert bench_throughput.busy_us(intervals) == 15 + 10 + 3 + 2
+    assert sorted(intervals) == [(0, 10), (5, 15), (20, 30), (22, 25), (40, 41), (41, 43), (95, 97), (96, 99)]
+    assert bench_throughput.busy_us(intervals) == 15 + 10 + 3 + 4
     assert bench_throughput.busy_us([]) == 0
     assert bench_throughput.busy_us([(5, 5), (7, 6)]) == 0              # empty, reversed
     assert bench_throughput.busy_us([(0, 4), (1, 2), (3, 8), (8, 9)]) == 9
