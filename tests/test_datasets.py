@@ -611,6 +611,48 @@ def test_device_decode_in_loader_workers_and_through_subsets_and_concatenations(
     assert torch.equal(got, torch.cat([device[[5, 0, 7]], extra]))
 
 
+def test_device_decode_workers_hand_over_large_batches_within_a_low_open_file_limit(tmp_path, monkeypatch):
+    """A DataLoader passes every torch tensor a worker returns through shared memory, one file
+    descriptor per tensor: with one tensor of bytes per image, a batch of 256 needed 256 open files
+    and failed ("Too many open files") under a limit of ~100 free descriptors (RLIMIT_NOFILE is
+    often 1024; batches of 512 with 4 workers). The workers hand over numpy arrays instead (pickled,
+    no descriptor), so a shuffled epoch of 300 files in batches of 256 with 2 workers gets through.
+    Before, a worker's queue thread failed to send the batch (the error on its stderr) and the
+    loader waited for it forever: the loader's timeout here makes that a failure."""
+    import functools
+
+    resource = pytest.importorskip("resource")
+    from utils import batching
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    paths = []
+    for i in range(300):
+        paths.append(str(folder / f"{i:03d}.JPEG"))
+        Image.new("RGB", (8, 8), (i % 256, (7 * i) % 256, 100)).save(paths[-1], format="JPEG", quality=90)
+    files = FileImages(paths, 8, torch.device("cpu"))
+    expected = batching.materialize(files, num_workers=0, batch_size=256)
+    assert expected.shape == (300, 3, 8, 8)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd_dir = "/proc/self/fd"
+    open_now = len(os.listdir(fd_dir)) if os.path.isdir(fd_dir) else 32
+    low = open_now + 100   # room for the loader's pipes and processes, not for 256 tensors
+    if hard != resource.RLIM_INFINITY and hard < low:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below {low}")
+    monkeypatch.setattr(batching, "DataLoader", functools.partial(batching.DataLoader, timeout=60))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        seen = []
+        for images, index in batching.iterate(files, torch.arange(len(paths)), batch_size=256, num_workers=2,
+                                              generator=torch.Generator().manual_seed(0)):
+            assert images.shape == (len(index), 3, 8, 8) and images.dtype == torch.uint8
+            assert torch.equal(images, expected[index])
+            seen.append(index)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [len(i) for i in seen] == [256, 44] and sorted(torch.cat(seen).tolist()) == list(range(300))
+
+
 def test_device_decode_falls_back_to_pillow_for_a_rejected_jpeg(tmp_path, monkeypatch):
     """A JPEG that decode_jpeg rejects (on a GPU: CMYK) is decoded by Pillow, alone; the others of
     its batch still by torchvision; one warning names the file."""

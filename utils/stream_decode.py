@@ -38,10 +38,14 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 class EncodedImage(NamedTuple):
     """One file as a loader worker hands it over: its ``path`` (for the Pillow fallback and for
-    messages) and ``data``, its bytes as uint8 [n] on the CPU."""
+    messages) and ``data``, its bytes as a numpy uint8 [n] array. Not a torch tensor: a DataLoader
+    passes every tensor a worker returns through shared memory, one open file descriptor per
+    tensor, so a batch of 512 files needs 512 descriptors, and the batches in flight (two per
+    worker) pass the usual limit of 1024 ("Too many open files"); a numpy array is pickled through
+    the worker's queue instead. :func:`finish_batch` wraps the bytes as tensors (``torch.from_numpy``, no copy)."""
 
     path: str
-    data: torch.Tensor
+    data: np.ndarray
 
 
 def unreadable(path: str, exc: BaseException) -> DataError:
@@ -52,7 +56,7 @@ def unreadable(path: str, exc: BaseException) -> DataError:
 def read_encoded(path: str) -> EncodedImage:
     """The bytes of ``path``, undecoded (what a loader worker does for a device-decoded set)."""
     try:
-        return EncodedImage(path, torch.from_numpy(np.fromfile(path, dtype=np.uint8)))
+        return EncodedImage(path, np.fromfile(path, dtype=np.uint8))
     except Exception as exc:
         raise unreadable(path, exc) from exc
 
@@ -105,14 +109,15 @@ def _decode_jpegs(items: Sequence[EncodedImage], device: torch.device) -> list[t
 
     if not items:
         return []
+    data = [torch.from_numpy(it.data) for it in items]
     try:
-        return list(decode([it.data for it in items]))
+        return list(decode(data))
     except RuntimeError:   # a file of the batch was rejected: one by one, to find it
         pass
     out = []
-    for it in items:
+    for it, d in zip(items, data):
         try:
-            out.append(decode(it.data))
+            out.append(decode(d))
         except RuntimeError as exc:
             _note_fallback(it.path, exc)
             out.append(None)
@@ -135,13 +140,14 @@ def _note_fallback(path: str, exc: RuntimeError) -> None:
 def finish_batch(items: Sequence, size: int, device: torch.device) -> torch.Tensor:
     """uint8 [B, 3, size, size] on ``device`` from a batch's items, in order: encoded files
     (:class:`EncodedImage`) are decoded there; decoded uint8 [3, size, size] images (from
-    in-memory sources joined with the streamed one, e.g. exemplars) are moved there."""
+    in-memory sources joined with the streamed one, e.g. exemplars; tensors, or numpy arrays as
+    loader workers hand them over, see ``utils.batching``) are moved there."""
     out = torch.empty(len(items), 3, size, size, dtype=torch.uint8, device=device)
     ready = [i for i, it in enumerate(items) if not isinstance(it, EncodedImage)]
     if ready:
-        out[ready] = torch.stack([items[i] for i in ready]).to(device)
+        out[ready] = torch.stack([torch.as_tensor(items[i]) for i in ready]).to(device)
     jpegs = [i for i, it in enumerate(items) if isinstance(it, EncodedImage)
-             and bytes(it.data[:3].numpy()) == _JPEG_MAGIC]
+             and it.data[:3].tobytes() == _JPEG_MAGIC]
     for i, image in zip(jpegs, _decode_jpegs([items[i] for i in jpegs], device)):
         out[i] = _pillow(items[i], size, device) if image is None else to_stored(image, size)
     for i in sorted(set(range(len(items))) - set(ready) - set(jpegs)):   # PNG named .JPEG and the like
