@@ -607,8 +607,18 @@ def test_device_decode_in_loader_workers_and_through_subsets_and_concatenations(
     joined = batching.concat_images([batching.select(files, torch.tensor([5, 0, 7])), extra])
     assert batching.batch_finisher(joined) == files.finish_batch
     assert batching.batch_finisher(batching.select(FileImages(paths, 16), torch.tensor([0]))) is None
-    got = torch.cat([b for b, in batching.iterate(joined, batch_size=4)])
-    assert torch.equal(got, torch.cat([device[[5, 0, 7]], extra]))
+    for workers in (0, 2):
+        got = torch.cat([b for b, in batching.iterate(joined, batch_size=4, num_workers=workers)])
+        assert torch.equal(got, torch.cat([device[[5, 0, 7]], extra]))
+    # a worker hands over no tensor (each would go through shared memory, and an item of ``extra``,
+    # a view, would take all of ``extra`` there): bytes and decoded images come as numpy arrays
+    from utils.stream_decode import EncodedImage
+
+    loader = torch.utils.data.DataLoader(joined, batch_size=len(joined), num_workers=1, collate_fn=batching._as_list)
+    (items,) = list(loader)
+    assert [type(it) for it in items] == [EncodedImage] * 3 + [np.ndarray] * 3
+    assert all(isinstance(it.data, np.ndarray) for it in items[:3])
+    assert np.array_equal(np.stack(items[3:]), extra.numpy())
 
 
 def test_device_decode_workers_hand_over_large_batches_within_a_low_open_file_limit(tmp_path, monkeypatch):

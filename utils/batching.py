@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 Images = torch.Tensor | Dataset   # uint8 [N, 3, S, S] or a Dataset whose items are uint8 [3, S, S] (or encoded files: batch_finisher)
 
@@ -82,8 +82,16 @@ def batch_finisher(images: Dataset) -> Callable[[list], torch.Tensor] | None:
 
 
 def _as_list(items: list) -> list:
-    """collate_fn of a device-decoded source: the batch's items as they are, finished later."""
-    return items
+    """collate_fn of a device-decoded source: the batch's items as a list, finished later (by the
+    set's ``finish_batch``). Encoded files stay as they are (their bytes are numpy arrays). In a
+    loader worker, decoded images (CPU tensors of in-memory sources joined with the streamed one,
+    e.g. exemplars) become numpy arrays too, without a copy: a DataLoader sends every tensor a
+    worker returns through shared memory, one file descriptor each, and an item of an in-memory
+    tensor, a view, takes its whole storage there (all the exemplars, in every worker and epoch);
+    a numpy array is pickled, its own bytes only."""
+    if get_worker_info() is None:
+        return items
+    return [it.numpy() if isinstance(it, torch.Tensor) and it.device.type == "cpu" else it for it in items]
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
