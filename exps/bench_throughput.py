@@ -437,10 +437,10 @@ def markdown(rows: list[dict]) -> str:
         prof = r.get("profile") or {}
         busy = prof.get("device_busy")
         return f" {prof.get('ms_per_step', '')} | {'' if busy is None else busy} |"
-    return head + "".join(f"| {r['row']} | {r['precision']} | {r['images_per_s']} | {r.get('vs_plain', '')} | "
+    return head + "".join(f"| {r['row']} | {r['precision']} | {r.get('error') or r['images_per_s']} | {r.get('vs_plain', '')} | "
                           f"{r.get('epoch_images_per_s') or ''} | {r.get('epochs_vs_plain', '')} | "
                           f"{r.get('steady_images_per_s') or ''} | {r.get('steady_vs_plain', '')} | "
-                          f"{r['seconds']} | {r['device']} |{profile_cells(r)}\n" for r in rows)
+                          f"{r['seconds'] or ''} | {r['device']} |{profile_cells(r)}\n" for r in rows)
 
 
 def main() -> None:
@@ -485,14 +485,24 @@ def main() -> None:
             augmented["vs_plain"] = round(augmented["images_per_s"] / plain["images_per_s"], 3)
             rows.append(augmented)
             for name, overrides in [("framework", {})] + [parse_compare(c) for c in args.compare]:
-                r = {"row": name, "precision": label, "overrides": overrides,
-                     **time_framework({**base, **overrides}, args.epochs, profile=args.profile)}
+                r = {"row": name, "precision": label, "overrides": overrides}
+                try:
+                    r.update(time_framework({**base, **overrides}, args.epochs, profile=args.profile))
+                except Exception as exc:  # noqa: BLE001 - one failing row (a diverged stage, say) keeps the others
+                    first_line = (str(exc).splitlines() or [""])[0]
+                    r.update(error=f"{type(exc).__name__}: {first_line}", images_per_s=None, seconds=None,
+                             epoch_images_per_s=None, steady_images_per_s=None, device=plain["device"])
+                    print(f"row {name} ({label}) failed: {r['error']}", file=sys.stderr)
+                    rows.append(r)
+                    continue
                 r["vs_plain"] = round(r["images_per_s"] / plain["images_per_s"], 3)
                 if r["epoch_images_per_s"]:
                     r["epochs_vs_plain"] = round(r["epoch_images_per_s"] / plain["images_per_s"], 3)
                 if r["steady_images_per_s"]:
                     r["steady_vs_plain"] = round(r["steady_images_per_s"] / plain["images_per_s"], 3)
                 rows.append(r)
+                if args.out:   # what is measured so far survives a run stopped at its time limit
+                    Path(args.out).write_text(json.dumps({**report, "rows": rows}, indent=1))
         report["rows"] = rows
         report["table"] = markdown(rows)
     if args.out:

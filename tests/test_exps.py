@@ -59,9 +59,15 @@ def test_bench_throughput_rows_plain_framework_and_compared(tmp_path, monkeypatc
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(tiny_config(init_epochs=1)))
     report, text = _bench(monkeypatch, capsys, "--config", str(cfg), "--epochs", "1", "--threads", "1",
-                          "--compare", "cim:compression=cim", "--out", str(tmp_path / "r.json"))
+                          "--compare", "cim:compression=cim", "--compare", "broken:compression=bogus",
+                          "--out", str(tmp_path / "r.json"))
     rows = {r["row"]: r for r in report["rows"]}
-    assert set(rows) == {"plain loop", "plain + augment", "framework", "cim"}
+    assert set(rows) == {"plain loop", "plain + augment", "framework", "cim", "broken"}
+    # A row that fails (here a bad value; on a GPU once a diverged warm-up epoch) says why and
+    # leaves the other rows standing.
+    broken = rows.pop("broken")
+    assert broken["images_per_s"] is None and broken["error"].startswith("ConfigError") and "compression" in broken["error"]
+    assert f"| broken | fp32 | {broken['error']} |" in text
     assert all(r["images_per_s"] > 0 and r["precision"] == "fp32" for r in rows.values())   # CPU: no bf16
     assert rows["cim"]["overrides"] == {"compression": "cim"}
     assert rows["framework"]["vs_plain"] == pytest.approx(
