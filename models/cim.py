@@ -364,7 +364,8 @@ class ExemplarCompression(Plugin):
             draws = torch.rand(images.shape[0], generator=self.generator)
         else:   # a shard of a global batch: draw for the whole batch, keep this shard's
             draws = torch.rand(batch.global_size, generator=self.generator)[batch.positions]
-        pick = (draws < p).to(images.device) & (batch.origin == NEW)
+        # through pinned memory, without waiting: a plain copy from the host would drain the GPU's queue every step
+        pick = batching.to_device(draws < p, images.device) & (batch.origin == NEW)
         return compress_picked(images, pick, self.box_table[index], self.ratio)
 
     def after_epoch(self, phase, stage, epoch, lr) -> None:

@@ -161,6 +161,28 @@ def test_artifact_augmentation_compresses_new_images_only(tmp_path):
     assert torch.equal(plugin.before_augment(batch, raw, stage, epoch=0), batch)   # p = 0
 
 
+def test_artifact_picks_reach_the_device_without_a_host_sync(tmp_path, monkeypatch):
+    """The picks are drawn on the host every step; they go to the device through
+    ``batching.to_device`` (pinned memory, non-blocking), never a plain copy, which on a GPU waits
+    for the queue to drain (caught by review: a ``.to(device)`` had stayed there)."""
+    import models.cim as cim_module
+
+    t = _trainer(tmp_path, compression="center", box_area=0.25, randombbxblur_prob_incre=1.0,
+                 cam_update_interval=1)
+    plugin = t.plugins[0]
+    phase = t.phases()[0]
+    plugin.before_phase(phase)
+    data = t.stage_data(phase, "phase")
+    stage = type("S", (), {"data": "phase", "model": None})()
+    plugin.before_stage(phase, stage, data)
+    moved = []
+    real = cim_module.batching.to_device
+    monkeypatch.setattr(cim_module.batching, "to_device", lambda x, d: moved.append(x) or real(x, d))
+    raw = RawBatch(data.images[:6], data.labels[:6], data.origin[:6], data.index[:6])
+    plugin.before_augment(data.images[:6], raw, stage, epoch=1)
+    assert [(m.dtype, m.shape) for m in moved] == [(torch.bool, (6,))]
+
+
 def test_picked_rows_compress_alike_with_and_without_a_host_sync():
     """The GPU way (compress every row, keep the picked ones with torch.where: no host sync) gives
     the images the CPU way (compress the picked rows only) does; unpicked rows are untouched."""
