@@ -96,7 +96,12 @@ def time_framework(raw: dict, epochs: int, profile: bool = False) -> dict:
         # data and copying it to the device), which the plain loop's timing leaves out too.
         timed = [r["seconds"] for r in records if r.get("stage") == stage.name]
         epoch_seconds, later = sum(timed), sum(timed[1:])
-        profiled = profile_framework(trainer, phase, gen) if profile else None
+        profiled = None
+        if profile:
+            try:
+                profiled = profile_framework(trainer, phase, gen)
+            except Exception as exc:  # noqa: BLE001 - the timings above stand without their profile
+                profiled = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"}
         # Epochs after the first: the steady state, without what a stage pays once in its first
         # epoch (torch.compile compiles the stage's forward there).
         return {"images_per_s": round(epochs * n / seconds, 1), "seconds": round(seconds, 2),
@@ -286,6 +291,7 @@ class StepProfiler:
         self.caught = self._warnings.__enter__()
         warnings.simplefilter("always")
         if self.cuda:   # every host read of a GPU value warns, with the Python line that made it
+            self._sync_mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("warn")
         self.t0 = time.perf_counter()
 
@@ -298,7 +304,7 @@ class StepProfiler:
 
     def _end_sync_debug(self) -> None:
         if self.cuda:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(getattr(self, "_sync_mode", 0))
 
     def close(self) -> None:
         if not self.running:
@@ -326,6 +332,9 @@ class StepProfiler:
         if self.cuda:
             intervals = device_intervals(self.prof.events())
             out["device_busy"] = round(busy_us(intervals) / 1e6 / wall, 3)
+            # the device's own time per step: the profiler slows the host (more than the device), so
+            # the busy fraction of an unprofiled step is about this over its unprofiled step time
+            out["device_ms_per_step"] = round(busy_us(intervals) / 1e3 / max(steps, 1), 3)
             out["device_ops"] = len(intervals)   # kernels, copies, memsets counted (0 would mean none was seen)
             out["top_device"] = averages.table(sort_by="self_device_time_total", row_limit=self.top)
         return out
@@ -424,6 +433,13 @@ def time_decode(raw: dict, workers: list[int], count: int, batch_size: int = 64)
     return rows
 
 
+def save_partial(path: str | None, report: dict, rows: list[dict]) -> None:
+    """Write the rows measured so far to ``path`` (``--out``), so that they survive a run stopped
+    at its time limit."""
+    if path:
+        Path(path).write_text(json.dumps({**report, "rows": rows}, indent=1))
+
+
 def markdown(rows: list[dict]) -> str:
     profiled = any("profile" in r for r in rows)
     head = ("| row | precision | images/s (stage) | vs plain | images/s (epochs) | vs plain | "
@@ -437,7 +453,7 @@ def markdown(rows: list[dict]) -> str:
         prof = r.get("profile") or {}
         busy = prof.get("device_busy")
         return f" {prof.get('ms_per_step', '')} | {'' if busy is None else busy} |"
-    return head + "".join(f"| {r['row']} | {r['precision']} | {r.get('error') or r['images_per_s']} | {r.get('vs_plain', '')} | "
+    return head + "".join(f"| {r['row']} | {r['precision']} | {(r.get('error') or '').replace('|', '/') or r['images_per_s']} | {r.get('vs_plain', '')} | "
                           f"{r.get('epoch_images_per_s') or ''} | {r.get('epochs_vs_plain', '')} | "
                           f"{r.get('steady_images_per_s') or ''} | {r.get('steady_vs_plain', '')} | "
                           f"{r['seconds'] or ''} | {r['device']} |{profile_cells(r)}\n" for r in rows)
@@ -484,6 +500,7 @@ def main() -> None:
                          **time_plain(base, args.epochs, augment=True, profile=args.profile)}
             augmented["vs_plain"] = round(augmented["images_per_s"] / plain["images_per_s"], 3)
             rows.append(augmented)
+            save_partial(args.out, report, rows)
             for name, overrides in [("framework", {})] + [parse_compare(c) for c in args.compare]:
                 r = {"row": name, "precision": label, "overrides": overrides}
                 try:
@@ -494,6 +511,7 @@ def main() -> None:
                              epoch_images_per_s=None, steady_images_per_s=None, device=plain["device"])
                     print(f"row {name} ({label}) failed: {r['error']}", file=sys.stderr)
                     rows.append(r)
+                    save_partial(args.out, report, rows)
                     continue
                 r["vs_plain"] = round(r["images_per_s"] / plain["images_per_s"], 3)
                 if r["epoch_images_per_s"]:
@@ -501,8 +519,7 @@ def main() -> None:
                 if r["steady_images_per_s"]:
                     r["steady_vs_plain"] = round(r["steady_images_per_s"] / plain["images_per_s"], 3)
                 rows.append(r)
-                if args.out:   # what is measured so far survives a run stopped at its time limit
-                    Path(args.out).write_text(json.dumps({**report, "rows": rows}, indent=1))
+                save_partial(args.out, report, rows)
         report["rows"] = rows
         report["table"] = markdown(rows)
     if args.out:
@@ -513,8 +530,12 @@ def main() -> None:
         for r in report["rows"]:
             if "profile" in r:
                 prof = r["profile"]
+                if "error" in prof:
+                    print(f"{r['row']} ({r['precision']}): profile failed: {prof['error']}")
+                    continue
                 print(f"{r['row']} ({r['precision']}): {prof['ms_per_step']} ms per step, device busy "
-                      f"{prof['device_busy']}, host syncs {prof['host_syncs']}"
+                      f"{prof['device_busy']} (device {prof.get('device_ms_per_step')} ms per step), "
+                      f"host syncs {prof['host_syncs']}"
                       + "".join(f"; {site} x{n}" for site, n in prof["host_sync_sites"].items()))
 
 

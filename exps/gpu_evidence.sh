@@ -5,7 +5,8 @@
 #   OUT=logs/gpu bash exps/gpu_evidence.sh      # from the repository root
 #
 # It needs small copies of the shared data in .devpack/data.tar.gz (the device tool carries at most
-# 64 MiB with the working tree): `python exps/make_devpack.py --imagenette_train 300` writes it
+# 64 MiB with the working tree): `python exps/make_devpack.py` writes it (the device tool replaces a carried folder in every
+# call, so the script unpacks it each time)
 #   tiny32          tiny-imagenet-50 re-encoded at 32 px (the stored size of every tiny-imagenet config)
 #   imagenette-sub  imagenette2's first 300 training / 50 validation images per class (224 px)
 # Steps, in order of what the issue needs most, each under its own time limit (so one that overruns
@@ -81,7 +82,7 @@ timeout $(limit 120) $PY exps/bench_throughput.py --config cim-lucir-tinyimagene
     --set device=$DEV --set convnet_type=resnet32 --set batch_size=128 --set init_cls=10 --set compression=none \
     $E_ARGS --precision bf16 --compare compiled:compile=true \
     --out $R/bench-resnet32-compile.json > $R/bench-resnet32-compile.out 2>&1; say "E rc $?"
-for f in $R/bench-*.out; do echo "== $f"; grep -A8 "^| row" "$f"; done
+for f in $R/bench-*.out; do echo "== $f"; grep -A12 "^| row" "$f"; done
 
 $PY - "$OUT" "$R" <<'EOF'
 import glob, json, os, sys

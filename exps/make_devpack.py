@@ -1,7 +1,7 @@
 """Small copies of the shared data for a lent GPU machine, which receives at most 64 MiB with the
 working tree (``exps/gpu_evidence.sh`` unpacks them):
 
-    python exps/make_devpack.py [--shared ../shared/data] [--out .devpack] [--imagenette_train 200]
+    python exps/make_devpack.py [--shared ../shared/data] [--out .devpack] [--imagenette_train 300]
 
 writes ``OUT/data.tar.gz`` holding
   tiny32/          ``tiny-imagenet-50`` re-encoded at 32 px (JPEG quality 92, Pillow bilinear
@@ -69,7 +69,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     p.add_argument("--out", default=".devpack")
-    p.add_argument("--imagenette_train", type=int, default=200)
+    p.add_argument("--imagenette_train", type=int, default=300)
     p.add_argument("--imagenette_val", type=int, default=50)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args()

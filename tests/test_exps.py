@@ -106,7 +106,19 @@ def test_bench_throughput_profile_gives_every_row_its_step_time_and_top_operator
     # and for the framework also the last 16 (it drops only a batch under 2 samples).
     assert [rows[k]["profile"]["steps"] for k in ("plain loop", "plain + augment", "framework")] == [2, 2, 3]
     assert [rows[k]["profile"]["images"] for k in ("plain loop", "plain + augment", "framework")] == [64, 64, 80]
-    assert "ms/step (profiled) | device busy |" in text and "ms per step, device busy None, host syncs None" in text
+    assert "ms/step (profiled) | device busy |" in text
+    assert "ms per step, device busy None (device None ms per step), host syncs None" in text
+    # A profile that fails leaves the row's timings standing, with the reason in its place.
+    import bench_throughput
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(bench_throughput, "profile_framework", boom)
+    report, text = _bench(monkeypatch, capsys, "--config", str(cfg), "--epochs", "1", "--threads", "1", "--profile")
+    framework = next(r for r in report["rows"] if r["row"] == "framework")
+    assert framework["images_per_s"] > 0 and framework["profile"] == {"error": "RuntimeError: boom"}
+    assert "framework (fp32): profile failed: RuntimeError: boom" in text
 
 
 def test_bench_throughput_device_busy_is_the_union_of_kernel_intervals_known_answer():
