@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from models.cim import ExemplarCompression, center_boxes  # noqa: E402
 from trainer import Trainer, saved_checkpoints  # noqa: E402
+from utils import batching  # noqa: E402
 from utils.compression import box_area_fraction, exemplar_cost  # noqa: E402
 from utils.config import resolve_config  # noqa: E402
 
@@ -85,8 +86,10 @@ def main() -> None:
     images = trainer.test_images if a.split == "test" else trainer.train_images
     seen = trainer.phases()[last].last
     index = torch.cat([(labels == c).nonzero().flatten()[:a.per_class] for c in range(seen)])
-    imgs, y, truth = images[index], labels[index], split.boxes[index]
-    size, cfg = imgs.shape[-1], trainer.cfg
+    cfg = trainer.cfg
+    # a streamed set (in_memory false) is a lazy Dataset, not a tensor: decode the selected images
+    imgs = batching.materialize(batching.select(images, index), cfg["num_workers"])
+    y, truth, size = labels[index], split.boxes[index], imgs.shape[-1]
     plugin = next((p for p in trainer.plugins if isinstance(p, ExemplarCompression)), None) \
         or ExemplarCompression({**cfg, "compression": "cam"}, trainer.ctx)
     has_pau = cfg["compression"] == "cim"

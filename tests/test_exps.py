@@ -39,6 +39,53 @@ def test_localisation_restores_the_asked_phase(tmp_path):
         restore(out, phase=7)
 
 
+def _fake_tinyimagenet(root, classes=("n001", "n002"), train=4, val=2):
+    """A tinyimagenet folder: ``train`` + ``val`` 16 px JPEGs per class (random pixels), with boxes."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+
+    def save(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8, generator=g).numpy()).save(path)
+
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(classes) + "\n")
+    ann = []
+    for c in classes:
+        for i in range(train):
+            save(root / f"train/{c}/images/{c}_{i}.JPEG")
+        (root / f"train/{c}/{c}_boxes.txt").write_text("".join(f"{c}_{i}.JPEG\t2\t3\t{9 + i}\t12\n"
+                                                               for i in range(train)))
+        for i in range(val):
+            save(root / f"val/images/val_{c}_{i}.JPEG")
+            ann.append(f"val_{c}_{i}.JPEG\t{c}\t0\t{i}\t10\t15\n")
+    (root / "val/val_annotations.txt").write_text("".join(ann))
+    return root
+
+
+def test_localisation_scores_a_streamed_run(tmp_path, monkeypatch, capsys):
+    """A streamed dataset (in_memory false) holds its images as a lazy Dataset, not a tensor."""
+    import json
+
+    import localisation
+    from conftest import run, tiny_config
+
+    root = _fake_tinyimagenet(tmp_path / "tiny")
+    out = tmp_path / "run"
+    run(tiny_config(dataset="tinyimagenet", data_root=str(root), in_memory=False, shapes={},
+                    image_size=16, input_size=16, init_cls=1, increment=1, memory_size=4,
+                    compression="cim", init_epochs=1, epochs=1, batch_size=4), out)
+    for split, per_class in (("test", 2), ("train", 3)):
+        monkeypatch.setattr(sys, "argv", ["localisation.py", "--run", str(out), "--split", split,
+                                          "--per-class", str(per_class)])
+        localisation.main()
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert got["classes"] == 2 and got["images"] == 2 * per_class and got["split"] == split
+        assert set(got["scores"]) == {"cam", "cim", "center@cam", "center@cim"}
+        assert all(0 <= s["coverage"] <= 1 for s in got["scores"].values())
+
+
 def _bench(monkeypatch, capsys, *argv):
     import json
 
