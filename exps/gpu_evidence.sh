@@ -15,6 +15,9 @@
 #      plain + augment, framework, framework + CIM, bf16 + channels_last and float32; then (A2) the
 #      bf16 rows without CIM again under --profile (a second call, so that a slow profile cannot
 #      cost the table);
+#   A3. the bf16 rows again under --profile with a CIM row whose artifact augmentation runs from
+#      the first epoch (cam_update_interval 1): its host syncs per step (expected: none; added after
+#      the 2026-11-27 lease, whose profile had no CIM step);
 #   B. the same bench with the training set streamed from disk: Pillow in 8 loader workers vs
 #      stream_decode "device" (bytes in 8 workers, decode_jpeg on the GPU), bf16;
 #   C. configs/cim-lucir-imagenette-224.json on the subset, compression none, then cim (accuracy,
@@ -63,6 +66,12 @@ timeout $(limit 70) $PY exps/bench_throughput.py $I224 --set init_cls=10 --set c
     $B_ARGS --precision bf16 --compare streamed-pillow:in_memory=false,num_workers=8 \
     --compare streamed-device:in_memory=false,num_workers=8,stream_decode=device \
     --out $R/bench-streamed-224.json > $R/bench-streamed-224.out 2>&1; say "B rc $?"
+
+say "A3. host syncs of CIM steps with artifact augmentation (--profile, cam_update_interval 1)"
+timeout $(limit 60) $PY exps/bench_throughput.py $I224 --set init_cls=10 --set compression=none $A_ARGS \
+    --precision bf16 --profile --compare cim-artifacts:compression=cim,cam_update_interval=1 \
+    --out $R/bench-resnet18-224-cim-profile.json > $R/bench-resnet18-224-cim-profile.out 2>&1
+say "A3 rc $?"
 
 say "C. cim-lucir-imagenette-224, compression none vs cim"
 timeout $(limit 90) $PY main.py $I224 --set checkpoints=none --set compression=none $C_ARGS \
