@@ -101,7 +101,7 @@ def time_framework(raw: dict, epochs: int, profile: bool = False) -> dict:
             try:
                 profiled = profile_framework(trainer, phase, gen)
             except Exception as exc:  # noqa: BLE001 - the timings above stand without their profile
-                profiled = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"}
+                profiled = {"error": error_text(exc)}
         # Epochs after the first: the steady state, without what a stage pays once in its first
         # epoch (torch.compile compiles the stage's forward there).
         return {"images_per_s": round(epochs * n / seconds, 1), "seconds": round(seconds, 2),
@@ -276,6 +276,7 @@ class StepProfiler:
         self.device, self.top = device, top
         self.cuda = device.type == "cuda"
         self.running = False
+        self._sync_mode = 0   # the sync debug mode to restore ("default")
 
     def start(self) -> None:
         from torch.profiler import ProfilerActivity, profile
@@ -304,7 +305,7 @@ class StepProfiler:
 
     def _end_sync_debug(self) -> None:
         if self.cuda:
-            torch.cuda.set_sync_debug_mode(getattr(self, "_sync_mode", 0))
+            torch.cuda.set_sync_debug_mode(self._sync_mode)
 
     def close(self) -> None:
         if not self.running:
@@ -331,10 +332,11 @@ class StepProfiler:
                "top_host": averages.table(sort_by="self_cpu_time_total", row_limit=self.top)}
         if self.cuda:
             intervals = device_intervals(self.prof.events())
-            out["device_busy"] = round(busy_us(intervals) / 1e6 / wall, 3)
+            busy = busy_us(intervals)
+            out["device_busy"] = round(busy / 1e6 / wall, 3)
             # the device's own time per step: the profiler slows the host (more than the device), so
             # the busy fraction of an unprofiled step is about this over its unprofiled step time
-            out["device_ms_per_step"] = round(busy_us(intervals) / 1e3 / max(steps, 1), 3)
+            out["device_ms_per_step"] = round(busy / 1e3 / max(steps, 1), 3)
             out["device_ops"] = len(intervals)   # kernels, copies, memsets counted (0 would mean none was seen)
             out["top_device"] = averages.table(sort_by="self_device_time_total", row_limit=self.top)
         return out
@@ -433,6 +435,11 @@ def time_decode(raw: dict, workers: list[int], count: int, batch_size: int = 64)
     return rows
 
 
+def error_text(exc: BaseException) -> str:
+    """A failed row's or profile's reason: the exception's type and first line."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
 def save_partial(path: str | None, report: dict, rows: list[dict]) -> None:
     """Write the rows measured so far to ``path`` (``--out``), so that they survive a run stopped
     at its time limit."""
@@ -506,8 +513,7 @@ def main() -> None:
                 try:
                     r.update(time_framework({**base, **overrides}, args.epochs, profile=args.profile))
                 except Exception as exc:  # noqa: BLE001 - one failing row (a diverged stage, say) keeps the others
-                    first_line = (str(exc).splitlines() or [""])[0]
-                    r.update(error=f"{type(exc).__name__}: {first_line}", images_per_s=None, seconds=None,
+                    r.update(error=error_text(exc), images_per_s=None, seconds=None,
                              epoch_images_per_s=None, steady_images_per_s=None, device=plain["device"])
                     print(f"row {name} ({label}) failed: {r['error']}", file=sys.stderr)
                     rows.append(r)

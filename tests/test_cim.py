@@ -141,7 +141,8 @@ def test_artifact_probability_grows_by_interval(tmp_path):
     assert [p(e) for e in (0, 39, 40, 79, 80, 169)] == pytest.approx([0, 0, 0.1, 0.1, 0.2, 0.4])
 
 
-def test_artifact_augmentation_compresses_new_images_only(tmp_path):
+def _ready_for_artifacts(tmp_path):
+    """The ``center`` policy's plugin in phase 0's stage, artifact probability 1 from epoch 1."""
     t = _trainer(tmp_path, compression="center", box_area=0.25, randombbxblur_prob_incre=1.0,
                  cam_update_interval=1)
     plugin = t.plugins[0]
@@ -150,6 +151,11 @@ def test_artifact_augmentation_compresses_new_images_only(tmp_path):
     data = t.stage_data(phase, "phase")
     stage = type("S", (), {"data": "phase", "model": None})()
     plugin.before_stage(phase, stage, data)
+    return plugin, data, stage
+
+
+def test_artifact_augmentation_compresses_new_images_only(tmp_path):
+    plugin, data, stage = _ready_for_artifacts(tmp_path)
     batch = data.images[:6].clone()
     origin = data.origin[:6].clone()
     origin[:2] = EXEMPLAR                                          # two "exemplars"
@@ -167,14 +173,7 @@ def test_artifact_picks_reach_the_device_without_a_host_sync(tmp_path, monkeypat
     for the queue to drain (caught by review: a ``.to(device)`` had stayed there)."""
     import models.cim as cim_module
 
-    t = _trainer(tmp_path, compression="center", box_area=0.25, randombbxblur_prob_incre=1.0,
-                 cam_update_interval=1)
-    plugin = t.plugins[0]
-    phase = t.phases()[0]
-    plugin.before_phase(phase)
-    data = t.stage_data(phase, "phase")
-    stage = type("S", (), {"data": "phase", "model": None})()
-    plugin.before_stage(phase, stage, data)
+    plugin, data, stage = _ready_for_artifacts(tmp_path)
     moved = []
     real = cim_module.batching.to_device
     monkeypatch.setattr(cim_module.batching, "to_device", lambda x, d: moved.append(x) or real(x, d))
