@@ -74,6 +74,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args()
     shared, out = Path(a.shared), Path(a.out)
+    for need in (shared / "tiny-imagenet-50" / "wnids.txt", shared / "imagenette2" / "train"):
+        if not need.exists():
+            p.error(f"{need} is missing: --shared must be the folder holding tiny-imagenet-50/ and imagenette2/")
     stage = out / "build"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "tiny32").mkdir(parents=True)
