@@ -40,6 +40,7 @@ boxes are drawn in full by every rank for the same reason). The figure is drawn 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -56,7 +57,9 @@ from utils.augment import normalize
 from utils.compression import (class_activation_map, compress_images, mask_box, soft_compress,
                                upsample_cam)
 from utils.config import Option
+from utils.cuda_graph import GraphedStep
 from utils.errors import ConfigError
+from utils.masked_adam import MaskedAdam
 from utils.seeding import stream_seed
 from utils.stage_data import NEW
 
@@ -147,6 +150,14 @@ class ExemplarCompression(Plugin):
         "incre_max_phi_grad_norm": Option(None, "float", "Clip of φ's gradient norm in later phases; null = "
                                                          "√2 × max_phi_grad_norm (official).", min=0.0,
                                           nullable=True),
+        "bilevel_autocast": Option(False, "bool", "Run the bilevel step's forward passes under the run's bf16 "
+                                                  "autocast too (only with `amp` on a GPU; the official step and "
+                                                  "the default run it in float32)."),
+        "bilevel_cuda_graph": Option(True, "bool", "On a GPU, record the bilevel iteration as a CUDA graph once "
+                                                   "per stage and replay it (the same kernels, launched at once: "
+                                                   "its thousands of small kernels otherwise keep the GPU waiting "
+                                                   "for the host); it runs eagerly, with a log line, where "
+                                                   "recording fails. No effect on a CPU."),
         "div_coef": Option(0.2, "float", "Weight μ′ of CE(CIM logits) in the outer loss.", min=0.0),
         "reg_coef": Option(0.1, "float", "Weight μ of mean(CAM²) in the outer loss (smaller masks).", min=0.0),
         "exemplar_figure": Option(True, "bool", "Write exemplars_phase_<k>.png after each phase (compression on)."),
@@ -173,18 +184,40 @@ class ExemplarCompression(Plugin):
         self.fixed_p: float | None = None            # artifact probability held for a whole stage
         self.carried = None                           # (p, box table) the CAM-training stage ended with
         self.stage_data = None
-        self.phi_opt = None
+        self.phi_opt = None                           # MaskedAdam over φ while a stage runs the bilevel step
         self.phi_lr = 0.0
+        self.graphed_step = None                      # GraphedStep of the bilevel iteration, per stage
+        self._bilevel_stage: Stage | None = None      # the stage whose bilevel iterations run
+        self.beta = torch.zeros(())                   # inner step size β1, a device scalar (a graph input)
         self.reset_counters()
 
     def reset_counters(self) -> None:
-        """The per-phase counts and times reported in ``phases[k].compression``."""
-        self.meta_iterations = 0
-        self.meta_skipped = 0
-        self.last_outer_loss = None   # of this phase: a resumed run must report what an uninterrupted one does
+        """The per-phase counts and times reported in ``phases[k].compression``. The bilevel
+        step's outcome stays on the device (read once, in the phase's report): how many of its
+        iterations were skipped for a non-finite loss or gradient, and the last applied outer loss."""
+        self.meta_attempts = 0
+        device = self.ctx.device
+        self.skipped_count = torch.zeros((), dtype=torch.long, device=device)
+        self.outer_loss = torch.full((), float("nan"), device=device)   # NaN until an iteration applies
         self.meta_seconds = 0.0
         self.refreshes = 0
         self.refresh_seconds = 0.0
+
+    @property
+    def meta_skipped(self) -> int:
+        """Bilevel iterations of this phase skipped for a non-finite loss or gradient (a device read)."""
+        return int(self.skipped_count)
+
+    @property
+    def meta_iterations(self) -> int:
+        """Bilevel iterations of this phase that stepped φ (a device read)."""
+        return self.meta_attempts - self.meta_skipped
+
+    @property
+    def last_outer_loss(self) -> float | None:
+        """The outer loss of this phase's last applied bilevel iteration (None: none applied).
+        Per phase: a resumed run must report what an uninterrupted one does."""
+        return None if self.meta_iterations == 0 else float(self.outer_loss)
 
     # ---- the CIM model ------------------------------------------------------------------------
     def after_grow(self, phase: Phase) -> None:
@@ -309,8 +342,13 @@ class ExemplarCompression(Plugin):
             for p in phi:
                 p.requires_grad_(True)
             lr = self.cfg["init_phi_lr"] if phase.index == 0 else self.cfg["incre_phi_lr"]
-            self.phi_opt = torch.optim.Adam(phi, lr=lr, weight_decay=self.cfg["phi_weight_decay"])
+            self.phi_opt = MaskedAdam(phi, lr=lr, max_norm=self.phi_clip(phase),
+                                      weight_decay=self.cfg["phi_weight_decay"])
             self.phi_lr = lr
+            self._bilevel_stage = stage
+            self.beta = torch.zeros((), device=self.ctx.device)
+            self.graphed_step = GraphedStep(self._bilevel_iteration, self.ctx.device,
+                                            enabled=self.cfg["bilevel_cuda_graph"], on_fallback=self._graph_fallback)
 
     def after_stage(self, phase, stage) -> None:
         if self._trains_cam_network(stage):
@@ -318,6 +356,8 @@ class ExemplarCompression(Plugin):
         self.stage_data = None
         self.box_table = None
         self.phi_opt = None
+        self.graphed_step = None   # its graph holds the stage's tensors and a memory pool: let them go
+        self._bilevel_stage = None
 
     def refresh_boxes(self) -> None:
         """Recompute the boxes of the stage's new-class training images (artifact augmentation).
@@ -391,7 +431,7 @@ class ExemplarCompression(Plugin):
 
     def _meta_batch(self, phase: Phase, pick: torch.Tensor):
         images, labels = self.stage_data.images, self.stage_data.labels
-        dev_pick = pick.to(labels.device)
+        dev_pick = batching.to_device(pick, labels.device)   # pinned, non-blocking: no wait for the GPU's queue
         imgs = batching.materialize(batching.select(images, dev_pick if isinstance(images, torch.Tensor) else pick))
         t = self.ctx
         hw = self.stage_data.orig_hw
@@ -403,55 +443,67 @@ class ExemplarCompression(Plugin):
 
     def bilevel_epoch(self, phase: Phase, stage: Stage, lr: float, epoch: int = 0) -> None:
         """The mask-level iterations after epoch ``epoch`` of ``stage`` (θ's learning rate was ``lr``).
-        φ's Adam rate follows a cosine over the stage's epochs, like θ's."""
-        for group in self.phi_opt.param_groups:
-            group["lr"] = self.phi_lr * 0.5 * (1 + math.cos(math.pi * epoch / max(stage.epochs, 1)))
-        model = stage.model
-        phi = self.phi()
-        phi_ids = {id(p) for p in phi}
-        theta = [(name, p) for name, p in model.named_parameters()
-                 if p.requires_grad and id(p) not in phi_ids and is_backbone_parameter(name)]
-        beta = self.cfg["lr_ratio"] * lr
-        clip = self.phi_clip(phase)
+        φ's Adam rate follows a cosine over the stage's epochs, like θ's. The iterations never
+        read the device: a non-finite one is skipped on the device (``utils.masked_adam``), and
+        on a GPU they replay one CUDA graph per stage (``bilevel_cuda_graph``)."""
+        self.phi_opt.set_lr(self.phi_lr * 0.5 * (1 + math.cos(math.pi * epoch / max(stage.epochs, 1))))
+        self.beta.fill_(self.cfg["lr_ratio"] * lr)
         iters = int(self.cfg["num_meta_iters_per_cls"] * phase.num_new)
         order = self._meta_order(iters).view(2 * iters, -1)
+        model = stage.model
         was_training = model.training
         model.eval()
         for it in range(iters):
             xa, ya, olda = self._meta_batch(phase, order[2 * it])
             xb, yb, _ = self._meta_batch(phase, order[2 * it + 1])
-            # Batch A through the CIM model: its logits (div term) and its soft CAM (reg term, mask).
-            with model.activations("pau"):
-                out_a = model(xa)
-            div = F.cross_entropy(out_a["logits"].float(), ya)
-            rows = model.classifier.weight_rows()[ya].detach()
-            cam = class_activation_map(out_a["fmap"].float(), rows)          # [B, h, w], no threshold
-            reg = cam.pow(2).mean()
-            x_soft = soft_compress(xa, upsample_cam(cam, xa.shape[-2:]), self.ratio)
-            # Inner step on the CIL model: θ⁺ = θ − β1 ∇θ L_CIL(x̃), kept differentiable w.r.t. φ.
-            inner, _ = stage.loss(stage.forward(x_soft, net=model), Batch(x_soft, ya, olda))
-            grads = torch.autograd.grad(inner, [p for _, p in theta], create_graph=True, allow_unused=True)
-            fast = {name: p - beta * g for (name, p), g in zip(theta, grads) if g is not None}
-            # Outer loss on batch B with the fast weights; gradients to φ only.
-            out_b = stage.forward(xb, net=lambda x: functional_call(model, fast, (x,)))
-            outer = F.cross_entropy(out_b["logits"].float(), yb) + self.cfg["div_coef"] * div \
-                + self.cfg["reg_coef"] * reg
-            grads_phi = torch.autograd.grad(outer, phi, allow_unused=True)
-            finite = torch.stack([torch.isfinite(outer)] + [torch.isfinite(g).all() for g in grads_phi
-                                                            if g is not None]).all()
-            if not bool(finite):  # one device sync per iteration
-                # e.g. an eval-mode network whose BatchNorm statistics are not settled yet (first
-                # epochs): φ must never take a non-finite step.
-                self.meta_skipped += 1
-                continue
-            self.phi_opt.zero_grad(set_to_none=True)
-            for p, g in zip(phi, grads_phi):
-                p.grad = g
-            torch.nn.utils.clip_grad_norm_([p for p in phi if p.grad is not None], clip)
-            self.phi_opt.step()
-            self.meta_iterations += 1
-            self.last_outer_loss = outer.detach()   # read at the phase's end: no second sync per iteration
+            self.graphed_step(xa, ya, olda, xb, yb)
+            self.meta_attempts += 1
         model.train(was_training)
+
+    def _graph_fallback(self, reason: str) -> None:
+        self.ctx.log.info(f"  bilevel step: no CUDA graph ({reason}); it runs eagerly for the rest of the stage")
+
+    def _bilevel_iteration(self, xa: torch.Tensor, ya: torch.Tensor, olda: torch.Tensor,
+                           xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """One mask-level iteration (SPEC.md §3.2) on batch A (``xa`` float [b, 3, I, I], ``ya``
+        int64 [b], ``olda`` bool [b]: old-class rows) and batch B (``xb``, ``yb``), of the stage
+        set up by ``before_stage``: φ takes a clipped Adam step unless the outer loss or φ's
+        gradient is not finite (e.g. an eval-mode network whose BatchNorm statistics are not
+        settled yet, in the first epochs). Its effects are all in place on device tensors (φ, the
+        optimiser's moments, the phase's counters) and it reads nothing back: ``GraphedStep``
+        may record it once and replay it."""
+        stage = self._bilevel_stage
+        model = stage.model
+        phi = self.phi_opt.params
+        phi_ids = {id(p) for p in phi}
+        theta = [(name, p) for name, p in model.named_parameters()
+                 if p.requires_grad and id(p) not in phi_ids and is_backbone_parameter(name)]
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)   # no cast cache: graph-safe
+                    if self.cfg["bilevel_autocast"] and self.ctx.amp else contextlib.nullcontext())
+        # Batch A through the CIM model: its logits (div term) and its soft CAM (reg term, mask).
+        with model.activations("pau"), autocast:
+            out_a = model(xa)
+        div = F.cross_entropy(out_a["logits"].float(), ya)
+        rows = model.classifier.weight_rows()[ya].detach()
+        cam = class_activation_map(out_a["fmap"].float(), rows)          # [B, h, w], no threshold
+        reg = cam.pow(2).mean()
+        x_soft = soft_compress(xa, upsample_cam(cam, xa.shape[-2:]), self.ratio)
+        # Inner step on the CIL model: θ⁺ = θ − β1 ∇θ L_CIL(x̃), kept differentiable w.r.t. φ.
+        with autocast:
+            inner, _ = stage.loss(stage.forward(x_soft, net=model), Batch(x_soft, ya, olda))
+        grads = torch.autograd.grad(inner, [p for _, p in theta], create_graph=True, allow_unused=True)
+        fast = {name: p - self.beta * g for (name, p), g in zip(theta, grads) if g is not None}
+        # Outer loss on batch B with the fast weights; gradients to φ only.
+        with autocast:
+            out_b = stage.forward(xb, net=lambda x: functional_call(model, fast, (x,)))
+        outer = F.cross_entropy(out_b["logits"].float(), yb) + self.cfg["div_coef"] * div \
+            + self.cfg["reg_coef"] * reg
+        grads_phi = torch.autograd.grad(outer, phi, allow_unused=True)
+        finite = torch.stack([torch.isfinite(outer)] + [torch.isfinite(g).all() for g in grads_phi
+                                                        if g is not None]).all()
+        self.phi_opt.step(list(grads_phi), finite)
+        self.skipped_count.add_((~finite).long())
+        self.outer_loss.copy_(torch.where(finite, outer.detach().float(), self.outer_loss))
 
     def phi_clip(self, phase: Phase) -> float:
         """Clip of φ's gradient norm: max_phi_grad_norm in phase 0, incre_max_phi_grad_norm later

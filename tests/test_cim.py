@@ -119,6 +119,46 @@ def test_the_bilevel_step_leaves_the_generator_of_the_picks_alone(tmp_path):
     assert not torch.equal(plugin.meta_generator.get_state(), meta_state)
 
 
+def test_a_nonfinite_bilevel_iteration_is_skipped_on_the_device(tmp_path):
+    """A NaN outer loss (here: a BatchNorm variance below zero in the eval-mode network) leaves φ
+    and its optimiser exactly as they were; the skip is counted on the device and read at the
+    phase's report, where no applied iteration means no last outer loss."""
+    t, plugin, phase, stage = _ready_for_bilevel(tmp_path)
+    bn = next(m for m in t.learner.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var.fill_(-1.0)
+    phi_before = [p.detach().clone() for p in plugin.phi()]
+    plugin.bilevel_epoch(phase, stage, lr=0.1)
+    iters = int(QUICK["num_meta_iters_per_cls"] * phase.num_new)
+    assert plugin.meta_skipped == iters and plugin.meta_iterations == 0
+    assert all(torch.equal(a, p.detach()) for a, p in zip(phi_before, plugin.phi()))
+    assert not plugin.phi_opt.exp_avg.any() and float(plugin.phi_opt.steps) == 0
+    bilevel = plugin.phase_report(phase)["compression"]["bilevel"]
+    assert bilevel["iterations"] == 0 and bilevel["skipped_nonfinite"] == iters
+    assert bilevel["last_outer_loss"] is None
+    # and once the statistics are sound again, the iterations apply
+    bn.running_var.fill_(1.0)
+    plugin.bilevel_epoch(phase, stage, lr=0.1)
+    assert plugin.meta_iterations == iters and plugin.meta_skipped == iters
+    assert math.isfinite(plugin.last_outer_loss)
+
+
+def test_the_first_bilevel_step_moves_each_phi_coefficient_by_the_learning_rate(tmp_path):
+    """Known answer: Adam's first step moves every coefficient with a non-zero gradient g by
+    lr · |g| / (|g| + eps) (m̂ / √v̂ = sign g, whatever the clipping), i.e. by lr but for the rare
+    tiny gradient; with no weight decay and one iteration."""
+    t, plugin, phase, stage = _ready_for_bilevel(tmp_path, num_meta_iters_per_cls=1.0 / 2, phi_weight_decay=0.0,
+                                                 init_phi_lr=0.01)
+    assert int(plugin.cfg["num_meta_iters_per_cls"] * phase.num_new) == 1
+    phi_before = [p.detach().clone() for p in plugin.phi()]
+    plugin.bilevel_epoch(phase, stage, lr=0.1)          # epoch 0: the cosine rate is init_phi_lr
+    assert plugin.meta_iterations == 1
+    moves = torch.cat([(p.detach() - a).abs().flatten() for a, p in zip(phi_before, plugin.phi())])
+    moved = moves[moves > 0]
+    assert moved.numel() > 0.9 * moves.numel()
+    assert float(moved.max()) <= 0.01 * (1 + 1e-5)
+    assert float((moved > 0.01 * (1 - 1e-3)).float().mean()) > 0.95
+
+
 def test_phi_gradient_flows_through_the_inner_step(tmp_path):
     """With div and reg switched off, φ still gets a gradient: only through θ⁺ = θ − β∇θL(x̃(φ))."""
     t, plugin, phase, stage = _ready_for_bilevel(tmp_path, div_coef=0.0, reg_coef=0.0)

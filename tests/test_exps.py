@@ -222,3 +222,30 @@ def test_bench_throughput_decode_counts_every_image_per_worker_setting(tmp_path,
     assert pillow[1]["images_per_s_per_worker"] == pytest.approx(pillow[1]["images_per_s"] / 2, abs=0.1)
     on_device = [r for r in report["decode"] if r["decoder"].startswith("stream_decode device")]
     assert [r["workers"] for r in on_device] == [0, 2] and all(r["images"] == 12 for r in on_device)
+
+
+def test_bench_bilevel_times_eager_and_graphed_iterations_from_one_state(tmp_path, monkeypatch, capsys):
+    """Two rows on one trainer from the same φ, optimiser state and batches: on a CPU the graphed
+    row runs eagerly, so its φ ends exactly where the eager row's does, after moving."""
+    import json
+
+    import bench_bilevel
+    from conftest import tiny_config
+
+    cfg = tmp_path / "tiny.json"
+    # 400 images: two epochs settle the BatchNorm statistics enough for finite eval-mode steps
+    cfg.write_text(json.dumps(tiny_config(num_meta_iters_per_cls=0.5, meta_batch_size=4,
+                                          shapes={"num_classes": 6, "train_per_class": 200, "test_per_class": 5})))
+    monkeypatch.setattr(sys, "argv", ["bench_bilevel.py", "--config", str(cfg), "--epochs", "2", "--threads", "1",
+                                      "--precision", "fp32", "--profile", "--out", str(tmp_path / "b.json")])
+    bench_bilevel.main()
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == ["eager", "graphed"]
+    eager, graphed = rows
+    per_epoch = int(0.5 * tiny_config()["init_cls"])
+    assert eager["iterations"] == graphed["iterations"] == 2 * per_epoch
+    assert eager["skipped_nonfinite"] == graphed["skipped_nonfinite"] == 0 and graphed["graph_replays"] == 0 and graphed["graph_fallback"] is None
+    assert graphed["phi_max_abs_diff"] == 0.0 and graphed["phi_max_abs_move"] > 0
+    assert 0 < eager["bilevel_share"] < 1 and eager["train_ms_per_step"] > 0
+    assert eager["profile"]["steps"] == per_epoch and "top_host" in eager["profile"]
+    assert "eager" in capsys.readouterr().out

@@ -434,7 +434,7 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
 
 # Keys that change where or how fast a run happens but not its results.
 _NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size", "threads",
-               "dist_timeout", "compile", "compile_mode")
+               "dist_timeout", "compile", "compile_mode", "bilevel_cuda_graph")
 
 
 def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
@@ -453,7 +453,8 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
 
 # Keys that identify a run only when they are not at their default (added after runs existed:
 # their default must not move every run folder).
-_HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "workers"}
+_HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "workers",
+                    "bilevel_autocast": False}
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
