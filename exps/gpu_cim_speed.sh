@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
-# CIM's bilevel step on one GPU (issue 10): eager vs replayed as a CUDA graph, and what it costs a
-# training phase. One command on a lent machine (the data as for exps/gpu_evidence.sh):
+# CIM's bilevel step on one GPU (issue 10): eager vs replayed as a CUDA graph, what it costs a
+# training phase, and whole CIM runs whose later phases record it too. One command on a lent
+# machine (the data as for exps/gpu_evidence.sh: `python exps/make_devpack.py` first):
 #
 #   OUT=logs/gpu bash exps/gpu_cim_speed.sh      # from the repository root
 #
 #   1. exps/bench_bilevel.py, ResNet-18 at 224 px on the Imagenette subset, phase 0 with 10 classes
-#      (5 bilevel iterations per epoch): eager and graphed rows for the float32 step and the bf16
-#      autocast step (bilevel_autocast), each profiled, and the graphed row's φ against the eager one's;
-#   2. exps/bench_throughput.py, bf16: plain loop, framework without CIM, framework with CIM
-#      (graphed bilevel step, the default) and with the eager step (bilevel_cuda_graph false).
+#      (5 bilevel iterations per epoch): eager and graphed rows for the float32 step (bf16 and
+#      float32 training) and the bf16 autocast step (bilevel_autocast), each profiled, and the
+#      graphed row's φ against the eager one's;
+#   2. configs/cim-lucir-imagenette-224.json on the subset with compression cim (5 phases: the
+#      graph is recorded again in every phase, with LUCIR's distillation in the loss from phase 1);
+#   3. DER and FOSTER with cim, tiny-imagenet-50 at 32 px, two phases of two epochs (their graphs
+#      in phase 1 hold the old backbones);
+#   4. exps/bench_throughput.py, float32: plain loop, framework without CIM, with CIM (graphed
+#      bilevel step, the default) and with the eager step (bilevel_cuda_graph false);
+#   5. the same bench for resnet32 at 32 px, bf16: eager beside compile_mode "reduce-overhead"
+#      (torch.compile with CUDA graphs) for the rest of the budget.
+# Each run's results.json says per phase how many iterations were replayed (graph_replays) and why
+# recording failed where it did (graph_fallback).
 set -u
 OUT=${OUT:-logs/gpu}
 R=${RUNS:-logs/gpu-runs}
 D=${DEVPACK:-.devpack}
 DEV=${DEVICE:-cuda}
-BUDGET=${BUDGET:-250}
+BUDGET=${BUDGET:-540}
 B1_ARGS=${B1_ARGS:---epochs 3 --precision bf16 fp32}
-B2_ARGS=${B2_ARGS:---epochs 4 --precision bf16}
+C_ARGS=${C_ARGS:-}
+T_ARGS=${T_ARGS:---set init_epochs=2 --set epochs=2}
+B4_ARGS=${B4_ARGS:---epochs 4 --precision fp32}
+B5_ARGS=${B5_ARGS:---epochs 4 --precision bf16}
 mkdir -p "$OUT" "$R"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -25,15 +38,41 @@ say() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 limit() { local l=$(( BUDGET - ($(date +%s) - T0) )); [ "$1" -lt "$l" ] && l=$1; [ "$l" -lt 5 ] && l=5; echo $l; }
 [ -f $D/data.tar.gz ] && tar xzf $D/data.tar.gz -C $D
 nvidia-smi -L 2>/dev/null
-I224="--config cim-lucir-imagenette-224 --set data_root=$D/imagenette-sub --set device=$DEV --set init_cls=10"
+I224="--config cim-lucir-imagenette-224 --set data_root=$D/imagenette-sub --set device=$DEV"
 say "1. bilevel step alone: eager vs graphed"
-timeout $(limit 120) $PY exps/bench_bilevel.py $I224 $B1_ARGS --profile --out $R/bench-bilevel.json \
+timeout $(limit 130) $PY exps/bench_bilevel.py $I224 --set init_cls=10 $B1_ARGS --profile --out $R/bench-bilevel.json \
     > $R/bench-bilevel.out 2>&1; say "1 rc $?"
-grep '^{' $R/bench-bilevel.out; grep "profiled" $R/bench-bilevel.out
-say "2. a training phase with CIM: graphed vs eager bilevel step"
-timeout $(limit 130) $PY exps/bench_throughput.py $I224 --set compression=none $B2_ARGS \
+grep '^{' $R/bench-bilevel.out | cut -c1-420; grep "profiled" $R/bench-bilevel.out
+say "2. cim-lucir-imagenette-224 with cim"
+timeout $(limit 150) $PY main.py $I224 --set checkpoints=none --set compression=cim $C_ARGS \
+    --output $R/i224-cim > $R/i224-cim.out 2>&1; say "2 rc $?"
+say "3. DER and FOSTER with cim, two phases at 32 px"
+for m in der foster; do
+    extra=""; [ $m = foster ] && extra="--set compression_epochs=2"
+    timeout $(limit 50) $PY main.py --config $m-tinyimagenet50 $extra --set data_root=$D/tiny32 --set device=$DEV \
+        --set init_cls=25 --set increment=25 --set compression=cim --set checkpoints=none $T_ARGS \
+        --output $R/$m-cim > $R/$m-cim.out 2>&1; say "3 $m rc $?"
+done
+grep -h "no CUDA graph\|Traceback\|Error" $R/*-cim.out | head -5
+$PY - "$R" <<'PYEOF'
+import glob, json, os, sys
+for r in sorted(glob.glob(os.path.join(sys.argv[1], "*", "results.json"))):
+    res = json.load(open(r))
+    for p in res["phases"]:
+        b = p.get("compression", {}).get("bilevel", {})
+        print(os.path.basename(os.path.dirname(r)), "phase", p.get("phase"), "cnn", p.get("cnn", {}).get("top1"),
+              "exemplars", p.get("memory", {}).get("exemplars"), "seconds", p.get("seconds"), "bilevel", json.dumps(b))
+PYEOF
+say "4. a training phase with CIM, float32: graphed vs eager bilevel step"
+timeout $(limit 110) $PY exps/bench_throughput.py $I224 --set init_cls=10 --set compression=none $B4_ARGS \
     --compare cim:compression=cim --compare cim-eager:compression=cim,bilevel_cuda_graph=false \
-    --out $R/bench-cim-rows.json > $R/bench-cim-rows.out 2>&1; say "2 rc $?"
-grep -A8 "^| row" $R/bench-cim-rows.out
-cp $R/bench-*.json $R/*.out "$OUT"/ 2>/dev/null
+    --out $R/bench-cim-rows-fp32.json > $R/bench-cim-rows-fp32.out 2>&1; say "4 rc $?"
+grep -A8 "^| row" $R/bench-cim-rows-fp32.out
+say "5. torch.compile reduce-overhead, resnet32 at 32 px"
+timeout $(limit 110) $PY exps/bench_throughput.py --config cim-lucir-tinyimagenet50 --set data_root=$D/tiny32 \
+    --set device=$DEV --set convnet_type=resnet32 --set batch_size=128 --set init_cls=10 --set compression=none \
+    $B5_ARGS --compare reduce-overhead:compile=true,compile_mode=reduce-overhead \
+    --out $R/bench-resnet32-reduce-overhead.json > $R/bench-resnet32-reduce-overhead.out 2>&1; say "5 rc $?"
+grep -A8 "^| row" $R/bench-resnet32-reduce-overhead.out
+tar czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='exemplars_phase_*.png' "$R"
 say "done"

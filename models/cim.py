@@ -200,6 +200,8 @@ class ExemplarCompression(Plugin):
         self.skipped_count = torch.zeros((), dtype=torch.long, device=device)
         self.outer_loss = torch.full((), float("nan"), device=device)   # NaN until an iteration applies
         self.meta_seconds = 0.0
+        self.graph_replays = 0          # bilevel iterations replayed from a CUDA graph (the rest ran eagerly)
+        self.graph_fallback = None      # why a stage's iterations could not be recorded, if one could not
         self.refreshes = 0
         self.refresh_seconds = 0.0
 
@@ -353,6 +355,8 @@ class ExemplarCompression(Plugin):
     def after_stage(self, phase, stage) -> None:
         if self._trains_cam_network(stage):
             self.carried = (self.augment_probability(stage.epochs - 1), self.box_table)
+        if self.graphed_step is not None:
+            self.graph_replays += self.graphed_step.replays
         self.stage_data = None
         self.box_table = None
         self.phi_opt = None
@@ -461,6 +465,7 @@ class ExemplarCompression(Plugin):
         model.train(was_training)
 
     def _graph_fallback(self, reason: str) -> None:
+        self.graph_fallback = reason
         self.ctx.log.info(f"  bilevel step: no CUDA graph ({reason}); it runs eagerly for the rest of the stage")
 
     def _bilevel_iteration(self, xa: torch.Tensor, ya: torch.Tensor, olda: torch.Tensor,
@@ -532,6 +537,9 @@ class ExemplarCompression(Plugin):
             "mean_box_area": round(sum(areas) / (n * size * size), 6) if n else None,
             "bilevel": {"iterations": self.meta_iterations, "skipped_nonfinite": self.meta_skipped,
                         "last_outer_loss": None if self.last_outer_loss is None else float(self.last_outer_loss),
-                        "seconds": round(self.meta_seconds, 3)},
+                        "seconds": round(self.meta_seconds, 3),
+                        # on a GPU: iterations replayed from the stage's CUDA graph, and why recording
+                        # failed where it did (those iterations ran eagerly)
+                        "graph_replays": self.graph_replays, "graph_fallback": self.graph_fallback},
             "box_refresh": {"count": self.refreshes, "seconds": round(self.refresh_seconds, 3)},
         }}
