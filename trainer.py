@@ -310,6 +310,10 @@ class Trainer:
                     sums[k] = sums.get(k, 0) + v.detach().float() * n
                 if "logits" in out:
                     correct += (out["logits"].argmax(1) == y).sum()
+            # The last step's autograd graph goes before the plugins' end-of-epoch work: kept alive,
+            # its nodes (the parameters' gradient accumulators, made on the training stream) would
+            # meet that work's gradients, and CIM's bilevel step could not be recorded as a CUDA graph.
+            out = loss = parts = batch = x = v = None
             lr = opt.param_groups[0]["lr"]   # the rate this epoch used (before the scheduler's step)
             sched.step()
             if self.world > 1:   # the epoch's numbers over every rank's samples (the same on every rank)

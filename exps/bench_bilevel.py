@@ -152,7 +152,8 @@ def time_bilevel(raw: dict, epochs: int, profile: bool = False) -> list[dict]:
                    "train_ms_per_step": round(train_ms, 2), "train_steps_per_epoch": steps,
                    # the bilevel share of an epoch of this data: its iterations over steps + iterations
                    "bilevel_share": round(per_epoch * ms / (per_epoch * ms + steps * train_ms), 3),
-                   "graph_replays": cim.graphed_step.replays, "graph_fallback": cim.graphed_step.fallback_reason,
+                   "graph_replays": cim.graphed_step.replays, "graph_failures": cim.graphed_step.failures,
+                   "graph_fallback": cim.graphed_step.fallback_reason,
                    "device": str(trainer.device)}
             if profile:
                 row["profile"] = profile_epoch(cim, phase, stage, lr, epochs, trainer.device)

@@ -22,7 +22,9 @@ What the plugin does in a phase (hooks of ``models/plugins.py``):
    keeps the p and boxes the CAM-training stage ended with.
 3. Bilevel step (``after_epoch``, ``cim`` only, stages that train the CAM network on the phase
    data): ``int(num_meta_iters_per_cls × new classes)`` mask-level iterations (SPEC.md §3.2),
-   written once for every learner through ``Stage.forward(x, net)`` and ``Stage.loss``.
+   written once for every learner through ``Stage.forward(x, net)`` and ``Stage.loss``. An
+   iteration never reads the device (a non-finite one is skipped there, ``utils.masked_adam``), so
+   on a GPU it is recorded once per stage as a CUDA graph and replayed (``utils.cuda_graph``).
 4. ``compressor``: the boxes of the memory update (computed with the final model of the phase).
 5. ``after_phase``: ``exemplars_phase_<k>.png`` (stored exemplars, kept box, CAM overlay).
 
@@ -202,6 +204,7 @@ class ExemplarCompression(Plugin):
         self.meta_seconds = 0.0
         self.graph_replays = 0          # bilevel iterations replayed from a CUDA graph (the rest ran eagerly)
         self.graph_fallback = None      # why a stage's iterations could not be recorded, if one could not
+        self.graph_failures: list[str] = []   # every failed recording (a stage records again once)
         self.refreshes = 0
         self.refresh_seconds = 0.0
 
@@ -357,6 +360,7 @@ class ExemplarCompression(Plugin):
             self.carried = (self.augment_probability(stage.epochs - 1), self.box_table)
         if self.graphed_step is not None:
             self.graph_replays += self.graphed_step.replays
+            self.graph_failures += self.graphed_step.failures
         self.stage_data = None
         self.box_table = None
         self.phi_opt = None
@@ -418,6 +422,8 @@ class ExemplarCompression(Plugin):
             if self.ctx.is_main:
                 self.bilevel_epoch(phase, stage, lr, epoch)
             distributed.broadcast_tensors(self.phi())   # φ: rank 0's on every rank
+            if self.ctx.device.type == "cuda":   # the iterations' device time, not only their launches
+                torch.cuda.synchronize(self.ctx.device)
             self.meta_seconds += time.time() - start
         # Boxes are recomputed when the next epoch enters a new cam_update_interval block.
         if stage.data == "phase" and self.fixed_p is None and (epoch + 1) % self.cfg["cam_update_interval"] == 0 \
@@ -538,8 +544,9 @@ class ExemplarCompression(Plugin):
             "bilevel": {"iterations": self.meta_iterations, "skipped_nonfinite": self.meta_skipped,
                         "last_outer_loss": None if self.last_outer_loss is None else float(self.last_outer_loss),
                         "seconds": round(self.meta_seconds, 3),
-                        # on a GPU: iterations replayed from the stage's CUDA graph, and why recording
-                        # failed where it did (those iterations ran eagerly)
-                        "graph_replays": self.graph_replays, "graph_fallback": self.graph_fallback},
+                        # on a GPU: iterations replayed from the stage's CUDA graph; why each recording
+                        # failed, and why a stage gave up recording (its iterations ran eagerly)
+                        "graph_replays": self.graph_replays, "graph_failures": self.graph_failures,
+                        "graph_fallback": self.graph_fallback},
             "box_refresh": {"count": self.refreshes, "seconds": round(self.refresh_seconds, 3)},
         }}

@@ -525,3 +525,33 @@ def test_streamed_run_decoding_on_the_device_goes_through_one_decoder(tmp_path, 
     assert "embed" in callers and torch.equal(feats, trainer.ctx.embed(
         batching.materialize(batching.select(trainer.train_images, index)), lambda x: x.flatten(1)))
     assert results["config_hash"] != config_hash(resolve_config({**raw, "stream_decode": "workers"}))
+
+
+@pytest.mark.parametrize("model_name", ["icarl", "lucir", "der", "foster"])
+def test_no_training_graph_is_alive_when_the_plugins_end_an_epoch(tmp_path, model_name):
+    """The last step's autograd graph is dropped before ``after_epoch``: kept alive, its gradient
+    accumulators (made on the training stream) stop CIM's bilevel step from being recorded as a
+    CUDA graph (on the H200 every phase-0 capture failed, after the warning that names this)."""
+    import gc
+
+    from models.plugins import Plugin
+
+    def graphs_alive() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+
+    counts = {"before": [], "after": []}
+
+    class Probe(Plugin):
+        def before_stage(self, phase, stage, data):
+            counts["before"].append(graphs_alive())
+
+        def after_epoch(self, phase, stage, epoch, lr):
+            counts["after"].append(graphs_alive())
+
+    t = Trainer(resolve_config(tiny_config(model_name=model_name, init_epochs=2, epochs=2)), tmp_path / "run",
+                "tiny", stop_after_phase=1)
+    t.plugins.append(Probe(t.cfg, t.ctx))
+    t.run()
+    assert len(counts["after"]) >= 4                     # two epochs of phases 0 and 1 (and any later stage)
+    assert set(counts["after"]) == {counts["before"][0]}

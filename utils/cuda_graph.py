@@ -13,8 +13,10 @@ value, no host read of a device value, no Python state changed):
   the next call records the graph with copies of its inputs as the graph's inputs and then
   replays it, and every later call copies its inputs into them and replays;
 * when recording fails (e.g. the function reads a device value on the host, which a capture
-  forbids), ``on_fallback`` gets the reason once and every call runs eagerly from then on. A
-  failed capture ran none of the function's kernels, so the call that failed runs eagerly too.
+  forbids, or an autograd graph kept alive from outside holds gradient accumulators made on
+  another stream), the call runs eagerly (a failed capture ran none of the function's kernels)
+  and the next call records again; after ``attempts`` failures ``on_fallback`` gets the last
+  reason and every call runs eagerly from then on.
 
 Replays run the recorded kernels on the recorded buffers: the function must take tensors of the
 same shapes and dtypes at every call (a call that differs runs eagerly) and must keep using the
@@ -30,7 +32,7 @@ import torch
 
 class GraphedStep:
     def __init__(self, fn: Callable[..., None], device: torch.device, enabled: bool = True, warmup: int = 2,
-                 on_fallback: Callable[[str], None] | None = None):
+                 on_fallback: Callable[[str], None] | None = None, attempts: int = 2):
         self.fn = fn
         self.use_graph = enabled and torch.device(device).type == "cuda"
         self.warmup = warmup
@@ -39,7 +41,9 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: list[torch.Tensor] = []
         self.replays = 0
-        self.fallback_reason: str | None = None
+        self.attempts = attempts
+        self.failures: list[str] = []             # why each recording failed
+        self.fallback_reason: str | None = None   # the last of them, once the step gave up recording
 
     @staticmethod
     def _signature(tensors) -> list[tuple]:
@@ -75,15 +79,17 @@ class GraphedStep:
             with torch.cuda.graph(graph, capture_error_mode=mode):
                 self.fn(*self.static)
         except Exception as exc:  # noqa: BLE001 - any capture failure: the step still runs, eagerly
-            self.use_graph = False
             self.static = []
-            self.fallback_reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self.failures.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
             try:
                 torch.cuda.synchronize()
             except RuntimeError:   # the capture's own error, reported once more: the context is still usable
                 pass
-            if self.on_fallback is not None:
-                self.on_fallback(self.fallback_reason)
+            if len(self.failures) >= self.attempts:
+                self.use_graph = False
+                self.fallback_reason = self.failures[-1]
+                if self.on_fallback is not None:
+                    self.on_fallback(self.fallback_reason)
             self.fn(*inputs)
             return
         self.graph = graph
