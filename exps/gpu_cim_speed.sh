@@ -20,24 +20,13 @@
 # Each run's results.json says per phase how many iterations were replayed (graph_replays) and why
 # recording failed where it did (graph_fallback).
 set -u
-OUT=${OUT:-logs/gpu}
-R=${RUNS:-logs/gpu-runs}
-D=${DEVPACK:-.devpack}
-DEV=${DEVICE:-cuda}
 BUDGET=${BUDGET:-540}
 B1_ARGS=${B1_ARGS:---epochs 3 --precision bf16 fp32}
 C_ARGS=${C_ARGS:-}
 T_ARGS=${T_ARGS:---set init_epochs=2 --set epochs=2}
 B4_ARGS=${B4_ARGS:---epochs 4 --precision fp32}
 B5_ARGS=${B5_ARGS:---epochs 4 --precision bf16}
-mkdir -p "$OUT" "$R"
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-T0=$(date +%s)
-say() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-limit() { local l=$(( BUDGET - ($(date +%s) - T0) )); [ "$1" -lt "$l" ] && l=$1; [ "$l" -lt 5 ] && l=5; echo $l; }
-[ -f $D/data.tar.gz ] && tar xzf $D/data.tar.gz -C $D
-nvidia-smi -L 2>/dev/null
+source "$(dirname "$0")/gpu_lib.sh"
 I224="--config cim-lucir-imagenette-224 --set data_root=$D/imagenette-sub --set device=$DEV"
 say "1. bilevel step alone: eager vs graphed"
 timeout $(limit 130) $PY exps/bench_bilevel.py $I224 --set init_cls=10 $B1_ARGS --profile --out $R/bench-bilevel.json \

@@ -29,27 +29,13 @@
 # DEVPACK, DEVICE, BUDGET and the *_ARGS variables let the same script run on a CPU with tiny data
 # and epochs (how it is checked before a lease).
 set -u
-OUT=${OUT:-logs/gpu}
-R=${RUNS:-logs/gpu-runs}
-D=${DEVPACK:-.devpack}
-DEV=${DEVICE:-cuda}
 BUDGET=${BUDGET:-575}
 A_ARGS=${A_ARGS:---epochs 6}
 B_ARGS=${B_ARGS:---epochs 3}
 C_ARGS=${C_ARGS:-}
 D_ARGS=${D_ARGS:-}
 E_ARGS=${E_ARGS:---epochs 4}
-mkdir -p "$OUT" "$R"
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-T0=$(date +%s)
-say() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-# limit N: N seconds, or what is left of the budget if that is less (at least 5)
-limit() { local l=$(( BUDGET - ($(date +%s) - T0) )); [ "$1" -lt "$l" ] && l=$1; [ "$l" -lt 5 ] && l=5; echo $l; }
-
-[ -f $D/data.tar.gz ] && tar xzf $D/data.tar.gz -C $D
-nvidia-smi -L 2>/dev/null
-$PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+source "$(dirname "$0")/gpu_lib.sh"
 
 I224="--config cim-lucir-imagenette-224 --set data_root=$D/imagenette-sub --set device=$DEV"
 say "A. throughput, ResNet-18 at 224 px"
