@@ -158,8 +158,8 @@ class ExemplarCompression(Plugin):
         "bilevel_cuda_graph": Option(True, "bool", "On a GPU, record the bilevel iteration as a CUDA graph once "
                                                    "per stage and replay it (the same kernels, launched at once: "
                                                    "its thousands of small kernels otherwise keep the GPU waiting "
-                                                   "for the host); it runs eagerly, with a log line, where "
-                                                   "recording fails. No effect on a CPU."),
+                                                   "for the host); a failed recording is retried once, then the "
+                                                   "stage runs it eagerly, with a log line. No effect on a CPU."),
         "div_coef": Option(0.2, "float", "Weight μ′ of CE(CIM logits) in the outer loss.", min=0.0),
         "reg_coef": Option(0.1, "float", "Weight μ of mean(CAM²) in the outer loss (smaller masks).", min=0.0),
         "exemplar_figure": Option(True, "bool", "Write exemplars_phase_<k>.png after each phase (compression on)."),
