@@ -51,7 +51,7 @@ def snapshot(cim: ExemplarCompression) -> dict:
     opt = cim.phi_opt
     return {"phi": [p.detach().clone() for p in opt.params], "m": opt.exp_avg.clone(), "v": opt.exp_avg_sq.clone(),
             "steps": opt.steps.clone(), "gen": cim.meta_generator.get_state(),
-            "skipped": cim.skipped_count.clone(), "attempts": cim.meta_attempts}
+            "skipped": cim.skipped_count.clone(), "outer": cim.outer_loss.clone(), "attempts": cim.meta_attempts}
 
 
 def restore(cim: ExemplarCompression, s: dict) -> None:
@@ -64,6 +64,7 @@ def restore(cim: ExemplarCompression, s: dict) -> None:
     opt.steps.copy_(s["steps"])
     cim.meta_generator.set_state(s["gen"])
     cim.skipped_count.copy_(s["skipped"])
+    cim.outer_loss.copy_(s["outer"])
     cim.meta_attempts = s["attempts"]
 
 
