@@ -482,28 +482,38 @@ class ExemplarCompression(Plugin):
         gradient is not finite (e.g. an eval-mode network whose BatchNorm statistics are not
         settled yet, in the first epochs). Its effects are all in place on device tensors (φ, the
         optimiser's moments, the phase's counters) and it reads nothing back: ``GraphedStep``
-        may record it once and replay it."""
+        may record it once and replay it.
+
+        The network runs on aliases of its parameters (views, ``torch.func.functional_call``) and
+        the gradients are taken with respect to those: they never reach the parameters' own
+        gradient accumulators. Those may be held, made on another CUDA stream, by the training
+        steps' graphs or by DDP's reducer, and feeding them from the stream a CUDA graph records
+        on makes the recording fail."""
         stage = self._bilevel_stage
         model = stage.model
-        phi = self.phi_opt.params
-        phi_ids = {id(p) for p in phi}
-        theta = [(name, p) for name, p in model.named_parameters()
-                 if p.requires_grad and id(p) not in phi_ids and is_backbone_parameter(name)]
+        params = dict(model.named_parameters())
+        alias = {name: p.view_as(p) for name, p in params.items() if p.requires_grad}
+        name_of = {id(p): name for name, p in params.items()}
+        phi_names = [name_of[id(p)] for p in self.phi_opt.params]
+        phi = [alias[name] for name in phi_names]
+        theta = [name for name in alias if name not in set(phi_names) and is_backbone_parameter(name)]
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)   # no cast cache: graph-safe
                     if self.cfg["bilevel_autocast"] and self.ctx.amp else contextlib.nullcontext())
         # Batch A through the CIM model: its logits (div term) and its soft CAM (reg term, mask).
         with model.activations("pau"), autocast:
-            out_a = model(xa)
+            out_a = functional_call(model, alias, (xa,))
         div = F.cross_entropy(out_a["logits"].float(), ya)
         rows = model.classifier.weight_rows()[ya].detach()
         cam = class_activation_map(out_a["fmap"].float(), rows)          # [B, h, w], no threshold
         reg = cam.pow(2).mean()
         x_soft = soft_compress(xa, upsample_cam(cam, xa.shape[-2:]), self.ratio)
-        # Inner step on the CIL model: θ⁺ = θ − β1 ∇θ L_CIL(x̃), kept differentiable w.r.t. φ.
+        # Inner step on the CIL model: θ⁺ = θ − β1 ∇θ L_CIL(x̃), kept differentiable w.r.t. φ. As in
+        # the official code, x̃ depends on θ too (through the CAM): ∇θ takes both paths.
         with autocast:
-            inner, _ = stage.loss(stage.forward(x_soft, net=model), Batch(x_soft, ya, olda))
-        grads = torch.autograd.grad(inner, [p for _, p in theta], create_graph=True, allow_unused=True)
-        fast = {name: p - self.beta * g for (name, p), g in zip(theta, grads) if g is not None}
+            inner, _ = stage.loss(stage.forward(x_soft, net=lambda x: functional_call(model, alias, (x,))),
+                                  Batch(x_soft, ya, olda))
+        grads = torch.autograd.grad(inner, [alias[name] for name in theta], create_graph=True, allow_unused=True)
+        fast = {**alias, **{name: alias[name] - self.beta * g for name, g in zip(theta, grads) if g is not None}}
         # Outer loss on batch B with the fast weights; gradients to φ only.
         with autocast:
             out_b = stage.forward(xb, net=lambda x: functional_call(model, fast, (x,)))

@@ -119,6 +119,22 @@ def test_the_bilevel_step_leaves_the_generator_of_the_picks_alone(tmp_path):
     assert not torch.equal(plugin.meta_generator.get_state(), meta_state)
 
 
+def test_the_bilevel_step_never_feeds_the_parameters_gradient_accumulators(tmp_path):
+    """The step differentiates with respect to aliases of the parameters: a hook on a parameter's
+    gradient (which fires when its accumulator is fed) stays silent. On a GPU an accumulator held
+    from the training stream (by the last training step's graph, or by DDP) and fed from the
+    stream a CUDA graph records on makes the recording fail."""
+    t, plugin, phase, stage = _ready_for_bilevel(tmp_path)
+    fed = []
+    for name, p in t.learner.net.named_parameters():
+        if p.requires_grad:
+            p.register_hook(lambda g, name=name: fed.append(name))
+    phi_before = [p.detach().clone() for p in plugin.phi()]
+    plugin.bilevel_epoch(phase, stage, lr=0.1)
+    assert plugin.meta_iterations > 0 and fed == []
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(phi_before, plugin.phi()))
+
+
 def test_a_nonfinite_bilevel_iteration_is_skipped_on_the_device(tmp_path):
     """A NaN outer loss (here: a BatchNorm variance below zero in the eval-mode network) leaves φ
     and its optimiser exactly as they were; the skip is counted on the device and read at the
