@@ -234,6 +234,13 @@ class Trainer:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
         return opt, sched
 
+    def resident(self, data: StageData) -> StageData:
+        """``data`` on the GPU when its images are an in-memory tensor small enough (2³¹ elements)
+        to keep there for the whole stage (no per-batch host copies); else ``data`` as it is."""
+        if isinstance(data.images, torch.Tensor) and self.on_cuda and data.images.numel() < 2 ** 31:
+            return data.to(self.device)
+        return data
+
     def run_stage(self, phase: Phase, stage: Stage, generator: torch.Generator) -> None:
         if stage.epochs == 0:
             return
@@ -241,9 +248,7 @@ class Trainer:
         if len(data) < 2:
             self.log.info(f"  stage {stage.name}: skipped, only {len(data)} training samples")
             return
-        if isinstance(data.images, torch.Tensor) and self.on_cuda and data.images.numel() < 2 ** 31:
-            # Small enough: keep the whole stage's data on the device, no per-batch host copies.
-            data = data.to(self.device)
+        data = self.resident(data)
         for plugin in self.plugins:
             plugin.before_stage(phase, stage, data)
         stage.params = list(stage.params)   # read twice below (a generator could be read once)

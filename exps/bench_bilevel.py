@@ -131,9 +131,7 @@ def time_bilevel(raw: dict, epochs: int, profile: bool = False) -> list[dict]:
         # a fresh stage (the warm-up's ended and dropped φ's optimiser), its data on the device as
         # run_stage holds it, and the CIL network left trained by the warm-up epoch
         stage = trainer.learner.stages(phase)[0]
-        if isinstance(data.images, torch.Tensor) and trainer.on_cuda and data.images.numel() < 2 ** 31:
-            data = data.to(trainer.device)
-        cim.before_stage(phase, stage, data)
+        cim.before_stage(phase, stage, trainer.resident(data))
         lr = trainer.cfg["init_lr"]
         start_state = snapshot(cim)
         rows, phis = [], {}

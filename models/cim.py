@@ -190,7 +190,7 @@ class ExemplarCompression(Plugin):
         self.phi_lr = 0.0
         self.graphed_step = None                      # GraphedStep of the bilevel iteration, per stage
         self._bilevel_stage: Stage | None = None      # the stage whose bilevel iterations run
-        self.beta = torch.zeros(())                   # inner step size β1, a device scalar (a graph input)
+        self.beta: torch.Tensor | None = None         # inner step size β1, a device scalar (a graph input)
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -496,7 +496,8 @@ class ExemplarCompression(Plugin):
         name_of = {id(p): name for name, p in params.items()}
         phi_names = [name_of[id(p)] for p in self.phi_opt.params]
         phi = [alias[name] for name in phi_names]
-        theta = [name for name in alias if name not in set(phi_names) and is_backbone_parameter(name)]
+        not_theta = set(phi_names)
+        theta = [name for name in alias if name not in not_theta and is_backbone_parameter(name)]
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)   # no cast cache: graph-safe
                     if self.cfg["bilevel_autocast"] and self.ctx.amp else contextlib.nullcontext())
         # Batch A through the CIM model: its logits (div term) and its soft CAM (reg term, mask).
@@ -552,7 +553,7 @@ class ExemplarCompression(Plugin):
             "policy": self.policy, "ratio": self.ratio,
             "mean_box_area": round(sum(areas) / (n * size * size), 6) if n else None,
             "bilevel": {"iterations": self.meta_iterations, "skipped_nonfinite": self.meta_skipped,
-                        "last_outer_loss": None if self.last_outer_loss is None else float(self.last_outer_loss),
+                        "last_outer_loss": self.last_outer_loss,
                         "seconds": round(self.meta_seconds, 3),
                         # on a GPU: iterations replayed from the stage's CUDA graph; why each recording
                         # failed, and why a stage gave up recording (its iterations ran eagerly)

@@ -39,18 +39,23 @@ class MaskedAdam:
         self.exp_avg_sq = torch.zeros(n, device=device)     # float32 [n]: second moments
         self.steps = torch.zeros((), device=device)         # steps taken (float, for the bias corrections)
         self.lr = torch.tensor(float(lr), device=device)    # float32 []: the current learning rate
+        self._index: tuple[tuple[bool, ...], torch.Tensor] | None = None   # see _used
 
     def set_lr(self, lr: float) -> None:
         self.lr.fill_(float(lr))
 
     def _used(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
-        """int64 [k]: the positions in the flat moments of the parameters that have a gradient."""
-        used, start = [], 0
-        for p, g in zip(self.params, grads):
-            if g is not None:
-                used.append(torch.arange(start, start + p.numel(), device=self.exp_avg.device))
-            start += p.numel()
-        return torch.cat(used)
+        """int64 [k]: the positions in the flat moments of the parameters that have a gradient
+        (built once per pattern of missing gradients, which is the same at every step)."""
+        pattern = tuple(g is not None for g in grads)
+        if self._index is None or self._index[0] != pattern:
+            used, start = [], 0
+            for p, has_grad in zip(self.params, pattern):
+                if has_grad:
+                    used.append(torch.arange(start, start + p.numel(), device=self.exp_avg.device))
+                start += p.numel()
+            self._index = (pattern, torch.cat(used))
+        return self._index[1]
 
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor | None], apply: torch.Tensor) -> None:
