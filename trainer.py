@@ -11,8 +11,8 @@ Learners and plugins see a :class:`models.context.RunContext`, never the trainer
 
 Under ``torchrun`` (``utils/distributed.py``) every process runs this loop on its shard of each
 global batch, the stage's network wrapped in DistributedDataParallel; the ranks share out the
-memory update's feature extraction, rank 0 alone decides the memory (then broadcast), evaluates,
-and writes the run folder.
+memory update (each decodes, boxes and embeds its share of the new classes' images), rank 0
+alone decides the memory (then broadcast), evaluates, and writes the run folder.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from utils.config import config_hash, hashed_keys, phase_plan, plan_note, resolv
 from utils.datasets import DATASETS, load_dataset
 from utils.errors import UserError
 from utils.io import remove_stale_tmp, save_torch, write_json
-from utils.memory import ExemplarMemory
+from utils.memory import Candidates, ExemplarMemory, candidate_share
 from utils.metrics import accuracy_report, summarize
 from utils.nme import class_means, nme_logits
 from utils.run_lock import RunLock
@@ -457,18 +457,31 @@ class Trainer:
 
     def update_memory(self, phase: Phase) -> None:
         """End-of-phase memory update (herding, compression). With several processes every rank
-        computes its share of the features (and of the CAM boxes, ``Plugin.compressor``) and gathers
-        the rest, so all ranks herd on the same numbers; rank 0's decision is then broadcast and
-        loaded by every other rank, so all hold bit-identical exemplars (``check_memory``). Every
-        rank runs this, so an error here (an unreadable image in one rank's share, an out-of-memory)
+        decodes its share of each new class's images and computes their boxes
+        (``Plugin.compressor``) and features; the shares are gathered, so all ranks hold the same
+        candidates; rank 0 alone herds, fetches the images it keeps and stores them
+        (``distributed.on_main``: an error there is raised on every rank), and its memory is then
+        broadcast and loaded by every other rank, so all hold bit-identical exemplars
+        (``check_memory``). An error in one rank's share (an unreadable image, an out-of-memory)
         is raised on that rank alone: it exits with the message and torchrun's agent stops the
         others; without an agent they fail in their next collective after ``dist_timeout``."""
-        learner = self.learner
+        ctx, learner = self.ctx, self.learner
         compressor = next((c for c in (p.compressor(phase) for p in self.plugins) if c is not None), None)
-        self.memory.update(range(phase.first, phase.last), self.ctx.class_images,
-                           lambda imgs, index: self.ctx.embed(imgs, lambda x: learner.inference(x)["features"],
-                                                              orig_hw=self.ctx.orig_hw(index), shard=True),
-                           phase.last, compressor)
+
+        def features(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return ctx.embed(images, lambda x: learner.inference(x)["features"], orig_hw=ctx.orig_hw(index))
+
+        def candidates_of(label: int) -> Candidates:
+            index = ctx.class_index(label)
+
+            def share(rows: slice):
+                mine = index[rows]   # only this rank's share is decoded
+                return candidate_share(ctx.training_images(mine), mine, label, rows, index.numel(), features,
+                                       compressor, self.memory.compress_ratio)
+            return Candidates(index, *distributed.map_shards(share, index.numel()), self.image_size)
+
+        self.memory.update(range(phase.first, phase.last), candidates_of, ctx.training_images, phase.last,
+                           decide=distributed.on_main)
         if self.world > 1:
             state = distributed.broadcast_object(self.memory.state_dict() if self.is_main else None)
             if not self.is_main:

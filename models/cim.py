@@ -31,9 +31,11 @@ What the plugin does in a phase (hooks of ``models/plugins.py``):
 With several processes (torchrun): rank 0 alone runs the bilevel iterations after each epoch and
 then broadcasts φ, so the CIM model is the same on every rank. Their batches and augmentation draw
 from a generator of their own (``meta_generator``), so the draws every rank makes (the picks below)
-come from a generator that rank 0's bilevel step leaves untouched. The CAM boxes (artifact augmentation
-and the memory update's ``compressor``) are computed in shares, each rank the CAMs of a contiguous
-share of the images, and gathered, so every rank holds all boxes (``shared_boxes``); before a
+come from a generator that rank 0's bilevel step leaves untouched. The CAM boxes are computed in shares,
+each rank the CAMs of a contiguous share of the images: for artifact augmentation they are
+gathered here, so every rank holds all boxes (``shared_boxes``); the memory update's
+``compressor`` gives the boxes of the share the trainer hands it, which the trainer gathers with
+the share's features (each rank decodes only its share). Before a
 refresh during a stage the CAM network takes rank 0's BatchNorm statistics, which each rank
 otherwise updates on its own shard, so the boxes are those rank 0's network gives. Each rank draws
 which of its new-class images to compress for the whole global batch and keeps its shard's draws
@@ -284,9 +286,15 @@ class ExemplarCompression(Plugin):
             net.train(was_training)
         return torch.cat(out)
 
-    def boxes(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """int64 [B, 4] boxes (on the images' device) of the policy for uint8 ``images`` [B, 3, S, S]."""
+    def boxes(self, images: torch.Tensor, labels: torch.Tensor, share: tuple[slice, int] | None = None) -> torch.Tensor:
+        """int64 [B, 4] boxes (on the images' device) of the policy for uint8 ``images`` [B, 3, S, S].
+        ``share`` = (rows, n): the images are the rows ``rows`` of n; the ``random`` policy draws
+        boxes for all n and keeps ``rows``, so that every share (an empty one too) draws what one
+        process draws, and the generator stays in step on every rank."""
         n, size = images.shape[0], images.shape[-1]
+        if self.policy == "random" and share is not None:
+            rows, total = share
+            return random_boxes(total, size, self.cfg["box_area"], self.generator)[rows].to(images.device)
         if n == 0:
             return torch.zeros(0, 4, dtype=torch.long, device=images.device)
         if self.policy == "full":
@@ -310,9 +318,11 @@ class ExemplarCompression(Plugin):
         return rows_boxes(slice(0, n))
 
     def compressor(self, phase: Phase):
-        def compress(images: torch.Tensor, label: int) -> torch.Tensor:
+        """The memory update's boxes of a share of a class's candidates (``utils.memory.Compressor``):
+        the policy's boxes, the CAMs of the share's images alone (the trainer gathers the shares)."""
+        def compress(images: torch.Tensor, label: int, rows: slice, n: int) -> torch.Tensor:
             labels = torch.full((images.shape[0],), label, dtype=torch.long)
-            return self.shared_boxes(images.shape[0], lambda rows: self.boxes(images[rows], labels[rows]))
+            return self.boxes(images, labels, share=(rows, n))
         return compress
 
     # ---- phase and stage ----------------------------------------------------------------------

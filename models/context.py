@@ -84,11 +84,25 @@ class RunContext:
         x = test_transform(images, self.input_size, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def class_index(self, label: int) -> torch.Tensor:
+        """int64 [n]: the training-set indices of class ``label`` (after remapping)."""
+        return (self.train_labels == label).nonzero().flatten()
+
+    def class_source(self, label: int) -> tuple[batching.Images, torch.Tensor]:
+        """The training images of class ``label`` as a source (a lazy one for a streamed set: only
+        the images read are decoded, e.g. a process's share in ``embed(..., shard=True)``) and
+        their indices."""
+        index = self.class_index(label)
+        return batching.select(self.train_images, index), index
+
+    def training_images(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 [k, 3, S, S]: the training images at training-set ``index`` [k] (decoded when streamed)."""
+        return batching.materialize(batching.select(self.train_images, index), self.cfg["num_workers"])
+
     def class_images(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [n, 3, S, S] training images of class ``label`` (after remapping) and their indices."""
-        index = (self.train_labels == label).nonzero().flatten()
-        images = batching.materialize(batching.select(self.train_images, index), self.cfg["num_workers"])
-        return images, index
+        index = self.class_index(label)
+        return self.training_images(index), index
 
     def class_counts(self, phase) -> torch.Tensor:
         """float [classes seen]: real per-class sample counts of the phase data — training images for

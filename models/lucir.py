@@ -78,7 +78,7 @@ class LUCIR(Learner):
         with torch.no_grad():
             target_norm = head.fc1.weight.norm(dim=1).mean()
             for j, c in enumerate(range(phase.first, phase.last)):
-                images, index = self.ctx.class_images(c)
+                images, index = self.ctx.class_source(c)   # each process decodes its share
                 feats = self.ctx.embed(images, lambda x: self.net.backbone(x)["features"],
                                        orig_hw=self.ctx.orig_hw(index), shard=True)
                 mean = F.normalize(F.normalize(feats, dim=1).mean(dim=0), dim=0)

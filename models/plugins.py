@@ -15,8 +15,9 @@ Under torchrun every hook runs on every process, in step (``ctx.rank``, ``ctx.wo
 ``ctx.is_main``): a plugin writes files on rank 0 only, and whatever must be the same on every rank
 is computed on rank 0 and broadcast (CIM's φ), or computed in shares and gathered
 (``utils/distributed.map_shards``: CIM's CAM boxes), so every rank holds the same numbers.
-``compressor`` is called on every rank (the memory update is a collective: each rank extracts its
-share of the features), ``phase_report`` on rank 0 only.
+``compressor`` is called on every rank (the memory update is a collective: each rank decodes and
+embeds its share of each new class's images, and its compressor gives that share's boxes; see
+``utils.memory.Compressor``), ``phase_report`` on rank 0 only.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class Plugin:
         """Parameters this plugin optimises itself; the stages' optimisers leave them out."""
         return []
     def compressor(self, phase):
-        """A memory Compressor for this phase's new classes, or None."""
+        """A ``utils.memory.Compressor`` for this phase's new classes, or None."""
         return None
     def after_phase(self, phase) -> None: ...
     def phase_report(self, phase) -> dict:

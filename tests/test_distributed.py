@@ -103,19 +103,32 @@ def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
 def count_rows(trainer) -> dict:
     """Counts, filled in while ``trainer`` runs, of the images this process put through the network
     in the memory updates (features) and in CIM's box computations (CAMs)."""
-    rows = {"memory_features": 0, "boxes": 0}
-    update, to_input = trainer.update_memory, trainer.ctx.to_input
+    rows = {"memory_features": 0, "boxes": 0, "memory_decoded": 0, "memory_fetched": 0}
+    update, to_input, training_images = trainer.update_memory, trainer.ctx.to_input, trainer.ctx.training_images
+    add_class = trainer.memory.add_class
+    fetching = []
 
     def counted_update(phase):
         def counted_input(images, orig_hw=None):
             rows["memory_features"] += images.shape[0]
             return to_input(images, orig_hw)
-        trainer.ctx.to_input = counted_input
+
+        def counted_images(index):   # a share's candidates, or (in add_class) the exemplars kept
+            rows["memory_fetched" if fetching else "memory_decoded"] += len(index)
+            return training_images(index)
+        trainer.ctx.to_input, trainer.ctx.training_images = counted_input, counted_images
         try:
             update(phase)
         finally:
-            trainer.ctx.to_input = to_input
-    trainer.update_memory = counted_update
+            trainer.ctx.to_input, trainer.ctx.training_images = to_input, training_images
+
+    def counted_add_class(*args, **kwargs):
+        fetching.append(True)
+        try:
+            return add_class(*args, **kwargs)
+        finally:
+            fetching.clear()
+    trainer.update_memory, trainer.memory.add_class = counted_update, counted_add_class
     for plugin in trainer.plugins:
         if hasattr(plugin, "cams"):   # CIM: the CAMs of boxes, not those of rank 0's exemplar figure
             cams, after_phase = plugin.cams, plugin.after_phase
@@ -287,14 +300,20 @@ def test_map_shards_gathers_every_share_in_order_even_an_empty_one(two_process_r
 
 
 def test_the_ranks_share_out_the_memory_features_and_the_cam_boxes(two_process_runs):
-    """Each rank embeds about half of the new classes' images for herding (every class seen is new
-    once, so the shares add up to those classes' training images), and computes the CAMs of about half of the images
-    whose boxes CIM needs; the memories still agree (test above)."""
+    """Each rank decodes and embeds about half of the new classes' images for herding (every class
+    seen is new once, so the shares add up to those classes' training images); rank 0 alone
+    fetches the images it keeps, no more than the memory holds; each rank computes the CAMs of
+    about half of the images whose boxes CIM needs; the memories still agree (test above)."""
     for name in ("icarl", "der_cim"):
-        _, ranks = two_process_runs[name]
-        shares = [ranks[r]["rows"]["memory_features"] for r in range(WORLD)]
-        assert sum(shares) == ranks[0]["train_images"], name
-        assert abs(shares[0] - shares[1]) <= 4, (name, shares)   # at most one row per class apart
+        out, ranks = two_process_runs[name]
+        for count in ("memory_features", "memory_decoded"):
+            shares = [ranks[r]["rows"][count] for r in range(WORLD)]
+            assert sum(shares) == ranks[0]["train_images"], (name, count)
+            assert abs(shares[0] - shares[1]) <= 4, (name, count, shares)   # at most one row per class apart
+        phases = read_results(out)["phases"]
+        stored_new = sum(sum(p["memory"]["per_class"][p["classes"][0]:p["classes"][1]]) for p in phases)
+        assert ranks[0]["rows"]["memory_fetched"] == stored_new > 0, name
+        assert ranks[1]["rows"]["memory_fetched"] == 0, name
     boxes = [two_process_runs["der_cim"][1][r]["rows"]["boxes"] for r in range(WORLD)]
     assert min(boxes) > 0 and abs(boxes[0] - boxes[1]) <= 0.1 * sum(boxes), boxes
 

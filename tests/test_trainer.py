@@ -515,8 +515,10 @@ def test_streamed_run_decoding_on_the_device_goes_through_one_decoder(tmp_path, 
     results = trainer.run()
     assert [p["phase"] for p in results["phases"]] == [0, 1]
     assert results["phases"][-1]["memory"]["exemplars"] > 0 and results["phases"][-1]["nme"] is not None
-    assert {"batches", "evaluate", "class_images", "materialize"} <= callers, callers
-    # feature extraction of a streamed source (today's learners embed decoded tensors) decodes the same way
+    # training, evaluation, the memory update's shares and kept exemplars (training_images), and
+    # LUCIR's imprinting, which embeds the streamed source itself (each process its share)
+    assert {"batches", "evaluate", "training_images", "materialize", "begin_phase", "embed"} <= callers, callers
+    # feature extraction of a streamed source decodes the same way as of its decoded tensors
     from utils import batching
 
     callers.clear()

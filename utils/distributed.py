@@ -174,13 +174,17 @@ def shard_span(n: int) -> slice:
     return slice(n * r // w, n * (r + 1) // w)
 
 
-def map_shards(fn: Callable[[slice], torch.Tensor], n: int) -> torch.Tensor:
+def map_shards(fn: Callable[[slice], Any], n: int) -> Any:
     """``fn`` of this rank's rows (:func:`shard_span` of ``n``), gathered: every rank gets the rows of
-    all ranks in order, the same tensor as ``fn(slice(0, n))`` in one process (up to how batch
+    all ranks in order, the same as ``fn(slice(0, n))`` in one process (up to how batch
     composition rounds), computed by W processes at once. ``fn(rows)`` returns a tensor with
-    ``rows``' length along dim 0 (an empty one for no rows). Every rank must call it (a collective)."""
-    span = shard_span(n)
-    return all_gather(fn(span))
+    ``rows``' length along dim 0 (an empty one for no rows), or a tuple of such tensors, each
+    gathered on its own (a None entry stays None; it must be None on every rank). Every rank
+    must call it (a collective)."""
+    out = fn(shard_span(n))
+    if isinstance(out, tuple):
+        return tuple(None if t is None else all_gather(t) for t in out)
+    return all_gather(out)
 
 
 def on_main(fn: Callable[[], T]) -> T:

@@ -8,7 +8,7 @@ a prefix of its herding order whose cost sum is ≤ the per-class budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -68,13 +68,45 @@ class ClassExemplars:
         return self.costs.numel()
 
 
-# A compressor maps uint8 images [B, 3, S, S] of one class (and the class label) to the boxes
-# int64 [B, 4] kept at full resolution; the rest of each image is stored downsampled.
-Compressor = Callable[[torch.Tensor, int], torch.Tensor]
+# A compressor gives the boxes (int64 [B, 4], kept at full resolution; the rest of each image is
+# stored downsampled) of a share of one class's n candidates: compressor(images, label, rows, n)
+# with ``images`` uint8 [B, 3, S, S] the candidates at ``rows`` (a slice of the n; all of them in
+# one process). A compressor that draws at random draws for all n and keeps ``rows``, so that
+# every share, and one process, sees the same draws.
+Compressor = Callable[[torch.Tensor, int, slice, int], torch.Tensor]
 # A feature function maps uint8 images [B, 3, S, S] of the training set and their training-set
 # indices [B] (which say how the images are stored: see RunContext.orig_hw) to features [B, d]
 # (the deployed model, eval mode).
 FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# fetch(index) -> uint8 [k, 3, S, S]: the training images at training-set indices ``index`` [k]
+# (decoded where the set is streamed): the memory fetches only the exemplars it keeps.
+Fetch = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Candidates(NamedTuple):
+    """What herding decides one class's exemplars from, without the pixels: the training-set
+    ``index`` int64 [n] of the class's images, their ``features`` float [n, d] as they would be
+    stored, their full-resolution ``boxes`` int64 [n, 4] (None: stored uncompressed, cost 1
+    each) and the image side ``size`` S. With several processes each computes a share of the
+    rows (:func:`candidate_share` on the images it decoded) and the shares are gathered."""
+
+    index: torch.Tensor
+    features: torch.Tensor
+    boxes: torch.Tensor | None
+    size: int
+
+
+def candidate_share(images: torch.Tensor, index: torch.Tensor, label: int, rows: slice, n: int,
+                    feature_fn: FeatureFn, compressor: Compressor | None, ratio: float
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(features [B, d], boxes int64 [B, 4] on the CPU or None) of the candidates at ``rows`` of
+    class ``label``'s n: ``images`` uint8 [B, 3, S, S] and their training-set ``index`` [B]. With a
+    compressor the features are those of the compressed images (``x̃``), which herding chooses
+    among, as they will be stored."""
+    if compressor is None:
+        return feature_fn(images, index), None
+    boxes = compressor(images, label, rows, n).cpu()
+    return feature_fn(compress_images(images, boxes, ratio), index), boxes
 
 
 def full_image_boxes(n: int, size: int) -> torch.Tensor:
@@ -112,17 +144,13 @@ class ExemplarMemory:
         for c, ex in self.classes.items():
             self.classes[c] = ex.prefix(budget_prefix(ex.costs, m))
 
-    def add_class(self, label: int, images: torch.Tensor, features: torch.Tensor, m: float,
-                  boxes: torch.Tensor | None = None, source_index: torch.Tensor | None = None) -> int:
-        """Herding-select exemplars of class ``label`` within budget ``m``; returns how many were stored.
-
-        images: uint8 [n, 3, S, S] originals; boxes: int64 [n, 4] full-resolution boxes (None =
-        store uncompressed, cost 1 each); features: [n, d] features of the images *as they will
-        be stored* (the compressed ones when ``boxes`` is given). Picks add their costs; the pick
-        that would exceed ``m`` is not added.
-        """
-        n, size = images.shape[0], images.shape[-1]
-        source_index = torch.arange(n) if source_index is None else source_index.cpu()
+    def add_class(self, label: int, candidates: Candidates, m: float, fetch: Fetch) -> int:
+        """Herding-select exemplars of class ``label`` within budget ``m`` from its ``candidates``;
+        returns how many were stored. Picks add their costs; the pick that would exceed ``m`` is
+        not added. Only the kept images are fetched (``fetch``) and stored."""
+        index, features, boxes, size = candidates
+        n = index.numel()
+        index = index.cpu()
         if boxes is None:
             costs = torch.ones(n)
         else:
@@ -132,8 +160,8 @@ class ExemplarMemory:
         max_picks = int(m / float(costs.min())) + 1 if n else 0
         order = herding_order(features, max_picks) if n else torch.empty(0, dtype=torch.long)
         keep = order[:budget_prefix(costs[order], m)]
-        kept = images[keep].cpu()
-        common = dict(costs=costs[keep].clone(), source_index=source_index[keep].clone(), size=size)
+        kept = fetch(index[keep]).cpu() if keep.numel() else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        common = dict(costs=costs[keep].clone(), source_index=index[keep].clone(), size=size)
         if boxes is None:
             self.classes[label] = ClassExemplars(images=kept.clone(), boxes=full_image_boxes(len(keep), size), **common)
         else:
@@ -142,23 +170,21 @@ class ExemplarMemory:
                                                  small_pixels=small_pixels, ratio=self.compress_ratio, **common)
         return keep.numel()
 
-    def update(self, new_classes: range, class_images: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-               feature_fn: FeatureFn, classes_seen: int, compressor: Compressor | None = None) -> None:
-        """End-of-phase update: shrink old classes to the new m, then herd each new class.
+    def update(self, new_classes: range, candidates_of: Callable[[int], Candidates], fetch: Fetch,
+               classes_seen: int, decide: Callable[[Callable[[], int]], int] = lambda add: add()) -> None:
+        """End-of-phase update: shrink old classes to the new m, then herd each new class from
+        ``candidates_of(c)`` (:class:`Candidates`), fetching the kept images with ``fetch``.
 
-        class_images(c) -> (uint8 images [n, 3, S, S], training-set indices [n]) of class c.
-        With a compressor, herding runs on the features of the compressed images.
+        ``decide(add)`` runs one class's herding decision ``add``. With several processes the
+        trainer passes ``utils.distributed.on_main``: every process computes its share of the
+        candidates (``candidates_of`` is a collective), rank 0 alone decides and stores, and the
+        trainer then hands rank 0's memory to the others.
         """
         m = self.class_budget(classes_seen)
         self.shrink(m)
         for c in new_classes:
-            images, index = class_images(c)
-            boxes = None
-            seen = images
-            if compressor is not None:
-                boxes = compressor(images, c).cpu()
-                seen = compress_images(images, boxes, self.compress_ratio)
-            self.add_class(c, images, feature_fn(seen, index), m, boxes, index)
+            candidates = candidates_of(c)
+            decide(lambda: self.add_class(c, candidates, m, fetch))
 
     # ---- access -------------------------------------------------------------------------
     def __len__(self) -> int:
