@@ -593,6 +593,39 @@ def test_device_decode_is_close_to_pillow_and_falls_back_for_non_jpeg(tmp_path):
     assert torch.equal(pillow, device)
 
 
+def test_device_decode_resizes_images_of_one_size_together_with_the_pixels_each_gets_alone(tmp_path, monkeypatch):
+    """finish_batch resizes the JPEGs of a batch that share a size in one call (in chunks of at most
+    RESIZE_CHUNK_PIXELS of the device); every image gets exactly the pixels it gets resized alone,
+    in its place."""
+    from utils import stream_decode
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    sizes = [(150, 110), (60, 40), (150, 110), (260, 190), (60, 40), (150, 110), (48, 48)]
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        paths.append(str(folder / f"{i}.JPEG"))
+        _photo(w, h, 20 + i).save(paths[-1], format="JPEG", quality=90)
+    items = [stream_decode.read_encoded(p) for p in paths]
+    cpu = torch.device("cpu")
+    alone = torch.stack([stream_decode.to_stored(image[None], 32)[0]
+                         for image in stream_decode._decode_jpegs(items, cpu)])
+    calls = []
+    real = stream_decode.to_stored
+
+    def counted(images, size):
+        calls.append(images.shape[0])
+        return real(images, size)
+    monkeypatch.setattr(stream_decode, "to_stored", counted)
+    monkeypatch.setitem(stream_decode.RESIZE_CHUNK_PIXELS, "cpu", 1 << 18)
+    assert torch.equal(stream_decode.finish_batch(items, 32, cpu), alone)
+    assert sorted(calls) == [1, 1, 2, 3]             # one call per size
+    calls.clear()
+    monkeypatch.setitem(stream_decode.RESIZE_CHUNK_PIXELS, "cpu", 2 * 150 * 110)
+    assert torch.equal(stream_decode.finish_batch(items, 32, cpu), alone)
+    assert sorted(calls) == [1, 1, 1, 2, 2]          # the three 150x110 images in chunks of 2 and 1
+
+
 def test_device_decode_in_loader_workers_and_through_subsets_and_concatenations(tmp_path):
     from utils import batching
 

@@ -249,3 +249,26 @@ def test_bench_bilevel_times_eager_and_graphed_iterations_from_one_state(tmp_pat
     assert 0 < eager["bilevel_share"] < 1 and eager["train_ms_per_step"] > 0
     assert eager["profile"]["steps"] == per_epoch and "top_host" in eager["profile"]
     assert "eager" in capsys.readouterr().out
+
+
+def test_bench_stream_decode_times_every_chunk_with_the_pixels_of_images_resized_alone(tmp_path, monkeypatch, capsys):
+    import json
+
+    import bench_stream_decode
+    from PIL import Image
+
+    for i in range(10):
+        Image.new("RGB", (30 + 3 * i, 24), (20 * i, 60, 200 - 10 * i)).save(tmp_path / f"{i}.JPEG", quality=90)
+    out = tmp_path / "sd.json"
+    monkeypatch.setattr(sys, "argv", ["bench_stream_decode.py", "--files", str(tmp_path / "*.JPEG"), "--batch", "9",
+                                      "--long_side", "40", "--sizes", "16", "24", "--chunks", "0", "12", "24",
+                                      "--repeat", "1", "--device", "cpu", "--out", str(out)])
+    bench_stream_decode.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["size"], r["chunk_pixels_log2"]) for r in rows] == [(s, k) for s in (16, 24) for k in (0, 12, 24)]
+    assert all(r["same_pixels"] and r["images"] == 9 and r["distinct_shapes"] == 8 and r["finish_ms"] > 0
+               for r in rows)
+    from utils import stream_decode
+
+    assert stream_decode.RESIZE_CHUNK_PIXELS["cpu"] == 1 << 18      # the bench puts the default back
+    assert "finish ms" in capsys.readouterr().out
