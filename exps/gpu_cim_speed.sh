@@ -13,9 +13,12 @@
 #      graph is recorded again in every phase, with LUCIR's distillation in the loss from phase 1);
 #   3. DER and FOSTER with cim, tiny-imagenet-50 at 32 px, two phases of two epochs (their graphs
 #      in phase 1 hold the old backbones);
-#   4. exps/bench_throughput.py, float32: plain loop, framework without CIM, with CIM (graphed
+#   4. exps/bench_stream_decode.py: stream_decode "device" finishing a batch of 256 subset files
+#      re-encoded to 8 shapes with a 500 px long side, by resize chunk (2^0: image by image; the
+#      GPU default 2^24 is not measured yet);
+#   5. exps/bench_throughput.py, float32: plain loop, framework without CIM, with CIM (graphed
 #      bilevel step, the default) and with the eager step (bilevel_cuda_graph false);
-#   5. the same bench for resnet32 at 32 px, bf16: eager beside compile_mode "reduce-overhead"
+#   6. the same bench for resnet32 at 32 px, bf16: eager beside compile_mode "reduce-overhead"
 #      (torch.compile with CUDA graphs) for the rest of the budget.
 # Each run's results.json says per phase how many iterations were replayed (graph_replays) and why
 # recording failed where it did (graph_fallback).
@@ -52,16 +55,21 @@ for r in sorted(glob.glob(os.path.join(sys.argv[1], "*", "results.json"))):
         print(os.path.basename(os.path.dirname(r)), "phase", p.get("phase"), "cnn", p.get("cnn", {}).get("top1"),
               "exemplars", p.get("memory", {}).get("exemplars"), "seconds", p.get("seconds"), "bilevel", json.dumps(b))
 PYEOF
-say "4. a training phase with CIM, float32: graphed vs eager bilevel step"
+say "4. stream_decode device: resize chunks on the GPU"
+timeout $(limit 40) $PY exps/bench_stream_decode.py --files "$D/imagenette-sub/train/*/*" --long_side 500 \
+    --sizes 224 256 --chunks 0 18 20 22 24 --device $DEV --out $R/bench-stream-decode.json \
+    > $R/bench-stream-decode.out 2>&1; say "4 rc $?"
+cat $R/bench-stream-decode.out | tail -12
+say "5. a training phase with CIM, float32: graphed vs eager bilevel step"
 timeout $(limit 110) $PY exps/bench_throughput.py $I224 --set init_cls=10 --set compression=none $B4_ARGS \
     --compare cim:compression=cim --compare cim-eager:compression=cim,bilevel_cuda_graph=false \
-    --out $R/bench-cim-rows-fp32.json > $R/bench-cim-rows-fp32.out 2>&1; say "4 rc $?"
+    --out $R/bench-cim-rows-fp32.json > $R/bench-cim-rows-fp32.out 2>&1; say "5 rc $?"
 grep -A8 "^| row" $R/bench-cim-rows-fp32.out
-say "5. torch.compile reduce-overhead, resnet32 at 32 px"
+say "6. torch.compile reduce-overhead, resnet32 at 32 px"
 timeout $(limit 110) $PY exps/bench_throughput.py --config cim-lucir-tinyimagenet50 --set data_root=$D/tiny32 \
     --set device=$DEV --set convnet_type=resnet32 --set batch_size=128 --set init_cls=10 --set compression=none \
     $B5_ARGS --compare reduce-overhead:compile=true,compile_mode=reduce-overhead \
-    --out $R/bench-resnet32-reduce-overhead.json > $R/bench-resnet32-reduce-overhead.out 2>&1; say "5 rc $?"
+    --out $R/bench-resnet32-reduce-overhead.json > $R/bench-resnet32-reduce-overhead.out 2>&1; say "6 rc $?"
 grep -A8 "^| row" $R/bench-resnet32-reduce-overhead.out
 tar czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='exemplars_phase_*.png' "$R"
 say "done"
