@@ -394,10 +394,12 @@ class ExemplarCompression(Plugin):
         def rows_boxes(rows: slice) -> torch.Tensor:
             out = [torch.zeros(0, 4, dtype=torch.long, device=self.ctx.device)]
             mine = new[rows]
-            for i in range(0, mine.numel(), bs):
-                sel = mine[i:i + bs]
-                imgs = batching.materialize(batching.select(images, sel.to(images.device)
-                                                            if isinstance(images, torch.Tensor) else sel))
+            if isinstance(images, torch.Tensor):
+                batches = ((images[sel.to(images.device)], sel) for sel in mine.split(bs))
+            else:   # streamed: one loader over the share, its workers decoding (num_workers)
+                batches = batching.iterate(batching.select(images, mine), mine, batch_size=bs,
+                                           num_workers=self.cfg["num_workers"])
+            for imgs, sel in batches:
                 out.append(self.boxes(imgs, labels[sel]).to(self.ctx.device))
             return torch.cat(out)
 
@@ -449,10 +451,23 @@ class ExemplarCompression(Plugin):
         passes = [torch.randperm(n, generator=self.meta_generator) for _ in range(-(-need // n))]
         return torch.cat(passes)[:need]
 
-    def _meta_batch(self, phase: Phase, pick: torch.Tensor):
-        images, labels = self.stage_data.images, self.stage_data.labels
+    def _meta_batches(self, phase: Phase, order: torch.Tensor):
+        """The epoch's bilevel batches, one per row of ``order`` (int64 [2·iters, b], the stage's
+        sample indices), in order: (x float [b, 3, I, I], y, old-class rows). A streamed stage's
+        images are decoded by one loader over the whole epoch's picks (its ``num_workers``)."""
+        images = self.stage_data.images
+        if isinstance(images, torch.Tensor):
+            pixels = (batching.select(images, batching.to_device(pick, images.device)) for pick in order)
+        else:
+            pixels = (imgs for imgs, in batching.iterate(batching.select(images, order.flatten()),
+                                                         batch_size=order.shape[1], num_workers=self.cfg["num_workers"]))
+        for pick, imgs in zip(order, pixels):
+            yield self._meta_batch(phase, pick, imgs)
+
+    def _meta_batch(self, phase: Phase, pick: torch.Tensor, imgs: torch.Tensor):
+        """One bilevel batch from the uint8 images ``imgs`` [b, 3, S, S] of the stage's samples ``pick``."""
+        labels = self.stage_data.labels
         dev_pick = batching.to_device(pick, labels.device)   # pinned, non-blocking: no wait for the GPU's queue
-        imgs = batching.materialize(batching.select(images, dev_pick if isinstance(images, torch.Tensor) else pick))
         t = self.ctx
         hw = self.stage_data.orig_hw
         x = t.augment(imgs.to(t.device), self.meta_generator, None if hw is None else hw[pick.cpu()])
@@ -473,9 +488,10 @@ class ExemplarCompression(Plugin):
         model = stage.model
         was_training = model.training
         model.eval()
+        batches = self._meta_batches(phase, order)
         for it in range(iters):
-            xa, ya, olda = self._meta_batch(phase, order[2 * it])
-            xb, yb, _ = self._meta_batch(phase, order[2 * it + 1])
+            xa, ya, olda = next(batches)
+            xb, yb, _ = next(batches)
             self.graphed_step(xa, ya, olda, xb, yb)
             self.meta_attempts += 1
         model.train(was_training)

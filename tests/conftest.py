@@ -108,3 +108,29 @@ def icarl_run(tmp_path_factory):
     raw = tiny_config(model_name="icarl", **LEARN)
     out = tmp_path_factory.mktemp("icarl_learn") / "run"
     return out, run(raw, out), raw
+
+
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 230), (230, 210, 30)]
+
+
+def aspect_folder(root, train_per_class=16, test_per_class=6, sizes=((36, 24), (24, 36), (30, 30), (40, 22)),
+                  ext="png"):
+    """4 classes of landscape, portrait and square images (``sizes``: (width, height); PNG, or
+    another format by ``ext``): a class colour over noise, with a white disc."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", train_per_class), ("val", test_per_class)):
+        for c, colour in enumerate(COLOURS):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                w, h = sizes[(i + c) % len(sizes)]
+                noise = torch.randint(-40, 41, (h, w, 3), generator=rng)
+                pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                img = Image.fromarray(pixels)
+                r = 3 + i % 4
+                ImageDraw.Draw(img).ellipse((w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r), fill=(255, 255, 255))
+                img.save(folder / f"{i:02d}.{ext}")
+    return root

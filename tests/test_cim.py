@@ -438,3 +438,24 @@ def test_exemplar_figure_draws_whole_stored_images_at_their_aspect():
     assert (out[1, :, :, :5] == 255).all() and (out[1, :, :, 15:] == 255).all() and (out[1, :, :, 5:15] == 0).all()
     assert torch.equal(out[2], tiles[2])
     assert letterbox(tiles, None) is tiles
+
+
+def test_a_streamed_cim_run_equals_the_in_memory_run(tmp_path):
+    """CIM on a streamed set (in_memory false): its artifact boxes, bilevel batches and memory
+    update decode through loaders with a worker, and the run gives exactly the in-memory run's
+    results (the same pixels, order and random draws)."""
+    from conftest import aspect_folder, read_results
+
+    root = aspect_folder(tmp_path / "data", train_per_class=10, test_per_class=4, sizes=((24, 24), (30, 24)))
+    raw = tiny_config(dataset="folder", data_root=str(root), shapes={}, image_size=24, input_size=20,
+                      init_cls=2, increment=2, memory_size=16, batch_size=8, init_epochs=3, epochs=3,
+                      model_name="lucir", cbf_epochs=1, cbf_milestones=[], compression="cim",
+                      cam_update_interval=1, randombbxblur_prob_incre=0.5, num_meta_iters_per_cls=1.0,
+                      meta_batch_size=4, stored_form="crop")   # streamed sets are stored as centre crops
+    memory = run(raw, tmp_path / "memory")
+    streamed = run({**raw, "in_memory": False, "num_workers": 1}, tmp_path / "streamed")
+    assert streamed["config"]["in_memory"] is False and memory["config"]["in_memory"] is not False
+    strip = lambda r: without_seconds({k: v for k, v in r.items() if k not in ("config", "config_hash")})  # noqa: E731
+    assert strip(streamed) == strip(memory)
+    cim = read_results(tmp_path / "streamed")["phases"][1]["compression"]
+    assert cim["box_refresh"]["count"] > 0 and cim["bilevel"]["iterations"] > 0, cim

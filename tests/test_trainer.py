@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import read_metrics, read_results, run, tiny_config, without_seconds
+from conftest import aspect_folder, read_metrics, read_results, run, tiny_config, without_seconds
 from trainer import Trainer, TrainingDiverged
 from utils.config import config_hash, resolve_config
 from utils.errors import UserError
@@ -396,31 +396,6 @@ def test_compile_compiles_each_stage_forward_and_trains_the_same(tmp_path, tiny_
 
 # ---- stored form "whole": a resized_crop folder dataset of non-square images ------------------------
 
-COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 230), (230, 210, 30)]
-
-
-def _aspect_folder(root, train_per_class=16, test_per_class=6, sizes=((36, 24), (24, 36), (30, 30), (40, 22)),
-                   ext="png"):
-    """4 classes of landscape, portrait and square images (``sizes``: (width, height); PNG, or
-    another format by ``ext``): a class colour over noise, with a white disc."""
-    from PIL import Image, ImageDraw
-
-    rng = torch.Generator().manual_seed(0)
-    for split, n in (("train", train_per_class), ("val", test_per_class)):
-        for c, colour in enumerate(COLOURS):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                w, h = sizes[(i + c) % len(sizes)]
-                noise = torch.randint(-40, 41, (h, w, 3), generator=rng)
-                pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
-                img = Image.fromarray(pixels)
-                r = 3 + i % 4
-                ImageDraw.Draw(img).ellipse((w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r), fill=(255, 255, 255))
-                img.save(folder / f"{i:02d}.{ext}")
-    return root
-
-
 def _whole_config(root, **overrides):
     return tiny_config(**{**dict(dataset="folder", data_root=str(root), shapes={}, image_size=24, input_size=20,
                                  augment="resized_crop", rrc_scale=[0.35, 1.0], init_cls=2, increment=2,
@@ -430,7 +405,7 @@ def _whole_config(root, **overrides):
 
 @pytest.fixture(scope="module")
 def aspect_data(tmp_path_factory):
-    return _aspect_folder(tmp_path_factory.mktemp("aspect") / "data")
+    return aspect_folder(tmp_path_factory.mktemp("aspect") / "data")
 
 
 @pytest.mark.parametrize("learner", [{"model_name": "icarl"},
@@ -472,7 +447,7 @@ def test_whole_form_of_square_images_is_exactly_the_crop_form(tmp_path):
     stored pixels, so every path of the whole form (sizes through stage data, memory, per-sample
     boxes, centre view) must reduce to the crop form's numbers exactly, with the same random stream.
     (Originals of another size would not: the whole form draws boxes in the original's pixels.)"""
-    root = _aspect_folder(tmp_path / "data", train_per_class=8, test_per_class=4, sizes=((24, 24),))
+    root = aspect_folder(tmp_path / "data", train_per_class=8, test_per_class=4, sizes=((24, 24),))
     raw = dict(model_name="lucir", cbf_epochs=1, cbf_milestones=[], init_epochs=2, epochs=2)
     crop = run(_whole_config(root, stored_form="crop", **raw), tmp_path / "crop")
     whole = run(_whole_config(root, **raw), tmp_path / "whole")
@@ -492,7 +467,7 @@ def test_streamed_run_decoding_on_the_device_goes_through_one_decoder(tmp_path, 
 
     from utils import image_cache, stream_decode
 
-    root = _aspect_folder(tmp_path / "data", train_per_class=8, test_per_class=4, ext="jpg")
+    root = aspect_folder(tmp_path / "data", train_per_class=8, test_per_class=4, ext="jpg")
     raw = _whole_config(root, model_name="lucir", cbf_epochs=1, cbf_milestones=[], init_epochs=2, epochs=2,
                         in_memory=False, stream_decode="device")
     cfg = resolve_config(raw)
