@@ -10,8 +10,11 @@ of at most ``RESIZE_CHUNK_PIXELS`` pixels (by device type). This bench times ``f
 the first ``--batch`` files (their bytes read beforehand, so no file reading is timed), for every
 stored side in ``--sizes`` and every chunk 2^k pixels in ``--chunks`` (k = 0: every image alone,
 as before the grouping), the best of ``--repeat`` passes after one warm-up, and checks that every
-chunk gives the same pixels as images resized alone. ``decode_ms`` is the ``decode_jpeg`` call
-alone. The files of a resized set (imagenette2's are all 224 x 224) share one size, the best case
+chunk gives the same pixels as the first ``--chunks`` entry (with the default 0: images resized
+alone; ``same_pixels``). ``decode_ms`` is the ``decode_jpeg`` call alone. ``batch_invariant``
+says whether finishing the files in batches of ``--small_batch`` gives the same pixels as in one
+batch: the memory update decodes its kept exemplars a second time, in other batches than the
+share whose features chose them (on a GPU nvjpeg decodes a batch at once). The files of a resized set (imagenette2's are all 224 x 224) share one size, the best case
 for grouping; ``--long_side N`` re-encodes each file to one of 8 shapes with an N px long side
 (landscape and portrait, 4:3, 3:2, 5:4, 1:1, ...) first, as photos of the original ImageNet vary,
 so that a batch holds several sizes.
@@ -68,7 +71,8 @@ def timed(fn, device: torch.device, repeat: int) -> tuple[float, object]:
     return best, out
 
 
-def bench(items, sizes: list[int], chunks: list[int], device: torch.device, repeat: int) -> list[dict]:
+def bench(items, sizes: list[int], chunks: list[int], device: torch.device, repeat: int,
+          small_batch: int = 20) -> list[dict]:
     rows = []
     decode_s, _ = timed(lambda: stream_decode._decode_jpegs(items, device), device, repeat)
     shapes = {tuple(im.shape[-2:]) for im in stream_decode._decode_jpegs(items, device) if im is not None}
@@ -76,6 +80,8 @@ def bench(items, sizes: list[int], chunks: list[int], device: torch.device, repe
     try:
         for size in sizes:
             reference = None
+            small = torch.cat([stream_decode.finish_batch(items[i:i + small_batch], size, device)
+                               for i in range(0, len(items), small_batch)])
             for k in chunks:
                 stream_decode.RESIZE_CHUNK_PIXELS[device.type] = 1 << k
                 seconds, out = timed(lambda: stream_decode.finish_batch(items, size, device), device, repeat)
@@ -84,7 +90,8 @@ def bench(items, sizes: list[int], chunks: list[int], device: torch.device, repe
                              "distinct_shapes": len(shapes), "decode_ms": round(decode_s * 1e3, 1),
                              "finish_ms": round(seconds * 1e3, 1),
                              "images_per_s": round(len(items) / seconds, 1),
-                             "same_pixels": bool(torch.equal(out, reference))})
+                             "same_pixels": bool(torch.equal(out, reference)),
+                             "batch_invariant": bool(torch.equal(out, small))})
     finally:
         if saved is None:
             stream_decode.RESIZE_CHUNK_PIXELS.pop(device.type, None)
@@ -101,6 +108,7 @@ def main() -> None:
                    help="chunk sizes as log2 of pixels (0: every image alone)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--small_batch", type=int, default=20, help="the batch of the batch_invariant check")
     p.add_argument("--long_side", type=int, default=None, help="re-encode the files to 8 shapes of this long side")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1)
@@ -111,13 +119,13 @@ def main() -> None:
     if not paths:
         sys.exit(f"no files match {args.files}")
     device = torch.device(args.device)
-    rows = bench(encoded(paths, args.long_side), args.sizes, args.chunks, device, args.repeat)
+    rows = bench(encoded(paths, args.long_side), args.sizes, args.chunks, device, args.repeat, args.small_batch)
     print(f"{len(paths)} files ({args.files}{', long side ' + str(args.long_side) if args.long_side else ''}) "
           f"on {device}, {rows[0]['distinct_shapes']} shapes, decode_jpeg alone {rows[0]['decode_ms']} ms")
-    print(f"{'size':>5} {'chunk':>6} {'finish ms':>10} {'images/s':>9} same")
+    print(f"{'size':>5} {'chunk':>6} {'finish ms':>10} {'images/s':>9} same  batch_invariant")
     for r in rows:
         print(f"{r['size']:>5} {'2^' + str(r['chunk_pixels_log2']):>6} {r['finish_ms']:>10} {r['images_per_s']:>9} "
-              f"{r['same_pixels']}")
+              f"{r['same_pixels']!s:5} {r['batch_invariant']}")
     if args.out:
         Path(args.out).write_text(json.dumps({"files": args.files, "device": str(device), "long_side": args.long_side,
                                               "threads": args.threads, "rows": rows}, indent=1))

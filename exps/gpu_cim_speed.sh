@@ -11,6 +11,8 @@
 #      graphed row's φ against the eager one's;
 #   2. configs/cim-lucir-imagenette-224.json on the subset with compression cim (5 phases: the
 #      graph is recorded again in every phase, with LUCIR's distillation in the loss from phase 1);
+#      then its first 2 phases streamed (in_memory false, 4 workers): the graph records while a
+#      loader's pin-memory thread fills the bilevel batches;
 #   3. DER and FOSTER with cim, tiny-imagenet-50 at 32 px, two phases of two epochs (their graphs
 #      in phase 1 hold the old backbones);
 #   4. exps/bench_stream_decode.py: stream_decode "device" finishing a batch of 256 subset files
@@ -38,6 +40,9 @@ grep '^{' $R/bench-bilevel.out | cut -c1-420; grep "profiled" $R/bench-bilevel.o
 say "2. cim-lucir-imagenette-224 with cim"
 timeout $(limit 150) $PY main.py $I224 --set checkpoints=none --set compression=cim $C_ARGS \
     --output $R/i224-cim > $R/i224-cim.out 2>&1; say "2 rc $?"
+timeout $(limit 70) $PY main.py $I224 --set checkpoints=none --set compression=cim --set num_phases=2 \
+    --set in_memory=false --set num_workers=4 --output $R/i224-streamed-cim > $R/i224-streamed-cim.out 2>&1
+say "2 streamed rc $?"
 say "3. DER and FOSTER with cim, two phases at 32 px"
 for m in der foster; do
     extra=""; [ $m = foster ] && extra="--set compression_epochs=2"

@@ -489,11 +489,14 @@ class ExemplarCompression(Plugin):
         was_training = model.training
         model.eval()
         batches = self._meta_batches(phase, order)
-        for it in range(iters):
-            xa, ya, olda = next(batches)
-            xb, yb, _ = next(batches)
-            self.graphed_step(xa, ya, olda, xb, yb)
-            self.meta_attempts += 1
+        try:
+            for it in range(iters):
+                xa, ya, olda = next(batches)
+                xb, yb, _ = next(batches)
+                self.graphed_step(xa, ya, olda, xb, yb)
+                self.meta_attempts += 1
+        finally:
+            batches.close()   # a streamed stage's loader: its workers stop here, not when collected
         model.train(was_training)
 
     def _graph_fallback(self, reason: str) -> None:

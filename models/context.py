@@ -96,7 +96,10 @@ class RunContext:
         return batching.select(self.train_images, index), index
 
     def training_images(self, index: torch.Tensor) -> torch.Tensor:
-        """uint8 [k, 3, S, S]: the training images at training-set ``index`` [k] (decoded when streamed)."""
+        """uint8 [k, 3, S, S]: the training images at training-set ``index`` [k] (decoded when streamed;
+        k may be 0, e.g. a process's share of a class smaller than the number of processes)."""
+        if index.numel() == 0:
+            return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return batching.materialize(batching.select(self.train_images, index), self.cfg["num_workers"])
 
     def class_images(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -299,6 +299,31 @@ def test_cams_leave_the_network_mode_and_empty_input_alone(tmp_path):
     assert plugin.boxes(images[:0], labels[:0]).shape == (0, 4)
 
 
+@pytest.mark.parametrize("policy", ["random", "cim"])
+def test_the_memory_compressor_gives_each_share_the_rows_one_process_gets(tmp_path, policy):
+    """The memory update hands the compressor a share (rows of the class's n images) per process.
+    Every process's plugin starts from the same generator state; ``random`` draws for all n and
+    keeps its rows, so the shares (an empty one too) concatenate to one process's boxes and every
+    generator ends in step with it; ``cim`` boxes each image from its own CAM."""
+    t, plugin, phase, _ = _ready_for_bilevel(tmp_path)
+    plugin.policy = policy
+    images, _ = t.ctx.class_images(0)
+    n = images.shape[0]
+    compress = plugin.compressor(phase)
+    start = plugin.generator.get_state()
+    whole = compress(images, 0, slice(0, n), n)
+    after_one = plugin.generator.get_state()
+    for shares in (2, 3, n + 1):   # n + 1 processes: one of them has no rows
+        parts = []
+        for r in range(shares):
+            plugin.generator.set_state(start)   # every process's own plugin, in the same state
+            rows = slice(n * r // shares, n * (r + 1) // shares)
+            parts.append(compress(images[rows], 0, rows, n))
+            assert torch.equal(plugin.generator.get_state(), after_one), (shares, r)
+        assert torch.equal(torch.cat(parts), whole), shares
+    assert whole.shape == (n, 4) and len({tuple(b) for b in whole.tolist()}) > 1
+
+
 def test_bilevel_batches_do_not_overlap_within_an_epoch(tmp_path):
     t, plugin, phase, stage = _ready_for_bilevel(tmp_path, meta_batch_size=4)
     order = plugin._meta_order(3)

@@ -72,11 +72,13 @@ class GraphedStep:
             return
         self.static = [x.clone() for x in inputs]
         graph = torch.cuda.CUDAGraph()
-        # Under torchrun the process group's watchdog thread polls CUDA events, which a capture in
-        # the default "global" mode forbids in every thread: only this thread's calls are checked then.
-        mode = "thread_local" if torch.distributed.is_available() and torch.distributed.is_initialized() else "global"
+        # Other threads of this process poll CUDA events while the graph records: the process
+        # group's watchdog under torchrun, and a DataLoader's pin-memory thread (the pinned-memory
+        # allocator queries events) while a streamed stage's bilevel batches load. The default
+        # "global" mode forbids that in every thread; "thread_local" checks this thread's calls
+        # only (as torch.compile's CUDA graphs record).
         try:
-            with torch.cuda.graph(graph, capture_error_mode=mode):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.fn(*self.static)
         except Exception as exc:  # noqa: BLE001 - any capture failure: the step still runs, eagerly
             self.static = []

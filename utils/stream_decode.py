@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from utils import image_cache
+from utils.batching import to_device
 from utils.errors import DataError
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -168,10 +169,13 @@ def finish_batch(items: Sequence, size: int, device: torch.device) -> torch.Tens
     (:class:`EncodedImage`) are decoded there; decoded uint8 [3, size, size] images (from
     in-memory sources joined with the streamed one, e.g. exemplars; tensors, or numpy arrays as
     loader workers hand them over, see ``utils.batching``) are moved there."""
+    def at(positions: list[int]) -> torch.Tensor:   # pinned, non-blocking: a pageable copy waits for the GPU's queue
+        return to_device(torch.tensor(positions, dtype=torch.long), device)
+
     out = torch.empty(len(items), 3, size, size, dtype=torch.uint8, device=device)
     ready = [i for i, it in enumerate(items) if not isinstance(it, EncodedImage)]
     if ready:
-        out[ready] = torch.stack([torch.as_tensor(items[i]) for i in ready]).to(device)
+        out[at(ready)] = to_device(torch.stack([torch.as_tensor(items[i]) for i in ready]), device)
     jpegs = [i for i, it in enumerate(items) if isinstance(it, EncodedImage)
              and it.data[:3].tobytes() == _JPEG_MAGIC]
     decoded = []
@@ -182,7 +186,7 @@ def finish_batch(items: Sequence, size: int, device: torch.device) -> torch.Tens
             decoded.append((i, image))
     chunk_pixels = RESIZE_CHUNK_PIXELS.get(device.type, RESIZE_CHUNK_PIXELS["cpu"])
     for chunk in _same_size_chunks(decoded, chunk_pixels):   # images of one size resized together
-        out[[i for i, _ in chunk]] = to_stored(torch.stack([image for _, image in chunk]), size)
+        out[at([i for i, _ in chunk])] = to_stored(torch.stack([image for _, image in chunk]), size)
     for i in sorted(set(range(len(items))) - set(ready) - set(jpegs)):   # PNG named .JPEG and the like
         out[i] = _pillow(items[i], size, device)
     return out
