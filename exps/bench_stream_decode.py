@@ -3,6 +3,7 @@
     python exps/bench_stream_decode.py --files "../shared/data/imagenette2/train/*/*.JPEG"
         [--sizes 32 112 256] [--chunks 0 16 18 20 22 24] [--batch 256] [--repeat 5]
         [--long_side 500] [--device cpu|cuda] [--threads 1] [--out stream_decode.json]
+    python exps/bench_stream_decode.py --files "..." --materialize 20 300 1300 --workers 2 --sizes 224
 
 ``utils.stream_decode.finish_batch`` decodes a batch of JPEG bytes in one
 ``torchvision.io.decode_jpeg`` call and resizes the images that share a size together, in chunks
@@ -18,6 +19,12 @@ share whose features chose them (on a GPU nvjpeg decodes a batch at once). The f
 for grouping; ``--long_side N`` re-encodes each file to one of 8 shapes with an N px long side
 (landscape and portrait, 4:3, 3:2, 5:4, 1:1, ...) first, as photos of the original ImageNet vary,
 so that a batch holds several sizes.
+
+``--materialize N ... --workers W`` times instead decoding the first N files whole with W loader
+workers (Pillow in the workers, as ``stream_decode: "workers"``), the way the memory update
+decodes a process's share of a class and the exemplars it keeps: ``batching.materialize``, which
+spreads the images over the workers (``batching.loader_split``), beside the loader it replaced
+(batches of 256 with all W workers). Each is the best of ``--repeat`` runs, taken in turns.
 """
 from __future__ import annotations
 
@@ -100,6 +107,29 @@ def bench(items, sizes: list[int], chunks: list[int], device: torch.device, repe
     return rows
 
 
+def time_materialize(paths: list[str], size: int, counts: list[int], workers: int, repeat: int) -> list[dict]:
+    from utils import batching
+    from utils.datasets import FileImages
+
+    rows = []
+    for n in counts:
+        files = FileImages(paths[:n], size)
+        best = {"split": float("inf"), "fixed_256": float("inf")}
+        runs = {"split": lambda: batching.materialize(files, workers),
+                "fixed_256": lambda: torch.cat([b for b, in batching.iterate(files, batch_size=256,
+                                                                             num_workers=workers)])}
+        for _ in range(repeat):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                out = fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+                assert out.shape[0] == len(files)
+        w, b = batching.loader_split(len(files), workers)
+        rows.append({"images": len(files), "workers": workers, "split_workers": w, "split_batch": b,
+                     "split_s": round(best["split"], 3), "fixed_256_s": round(best["fixed_256"], 3)})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", required=True, help="glob of JPEG files (sorted; the first --batch are used)")
@@ -112,9 +142,23 @@ def main() -> None:
     p.add_argument("--long_side", type=int, default=None, help="re-encode the files to 8 shapes of this long side")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--materialize", type=int, nargs="*", default=None,
+                   help="time decoding this many files whole through loaders instead (counts)")
+    p.add_argument("--workers", type=int, default=2, help="loader workers of --materialize")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.materialize:
+        paths = sorted(glob.glob(args.files))[:max(args.materialize)]
+        rows = time_materialize(paths, args.sizes[0], args.materialize, args.workers, args.repeat)
+        print(f"decoding files whole at {args.sizes[0]} px with {args.workers} workers (s): spread over the workers "
+              f"vs batches of 256")
+        for r in rows:
+            print(f"{r['images']:>6} images: {r['split_s']:>7} ({r['split_workers']} workers, batches of "
+                  f"{r['split_batch']})  vs {r['fixed_256_s']:>7}")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"files": args.files, "materialize": rows}, indent=1))
+        return
     paths = sorted(glob.glob(args.files))[:args.batch]
     if not paths:
         sys.exit(f"no files match {args.files}")

@@ -272,3 +272,22 @@ def test_bench_stream_decode_times_every_chunk_with_the_pixels_of_images_resized
 
     assert stream_decode.RESIZE_CHUNK_PIXELS["cpu"] == 1 << 18      # the bench puts the default back
     assert "finish ms" in capsys.readouterr().out
+
+
+def test_bench_stream_decode_materialize_rows_compare_the_split_with_batches_of_256(tmp_path, monkeypatch, capsys):
+    import json
+
+    import bench_stream_decode
+    from PIL import Image
+
+    for i in range(40):
+        Image.new("RGB", (12, 10), (i, 90, 200 - i)).save(tmp_path / f"{i:02d}.JPEG", quality=90)
+    out = tmp_path / "m.json"
+    monkeypatch.setattr(sys, "argv", ["bench_stream_decode.py", "--files", str(tmp_path / "*.JPEG"), "--sizes", "8",
+                                      "--materialize", "5", "40", "--workers", "2", "--repeat", "1",
+                                      "--out", str(out)])
+    bench_stream_decode.main()
+    rows = json.loads(out.read_text())["materialize"]
+    assert [(r["images"], r["split_workers"], r["split_batch"]) for r in rows] == [(5, 0, 256), (40, 0, 256)]
+    assert all(r["split_s"] > 0 and r["fixed_256_s"] > 0 and r["workers"] == 2 for r in rows)
+    assert "vs batches of 256" in capsys.readouterr().out

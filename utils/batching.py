@@ -60,12 +60,32 @@ def select(images: Images, index: torch.Tensor) -> Images:
     return _Subset(images, index)
 
 
+# The fewest images a loader worker is started for when a streamed source is decoded whole
+# (materialize): starting a process costs more than decoding a handful of images.
+MIN_IMAGES_PER_WORKER = 32
+
+
+def loader_split(n: int, num_workers: int, batch_size: int = 256) -> tuple[int, int]:
+    """(workers, batch size) to decode ``n`` images of a streamed source in order with at most
+    ``num_workers`` loader workers and batches of at most ``batch_size``: as many workers as have
+    ``MIN_IMAGES_PER_WORKER`` images each (none for fewer than two: this process reads them, with
+    no process to start), and the images spread evenly over them (a loader hands each worker
+    whole batches: 1300 images in batches of 256 would keep 6 of 16 workers busy, one of 2
+    workers would decode 256 of 300 images)."""
+    workers = min(num_workers, n // MIN_IMAGES_PER_WORKER)
+    if workers < 2:
+        return 0, batch_size
+    return workers, max(1, min(batch_size, -(-n // workers)))
+
+
 def materialize(images: Images, num_workers: int = 0, batch_size: int = 256) -> torch.Tensor:
     """uint8 [N, 3, S, S] tensor of a source (decoding a streamed one: on the host, also where the
-    batches were decoded on a device, as the callers keep them there, e.g. the exemplar memory)."""
+    batches were decoded on a device, as the callers keep them there, e.g. the exemplar memory),
+    with up to ``num_workers`` loader workers (:func:`loader_split`)."""
     if isinstance(images, torch.Tensor):
         return images
-    return torch.cat([b for b, in iterate(images, batch_size=batch_size, num_workers=num_workers)]).cpu()
+    workers, batch = loader_split(len(images), num_workers, batch_size)
+    return torch.cat([b for b, in iterate(images, batch_size=batch, num_workers=workers)]).cpu()
 
 
 def batch_finisher(images: Dataset) -> Callable[[list], torch.Tensor] | None:
