@@ -1,4 +1,5 @@
-"""Time of finishing a streamed batch on the device (``stream_decode: "device"``), by resize chunk.
+"""Decoding a streamed set: a batch finished on the device (``stream_decode: "device"``) by resize
+chunk, and a source decoded whole through loader workers (``--materialize``).
 
     python exps/bench_stream_decode.py --files "../shared/data/imagenette2/train/*/*.JPEG"
         [--sizes 32 112 256] [--chunks 0 16 18 20 22 24] [--batch 256] [--repeat 5]
@@ -15,8 +16,9 @@ chunk gives the same pixels as the first ``--chunks`` entry (with the default 0:
 alone; ``same_pixels``). ``decode_ms`` is the ``decode_jpeg`` call alone. ``batch_invariant``
 says whether finishing the files in batches of ``--small_batch`` gives the same pixels as in one
 batch: the memory update decodes its kept exemplars a second time, in other batches than the
-share whose features chose them (on a GPU nvjpeg decodes a batch at once). The files of a resized set (imagenette2's are all 224 x 224) share one size, the best case
-for grouping; ``--long_side N`` re-encodes each file to one of 8 shapes with an N px long side
+share whose features chose them (on a GPU nvjpeg decodes a batch at once). The files of a
+resized set (imagenette2's are all 224 x 224) share one size, the best case for grouping;
+``--long_side N`` re-encodes each file to one of 8 shapes with an N px long side
 (landscape and portrait, 4:3, 3:2, 5:4, 1:1, ...) first, as photos of the original ImageNet vary,
 so that a batch holds several sizes.
 

@@ -459,8 +459,9 @@ class ExemplarCompression(Plugin):
         if isinstance(images, torch.Tensor):
             pixels = (batching.select(images, batching.to_device(pick, images.device)) for pick in order)
         else:
-            pixels = (imgs for imgs, in batching.iterate(batching.select(images, order.flatten()),
-                                                         batch_size=order.shape[1], num_workers=self.cfg["num_workers"]))
+            picks = batching.select(images, order.flatten())
+            pixels = (imgs for imgs, in batching.iterate(picks, batch_size=order.shape[1],
+                                                         num_workers=self.cfg["num_workers"]))
         for pick, imgs in zip(order, pixels):
             yield self._meta_batch(phase, pick, imgs)
 

@@ -6,9 +6,10 @@ With the key at "workers" a streamed dataset's loader workers decode each file w
 ``torchvision.io.decode_jpeg`` call on the run's device (nvjpeg on a GPU, libjpeg-turbo on a
 CPU), then brings each image to the stored form ``crop`` by the same geometry
 (:func:`utils.image_cache.resize_geometry`: short side to ``size``, bilinear with antialias, centre
-square), the images of one size together (:data:`RESIZE_CHUNK_PIXELS`). :func:`finish_batch` is that step; ``utils.batching.iterate`` calls it for every batch of
-a source that holds a :class:`~utils.datasets.FileImages` decoding on a device, so training,
-evaluation, class images and feature extraction all see the same decoder.
+square), the images of one size together (:data:`RESIZE_CHUNK_PIXELS`). :func:`finish_batch` is
+that step; ``utils.batching.iterate`` calls it for every batch of a source that holds a
+:class:`~utils.datasets.FileImages` decoding on a device, so training, evaluation, class images
+and feature extraction all see the same decoder.
 
 The pixels differ slightly from Pillow's: Pillow first decodes a large JPEG at a reduced DCT scale
 (``draft``, 1/2 to 1/8) and resizes with its own bilinear filter; here the JPEG is decoded at full
