@@ -45,6 +45,7 @@ boxes are drawn in full by every rank for the same reason). The figure is drawn 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 
@@ -192,6 +193,8 @@ class ExemplarCompression(Plugin):
         self.phi_lr = 0.0
         self.graphed_step = None                      # GraphedStep of the bilevel iteration, per stage
         self._bilevel_stage: Stage | None = None      # the stage whose bilevel iterations run
+        self._phi_names: list[str] = []               # its model's names of φ and of θ (set per stage)
+        self._theta_names: list[str] = []
         self.beta: torch.Tensor | None = None         # inner step size β1, a device scalar (a graph input)
         self.reset_counters()
 
@@ -361,6 +364,12 @@ class ExemplarCompression(Plugin):
                                       weight_decay=self.cfg["phi_weight_decay"])
             self.phi_lr = lr
             self._bilevel_stage = stage
+            # φ's and θ's parameter names (θ: the backbone's trainable ones that are not φ), once per stage
+            name_of = {id(p): name for name, p in stage.model.named_parameters()}
+            self._phi_names = [name_of[id(p)] for p in phi]
+            not_theta = set(self._phi_names)
+            self._theta_names = [name for name, p in stage.model.named_parameters() if p.requires_grad
+                                 and name not in not_theta and is_backbone_parameter(name)]
             self.beta = torch.zeros((), device=self.ctx.device)
             self.graphed_step = GraphedStep(self._bilevel_iteration, self.ctx.device,
                                             enabled=self.cfg["bilevel_cuda_graph"], on_fallback=self._graph_fallback)
@@ -457,7 +466,7 @@ class ExemplarCompression(Plugin):
         images are decoded by one loader over the whole epoch's picks (its ``num_workers``)."""
         images = self.stage_data.images
         if isinstance(images, torch.Tensor):
-            pixels = (batching.select(images, batching.to_device(pick, images.device)) for pick in order)
+            pixels = itertools.repeat(None)   # indexed in _meta_batch
         else:
             picks = batching.select(images, order.flatten())
             pixels = (imgs for imgs, in batching.iterate(picks, batch_size=order.shape[1],
@@ -465,10 +474,13 @@ class ExemplarCompression(Plugin):
         for pick, imgs in zip(order, pixels):
             yield self._meta_batch(phase, pick, imgs)
 
-    def _meta_batch(self, phase: Phase, pick: torch.Tensor, imgs: torch.Tensor):
-        """One bilevel batch from the uint8 images ``imgs`` [b, 3, S, S] of the stage's samples ``pick``."""
+    def _meta_batch(self, phase: Phase, pick: torch.Tensor, imgs: torch.Tensor | None):
+        """One bilevel batch of the stage's samples ``pick``: their uint8 images ``imgs``
+        [b, 3, S, S] (a streamed stage's, decoded), or None to index the stage's image tensor."""
         labels = self.stage_data.labels
         dev_pick = batching.to_device(pick, labels.device)   # pinned, non-blocking: no wait for the GPU's queue
+        if imgs is None:
+            imgs = self.stage_data.images[dev_pick]
         t = self.ctx
         hw = self.stage_data.orig_hw
         x = t.augment(imgs.to(t.device), self.meta_generator, None if hw is None else hw[pick.cpu()])
@@ -521,13 +533,9 @@ class ExemplarCompression(Plugin):
         on makes the recording fail."""
         stage = self._bilevel_stage
         model = stage.model
-        params = dict(model.named_parameters())
-        alias = {name: p.view_as(p) for name, p in params.items() if p.requires_grad}
-        name_of = {id(p): name for name, p in params.items()}
-        phi_names = [name_of[id(p)] for p in self.phi_opt.params]
-        phi = [alias[name] for name in phi_names]
-        not_theta = set(phi_names)
-        theta = [name for name in alias if name not in not_theta and is_backbone_parameter(name)]
+        alias = {name: p.view_as(p) for name, p in model.named_parameters() if p.requires_grad}
+        phi = [alias[name] for name in self._phi_names]
+        theta = self._theta_names
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)   # no cast cache: graph-safe
                     if self.cfg["bilevel_autocast"] and self.ctx.amp else contextlib.nullcontext())
         # Batch A through the CIM model: its logits (div term) and its soft CAM (reg term, mask).
