@@ -3,6 +3,7 @@ one-paragraph message naming the key (or path) and what is allowed — never a t
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 
 import main
 from conftest import REPO, tiny_config, write_config
-from utils.config import config_hash, load_config_file, parse_set, phase_plan, resolve_config
+from utils.config import config_hash, describe_keys, load_config_file, parse_set, phase_plan, resolve_config
 from utils.errors import ConfigError
 
 
@@ -464,3 +465,14 @@ def test_stream_decode_applies_to_streamed_sets_and_identifies_device_runs(tmp_p
         code, err = _main_error(tmp_path, monkeypatch, capsys, raw)
         _assert_user_error(code, err, tmp_path, *needles)
         _one_paragraph(err)
+
+
+def test_every_row_of_the_key_reference_has_three_cells():
+    """A description with ``|`` in it (``none | full | …``) stays in its cell: the README's key
+    reference is made of these rows."""
+    rows = [line for line in describe_keys().splitlines() if line.startswith("| `")]
+    assert len(rows) > 50
+    for row in rows:
+        cells = re.split(r"(?<!\\)\|", row)[1:-1]
+        assert len(cells) == 3, row
+    assert any("\\|" in row for row in rows)          # compression's policies, escaped

@@ -434,7 +434,7 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
 
 # Keys that change where or how fast a run happens but not its results.
 _NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size", "threads",
-               "dist_timeout", "compile", "compile_mode", "bilevel_cuda_graph")
+               "dist_timeout", "compile", "compile_mode", "bilevel_cuda_graph", "pau_kernel")
 
 
 def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
@@ -488,15 +488,19 @@ def result_key_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> li
 
 
 def describe_keys() -> str:
-    """Markdown tables of every key, by owner (used for `main.py --keys` and the README)."""
+    """Markdown tables of every key, by owner (used for `main.py --keys` and the README). A ``|``
+    in a description (``none | full | …``) is escaped, so it stays inside its cell."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
     lines = []
     for owner, table in _all_option_tables().items():
         lines += [f"### {owner}", "", "| key | default | meaning |", "|---|---|---|"]
         for key, opt in table.items():
             allowed = f" Allowed: {', '.join(map(str, opt.choices))}." if opt.choices else ""
-            lines.append(f"| `{key}` | `{json.dumps(opt.default)}` | {opt.doc}{allowed} |")
+            lines.append(f"| `{key}` | `{cell(json.dumps(opt.default))}` | {cell(opt.doc + allowed)} |")
             for sub, field in (opt.fields or {}).items():
                 allowed = f" Allowed: {', '.join(map(str, field.choices))}." if field.choices else ""
-                lines.append(f"| `{key}.{sub}` | `{json.dumps(field.default)}` | {field.doc}{allowed} |")
+                lines.append(f"| `{key}.{sub}` | `{cell(json.dumps(field.default))}` | {cell(field.doc + allowed)} |")
         lines.append("")
     return "\n".join(lines)
