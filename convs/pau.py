@@ -8,10 +8,16 @@ CIM model (SPEC §3.1). The initialisation is the ReLU fit on [-3, 3] of the pub
 rational-activations library, so at init ``R ≈ ReLU`` (max error ≈ 0.02996 on [-3, 3],
 reached at x = 0 where R(0) = a0).
 
-Evaluation uses Horner's scheme in float32 (also under autocast / half inputs; the result is
-cast back to the input dtype): fused multiply-adds when a gradient is needed, in-place steps when
-not (inference). It is built from ordinary differentiable ops, so gradients of any
-order flow (``torch.autograd.grad(..., create_graph=True)`` works), as the bilevel step needs.
+Evaluation is in float32 (also under autocast / half inputs; the result is cast back to the input
+dtype), in one of two ways (``PAU.kernel``):
+
+* ``"autograd"`` (default): Horner's scheme, fused multiply-adds when a gradient is needed,
+  in-place steps when not (inference). It is built from ordinary differentiable ops, so gradients
+  of any order flow (``torch.autograd.grad(..., create_graph=True)`` works), as the bilevel step
+  needs.
+* ``"fused"``: ``convs/pau_closed_form.py``, the first and second derivatives written out, each
+  level one Triton kernel on a GPU (the same formulas as torch ops elsewhere, where they are
+  slower than autograd). Differentiable twice, which is what the bilevel step takes.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["PAU", "pau_parameters", "RELU_INIT_NUMERATOR", "RELU_INIT_DENOMINATOR"]
+from convs.pau_closed_form import pau_closed_form
+
+__all__ = ["PAU", "pau_parameters", "RELU_INIT_NUMERATOR", "RELU_INIT_DENOMINATOR", "KERNELS"]
+
+KERNELS = ("autograd", "fused")
 
 # ReLU fit on [-3, 3], degrees (5, 4), "safe" PAU (SPEC §3.1; rational-activations library).
 RELU_INIT_NUMERATOR = (0.029963801610813613, 0.6168978366891341, 2.37534759733888,
@@ -35,11 +45,18 @@ class PAU(nn.Module):
         numerator: ``[6]`` = ``(a0, ..., a5)``.
         denominator: ``[4]`` = ``(b1, ..., b4)`` (used through their absolute values).
 
+    Attributes:
+        kernel: ``"autograd"`` or ``"fused"`` (module docstring). A plain attribute, not saved in
+            state dicts: the CIM plugin sets it from its ``pau_kernel`` key.
+
     Shape: input of any shape → output of the same shape and dtype.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: str = "autograd") -> None:
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"PAU kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.numerator = nn.Parameter(torch.tensor(RELU_INIT_NUMERATOR, dtype=torch.float32))
         self.denominator = nn.Parameter(torch.tensor(RELU_INIT_DENOMINATOR, dtype=torch.float32))
 
@@ -52,6 +69,9 @@ class PAU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
+        if self.kernel == "fused":
+            out = pau_closed_form(xf, self.numerator, self.denominator)
+            return out if dtype == torch.float32 else out.to(dtype)
         a = self.numerator.float()
         b = self.denominator.float().abs()
         ax = xf.abs()
@@ -80,7 +100,7 @@ class PAU(nn.Module):
         return out if dtype == torch.float32 else out.to(dtype)
 
     def extra_repr(self) -> str:
-        return "degrees=(5, 4), safe"
+        return f"degrees=(5, 4), safe, kernel={self.kernel!r}"
 
 
 def pau_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -1,7 +1,8 @@
 """Time of CIM's bilevel iterations alone, and where it goes.
 
     python exps/bench_bilevel.py --config cim-lucir-imagenette-224 [--set KEY=VALUE ...]
-        [--epochs 4] [--precision bf16 fp32] [--profile] [--threads N] [--out bilevel.json]
+        [--epochs 4] [--precision bf16 fp32] [--pau_kernels autograd fused] [--profile] [--threads N]
+        [--out bilevel.json]
 
 The bilevel step (``models/cim.py``, ``ExemplarCompression.bilevel_epoch``) runs
 ``int(num_meta_iters_per_cls × new classes)`` iterations after every epoch of a stage that trains
@@ -18,8 +19,11 @@ graph), and ``phi_max_abs_diff`` says how far the graphed row's φ ended from th
 (against ``phi_max_abs_move``, how far the eager epochs moved it). With ``--profile`` each row
 profiles one more epoch under ``torch.profiler`` (``bench_throughput.StepProfiler``: wall and
 device time per iteration, the device's busy fraction, host syncs and where they are, top
-operators). Each ``--precision`` gives the two rows with the step's forward passes in float32
-(``bilevel_autocast`` false, the default) and, for bf16, two more under bf16 autocast
+operators). ``--pau_kernels autograd fused`` gives the two rows for each PAU kernel
+(``pau_kernel``; ``pau_kernels_run`` says what ran: Triton kernels, or torch ops and why), all
+from the same state, and ``saved_for_backward_mb``: the memory one iteration keeps for its
+backward passes with the row's kernel. Each ``--precision`` gives the two rows with the step's
+forward passes in float32 (``bilevel_autocast`` false, the default) and, for bf16, two more under bf16 autocast
 (``bilevel_autocast`` true). It also reports the time of a training step of the same run
 (``train_ms_per_step``, batch ``batch_size``) and, from the two, the bilevel step's share of an
 epoch of the config's data (``bilevel_share``: the iterations' time over the epoch's steps' and
@@ -40,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_throughput import PRECISION, StepProfiler, build_trainer, error_text, sync  # noqa: E402
+from convs.pau import KERNELS  # noqa: E402
 from models.cim import ExemplarCompression  # noqa: E402
 from utils import batching  # noqa: E402
 from utils.cuda_graph import GraphedStep  # noqa: E402
@@ -80,6 +85,28 @@ def run_epochs(cim, phase, stage, lr: float, epochs: int, device) -> list[float]
     return out
 
 
+def saved_for_backward_mb(cim, phase) -> float:
+    """MB of the tensors one bilevel iteration keeps for its backward passes (each storage counted
+    once; what its autograd graphs hold at their peak, and what a recorded CUDA graph keeps in its
+    pool), on the first two batches of a fresh draw. It steps φ: restore the state after."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return t
+
+    batches = cim._meta_batches(phase, cim._meta_order(1).view(2, -1))
+    try:
+        xa, ya, olda = next(batches)
+        xb, yb, _ = next(batches)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            cim._bilevel_iteration(xa, ya, olda, xb, yb)
+    finally:
+        batches.close()
+    return round(sum(seen.values()) / 2 ** 20, 1)
+
+
 def profile_epoch(cim, phase, stage, lr: float, epoch: int, device) -> dict:
     window = StepProfiler(device)
     try:
@@ -94,12 +121,14 @@ def profile_epoch(cim, phase, stage, lr: float, epoch: int, device) -> dict:
         window.close()
 
 
-def time_bilevel(raw: dict, epochs: int, profile: bool = False) -> list[dict]:
+def time_bilevel(raw: dict, epochs: int, profile: bool = False,
+                 pau_kernels: list[str] | None = None) -> list[dict]:
     """Rows ``eager`` and ``graphed`` (``bilevel_cuda_graph`` off / on) of phase 0 of ``raw`` with
-    CIM, on one trainer: both start from the same φ, optimiser state and batches, so the graphed
-    row's φ after its epochs must equal the eager row's (``phi_max_abs_diff``, against how far the
-    eager epochs moved φ, ``phi_max_abs_move``); bitwise equal unless the device's kernels are
-    not deterministic."""
+    CIM, on one trainer, for each of ``pau_kernels`` (default: the config's ``pau_kernel``; row
+    field ``pau_kernel``): every row starts from the same φ, optimiser state and batches, so its φ
+    after its epochs must equal the first row's (``phi_max_abs_diff``, against how far the first
+    row's epochs moved φ, ``phi_max_abs_move``); bitwise equal unless the device's kernels are
+    not deterministic or the rows' PAU kernels differ (then up to float rounding)."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer, phase = build_trainer({**raw, "compression": "cim", "exemplar_figure": False}, 1, Path(tmp))
         cim = next(p for p in trainer.plugins if isinstance(p, ExemplarCompression))
@@ -134,18 +163,22 @@ def time_bilevel(raw: dict, epochs: int, profile: bool = False) -> list[dict]:
         cim.before_stage(phase, stage, trainer.resident(data))
         lr = trainer.cfg["init_lr"]
         start_state = snapshot(cim)
-        rows, phis = [], {}
-        for name, graphed in (("eager", False), ("graphed", True)):
+        rows, phis = [], []
+        kernels = pau_kernels or [cim.cfg["pau_kernel"]]
+        for kernel, name, graphed in [(k, n, g) for k in kernels for n, g in (("eager", False), ("graphed", True))]:
             restore(cim, start_state)
+            cim.use_pau_kernel(kernel)
             cim.graphed_step = GraphedStep(cim._bilevel_iteration, trainer.device, enabled=graphed,
                                            on_fallback=cim._graph_fallback)
             seconds = run_epochs(cim, phase, stage, lr, epochs, trainer.device)
-            phis[name] = [p.detach().clone() for p in cim.phi_opt.params]
+            phis.append([p.detach().clone() for p in cim.phi_opt.params])
             # the graphed row's first epoch also runs the warm-up calls and records the graph:
             # the steady state is the epochs after it (for both rows alike)
             steady = seconds[1:] or seconds
             ms = 1000 * sum(steady) / (len(steady) * per_epoch)
-            row = {"row": name, "iterations": epochs * per_epoch, "iterations_per_epoch": per_epoch,
+            row = {"row": name, "pau_kernel": kernel,
+                   "pau_kernels_run": cim.pau_kernels_run() if kernel == "fused" else "autograd",
+                   "iterations": epochs * per_epoch, "iterations_per_epoch": per_epoch,
                    "skipped_nonfinite": cim.meta_skipped, "first_epoch_s": round(seconds[0], 3),
                    "ms_per_iteration": round(ms, 2), "meta_batch_size": trainer.cfg["meta_batch_size"],
                    "train_ms_per_step": round(train_ms, 2), "train_steps_per_epoch": steps,
@@ -157,9 +190,17 @@ def time_bilevel(raw: dict, epochs: int, profile: bool = False) -> list[dict]:
             if profile:
                 row["profile"] = profile_epoch(cim, phase, stage, lr, epochs, trainer.device)
             rows.append(row)
-        move = max(float((a - b).abs().max()) for a, b in zip(phis["eager"], start_state["phi"]))
-        diff = max(float((a - b).abs().max()) for a, b in zip(phis["eager"], phis["graphed"]))
-        rows[1].update(phi_max_abs_diff=diff, phi_max_abs_move=move)
+        for kernel in kernels:
+            restore(cim, start_state)
+            cim.use_pau_kernel(kernel)
+            mb = saved_for_backward_mb(cim, phase)
+            for row in rows:
+                if row["pau_kernel"] == kernel:
+                    row["saved_for_backward_mb"] = mb
+        move = max(float((a - b).abs().max()) for a, b in zip(phis[0], start_state["phi"]))
+        for row, phi in zip(rows[1:], phis[1:]):
+            diff = max(float((a - b).abs().max()) for a, b in zip(phis[0], phi))
+            row.update(phi_max_abs_diff=diff, phi_max_abs_move=move)
         cim.after_stage(phase, stage)
         return rows
 
@@ -173,6 +214,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4, help="timed bilevel epochs (after the warm-up)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="profile one more bilevel epoch per row")
+    p.add_argument("--pau_kernels", nargs="+", default=None, choices=KERNELS,
+                   help="eager and graphed rows for each PAU kernel (default: the config's pau_kernel)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.threads:
@@ -187,7 +230,8 @@ def main() -> None:
             variants.append(("autocast step", True))
         for step_name, autocast in variants:
             try:
-                got = time_bilevel({**base, "bilevel_autocast": autocast}, args.epochs, args.profile)
+                got = time_bilevel({**base, "bilevel_autocast": autocast}, args.epochs, args.profile,
+                                   args.pau_kernels)
             except Exception as exc:  # noqa: BLE001 - one failing variant keeps the others
                 got = [{"row": "eager + graphed", "error": error_text(exc)}]
                 print(f"{step_name} ({precision}) failed: {got[0]['error']}", file=sys.stderr)
@@ -207,7 +251,8 @@ def main() -> None:
         prof = row.get("profile") or {}
         for key in ("top_host", "top_device"):
             if key in prof:
-                print(f"== {row['step']}, {row['row']} ({row['precision']}) {key}\n{prof[key]}")
+                print(f"== {row['step']}, {row['row']}, PAU {row.get('pau_kernel')} ({row['precision']}) {key}\n"
+                      f"{prof[key]}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
 #   OUT=logs/gpu bash exps/gpu_cim_speed.sh      # from the repository root
 #
 #   1. exps/bench_bilevel.py, ResNet-18 at 224 px on the Imagenette subset, phase 0 with 10 classes
-#      (5 bilevel iterations per epoch): eager and graphed rows for the float32 step (bf16 and
-#      float32 training) and the bf16 autocast step (bilevel_autocast), each profiled, and the
-#      graphed row's φ against the eager one's;
+#      (5 bilevel iterations per epoch), bf16 training: eager and graphed rows for the float32 step
+#      and the bf16 autocast step (bilevel_autocast), each with the PAUs differentiated by autograd
+#      and by the fused Triton kernels (pau_kernel), each profiled, and every row's φ against the
+#      first row's;
 #   2. configs/cim-lucir-imagenette-224.json on the subset with compression cim (5 phases: the
 #      graph is recorded again in every phase, with LUCIR's distillation in the loss from phase 1);
 #      then its first 2 phases streamed (in_memory false, 4 workers): the graph records while a
@@ -19,14 +20,15 @@
 #      re-encoded to 8 shapes with a 500 px long side, by resize chunk (2^0: image by image; the
 #      GPU default 2^24 is not measured yet);
 #   5. exps/bench_throughput.py, float32: plain loop, framework without CIM, with CIM (graphed
-#      bilevel step, the default) and with the eager step (bilevel_cuda_graph false);
+#      bilevel step, the default), with the eager step (bilevel_cuda_graph false) and with the
+#      graphed step on the fused PAU kernels (pau_kernel fused);
 #   6. the same bench for resnet32 at 32 px, bf16: eager beside compile_mode "reduce-overhead"
 #      (torch.compile with CUDA graphs) for the rest of the budget.
 # Each run's results.json says per phase how many iterations were replayed (graph_replays) and why
 # recording failed where it did (graph_fallback).
 set -u
 BUDGET=${BUDGET:-540}
-B1_ARGS=${B1_ARGS:---epochs 3 --precision bf16 fp32}
+B1_ARGS=${B1_ARGS:---epochs 3 --precision bf16 --pau_kernels autograd fused}
 C_ARGS=${C_ARGS:-}
 T_ARGS=${T_ARGS:---set init_epochs=2 --set epochs=2}
 B4_ARGS=${B4_ARGS:---epochs 4 --precision fp32}
@@ -34,7 +36,7 @@ B5_ARGS=${B5_ARGS:---epochs 4 --precision bf16}
 source "$(dirname "$0")/gpu_lib.sh"
 I224="--config cim-lucir-imagenette-224 --set data_root=$D/imagenette-sub --set device=$DEV"
 say "1. bilevel step alone: eager vs graphed"
-timeout $(limit 130) $PY exps/bench_bilevel.py $I224 --set init_cls=10 $B1_ARGS --profile --out $R/bench-bilevel.json \
+timeout $(limit 150) $PY exps/bench_bilevel.py $I224 --set init_cls=10 $B1_ARGS --profile --out $R/bench-bilevel.json \
     > $R/bench-bilevel.out 2>&1; say "1 rc $?"
 grep '^{' $R/bench-bilevel.out | cut -c1-420; grep "profiled" $R/bench-bilevel.out
 say "2. cim-lucir-imagenette-224 with cim"
@@ -66,8 +68,9 @@ timeout $(limit 40) $PY exps/bench_stream_decode.py --files "$D/imagenette-sub/t
     > $R/bench-stream-decode.out 2>&1; say "4 rc $?"
 cat $R/bench-stream-decode.out | tail -12
 say "5. a training phase with CIM, float32: graphed vs eager bilevel step"
-timeout $(limit 110) $PY exps/bench_throughput.py $I224 --set init_cls=10 --set compression=none $B4_ARGS \
+timeout $(limit 130) $PY exps/bench_throughput.py $I224 --set init_cls=10 --set compression=none $B4_ARGS \
     --compare cim:compression=cim --compare cim-eager:compression=cim,bilevel_cuda_graph=false \
+    --compare cim-fused:compression=cim,pau_kernel=fused \
     --out $R/bench-cim-rows-fp32.json > $R/bench-cim-rows-fp32.out 2>&1; say "5 rc $?"
 grep -A8 "^| row" $R/bench-cim-rows-fp32.out
 say "6. torch.compile reduce-overhead, resnet32 at 32 px"

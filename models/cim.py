@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from convs.activation import activation_sites
-from convs.pau import PAU, pau_parameters
+from convs.pau import KERNELS, PAU, pau_parameters
+from convs.pau_closed_form import kernels_for
 from models.base import Batch, Phase, Stage
 from models.plugins import Plugin, register_plugin
 from utils import batching, distributed
@@ -163,6 +164,12 @@ class ExemplarCompression(Plugin):
                                                    "its thousands of small kernels otherwise keep the GPU waiting "
                                                    "for the host); a failed recording is retried once, then the "
                                                    "stage runs it eagerly, with a log line. No effect on a CPU."),
+        "pau_kernel": Option("autograd", "str", "How the PAUs compute and differentiate: autograd (Horner steps "
+                                                "differentiated by autograd, as the official code) | fused (first "
+                                                "and second derivatives in closed form, convs/pau_closed_form.py: "
+                                                "one Triton kernel per level on a GPU; on a CPU the same formulas "
+                                                "as torch ops, slower than autograd). Equal up to float rounding.",
+                             choices=KERNELS),
         "div_coef": Option(0.2, "float", "Weight μ′ of CE(CIM logits) in the outer loss.", min=0.0),
         "reg_coef": Option(0.1, "float", "Weight μ of mean(CAM²) in the outer loss (smaller masks).", min=0.0),
         "exemplar_figure": Option(True, "bool", "Write exemplars_phase_<k>.png after each phase (compression on)."),
@@ -196,6 +203,7 @@ class ExemplarCompression(Plugin):
         self._phi_names: list[str] = []               # its model's names of φ and of θ (set per stage)
         self._theta_names: list[str] = []
         self.beta: torch.Tensor | None = None         # inner step size β1, a device scalar (a graph input)
+        self._pau_kernels_logged = False              # pau_kernel fused: what runs, said once per process
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -239,6 +247,27 @@ class ExemplarCompression(Plugin):
             for site in activation_sites(module):
                 if site.pau is None:
                     site.pau = PAU()
+        self.use_pau_kernel(self.cfg["pau_kernel"])
+
+    def pau_kernels_run(self) -> str:
+        """What ``pau_kernel: fused`` runs on this run's device ("Triton kernels", "torch ops"), and on
+        a GPU without the Triton kernels, why."""
+        device = torch.device(self.ctx.device)
+        kernels = kernels_for(device)
+        if device.type == "cuda":
+            from convs import pau_triton
+            if kernels is not pau_triton:
+                return f"{kernels.NAME} (Triton kernels unavailable: {pau_triton.why_unavailable(device)})"
+        return kernels.NAME
+
+    def use_pau_kernel(self, kernel: str) -> None:
+        """Every PAU of the learner's networks computes with ``kernel`` (``convs.pau.KERNELS``)."""
+        for module in self.ctx.learner.modules().values():
+            if module is None:
+                continue
+            for site in activation_sites(module):
+                if site.pau is not None:
+                    site.pau.kernel = kernel
 
     def phi(self) -> list[torch.nn.Parameter]:
         """φ: the PAU coefficients of the CAM network's trainable part. The units of a frozen old
@@ -371,6 +400,9 @@ class ExemplarCompression(Plugin):
             self._theta_names = [name for name, p in stage.model.named_parameters() if p.requires_grad
                                  and name not in not_theta and is_backbone_parameter(name)]
             self.beta = torch.zeros((), device=self.ctx.device)
+            if self.cfg["pau_kernel"] == "fused" and not self._pau_kernels_logged:
+                self.ctx.log.info(f"  PAU kernels: closed form, {self.pau_kernels_run()}")
+                self._pau_kernels_logged = True
             self.graphed_step = GraphedStep(self._bilevel_iteration, self.ctx.device,
                                             enabled=self.cfg["bilevel_cuda_graph"], on_fallback=self._graph_fallback)
 

@@ -225,8 +225,9 @@ def test_bench_throughput_decode_counts_every_image_per_worker_setting(tmp_path,
 
 
 def test_bench_bilevel_times_eager_and_graphed_iterations_from_one_state(tmp_path, monkeypatch, capsys):
-    """Two rows on one trainer from the same φ, optimiser state and batches: on a CPU the graphed
-    row runs eagerly, so its φ ends exactly where the eager row's does, after moving."""
+    """Two rows per PAU kernel on one trainer from the same φ, optimiser state and batches: on a
+    CPU the graphed row runs eagerly, so its φ ends exactly where the eager row's does, after
+    moving; the fused kernel's φ ends where autograd's does up to rounding."""
     import json
 
     import bench_bilevel
@@ -237,11 +238,20 @@ def test_bench_bilevel_times_eager_and_graphed_iterations_from_one_state(tmp_pat
     cfg.write_text(json.dumps(tiny_config(num_meta_iters_per_cls=0.5, meta_batch_size=4,
                                           shapes={"num_classes": 6, "train_per_class": 200, "test_per_class": 5})))
     monkeypatch.setattr(sys, "argv", ["bench_bilevel.py", "--config", str(cfg), "--epochs", "2", "--threads", "1",
-                                      "--precision", "fp32", "--profile", "--out", str(tmp_path / "b.json")])
+                                      "--precision", "fp32", "--profile", "--pau_kernels", "autograd", "fused",
+                                      "--out", str(tmp_path / "b.json")])
     bench_bilevel.main()
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [r["row"] for r in rows] == ["eager", "graphed"]
-    eager, graphed = rows
+    assert [(r["row"], r["pau_kernel"]) for r in rows] == [("eager", "autograd"), ("graphed", "autograd"),
+                                                           ("eager", "fused"), ("graphed", "fused")]
+    eager, graphed, fused_eager, fused_graphed = rows
+    assert fused_eager["pau_kernels_run"] == "torch ops" and eager["pau_kernels_run"] == "autograd"
+    assert fused_eager["iterations"] == fused_graphed["iterations"] == eager["iterations"]
+    assert fused_eager["phi_max_abs_diff"] == fused_graphed["phi_max_abs_diff"]
+    assert fused_eager["phi_max_abs_diff"] < 0.1 * fused_eager["phi_max_abs_move"]
+    # the closed-form derivatives keep less for backward than autograd's Horner steps
+    assert 0 < fused_eager["saved_for_backward_mb"] < eager["saved_for_backward_mb"]
+    assert graphed["saved_for_backward_mb"] == eager["saved_for_backward_mb"]
     per_epoch = int(0.5 * tiny_config()["init_cls"])
     assert eager["iterations"] == graphed["iterations"] == 2 * per_epoch
     assert eager["skipped_nonfinite"] == graphed["skipped_nonfinite"] == 0 and graphed["graph_replays"] == 0 and graphed["graph_fallback"] is None
