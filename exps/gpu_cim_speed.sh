@@ -38,7 +38,20 @@ I224="--config cim-lucir-imagenette-224 --set data_root=$D/imagenette-sub --set 
 say "1. bilevel step alone: eager vs graphed"
 timeout $(limit 150) $PY exps/bench_bilevel.py $I224 --set init_cls=10 $B1_ARGS --profile --out $R/bench-bilevel.json \
     > $R/bench-bilevel.out 2>&1; say "1 rc $?"
-grep '^{' $R/bench-bilevel.out | cut -c1-420; grep "profiled" $R/bench-bilevel.out
+$PY - "$R/bench-bilevel.json" <<'PYEOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except (OSError, ValueError) as exc:
+    rows = []
+    print("no bench-bilevel.json:", exc)
+for r in rows:
+    prof = r.get("profile") or {}
+    print(r.get("step"), "|", r.get("row"), "|", r.get("pau_kernels_run", r.get("pau_kernel")), "| ms/it", r.get("ms_per_iteration"),
+          "| device ms/it", prof.get("device_ms_per_step"), "busy", prof.get("device_busy"), "| saved MB",
+          r.get("saved_for_backward_mb"), "| phi diff", r.get("phi_max_abs_diff"), "of", r.get("phi_max_abs_move"),
+          "| replays", r.get("graph_replays"), r.get("graph_fallback") or "", r.get("error", ""))
+PYEOF
 say "2. cim-lucir-imagenette-224 with cim"
 timeout $(limit 150) $PY main.py $I224 --set checkpoints=none --set compression=cim $C_ARGS \
     --output $R/i224-cim > $R/i224-cim.out 2>&1; say "2 rc $?"
