@@ -31,23 +31,26 @@ __all__ = ["pau_closed_form", "value", "grad", "grad_grad", "kernels_for"]
 
 
 # ---- the formulas as torch ops (1-D float32; a [6], b [4]) -------------------------------------------
+def _exponents(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exponents of P's terms (0..5) and of Q's (1..4), as x's dtype on x's device."""
+    return (torch.arange(6, dtype=x.dtype, device=x.device), torch.arange(1, 5, dtype=x.dtype, device=x.device))
+
+
 def _polys(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     """Powers of x and |x|, and P, P', P'', Q, Q_u, Q_uu (derivatives of Q w.r.t. u = |x|).
 
     Shapes: x [N], a [6], b [4] → xp [6, N] (x^0..x^5), up [5, N] (u^0..u^4), the rest [N]."""
-    u = x.abs()
     xp = _powers(x, 6)
-    up = _powers(u, 5)
+    up = _powers(x.abs(), 5)
     c = b.abs()
-    k_a = torch.arange(6, dtype=x.dtype, device=x.device)
-    k_b = torch.arange(1, 5, dtype=x.dtype, device=x.device)
+    k_a, k_b = _exponents(x)
     p = a @ xp
     dp = (a[1:] * k_a[1:]) @ xp[:5]
     ddp = (a[2:] * k_a[2:] * (k_a[2:] - 1)) @ xp[:4]
     q = 1 + c @ up[1:]
     dq = (c * k_b) @ up[:4]
     ddq = (c[1:] * k_b[1:] * (k_b[1:] - 1)) @ up[:3]
-    return u, xp, up, p, dp, ddp, q, dq, ddq
+    return xp, up, p, dp, ddp, q, dq, ddq
 
 
 def _powers(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -77,7 +80,7 @@ def grad(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gx:
     """Level 1: the gradients of ``Σ g · R(x)`` (the one w.r.t. x into ``gx`` when given).
 
     Shapes: g, x [N]; a [6]; b [4] → (gx [N], ga [6], gb [4])."""
-    u, xp, up, p, dp, _, q, dq, _ = _polys(x, a, b)
+    xp, up, p, dp, _, q, dq, _ = _polys(x, a, b)
     sx = torch.sign(x)
     inv_q = q.reciprocal()
     r_prime = (dp - p * dq * sx * inv_q) * inv_q
@@ -93,12 +96,11 @@ def grad_grad(hx: torch.Tensor, ha: torch.Tensor, hb: torch.Tensor, g: torch.Ten
     w.r.t. g, x, a and b (the first two into ``d_g`` and ``d_x`` when given).
 
     Shapes: hx, g, x [N]; ha, a [6]; hb, b [4] → (∂g [N], ∂x [N], ∂a [6], ∂b [4])."""
-    u, xp, up, p, dp, ddp, q, dq, ddq = _polys(x, a, b)
+    xp, up, p, dp, ddp, q, dq, ddq = _polys(x, a, b)
     sx = torch.sign(x)
     sb = torch.sign(b)
     inv_q = q.reciprocal()
-    k_a = torch.arange(6, dtype=x.dtype, device=x.device)
-    k_b = torch.arange(1, 5, dtype=x.dtype, device=x.device)
+    k_a, k_b = _exponents(x)
     qx = dq * sx                       # dQ/dx
     qxx = ddq * sx * sx                # d²Q/dx² (0 at x = 0, as autograd's |x|)
     poly_a = ha @ xp                   # A(x) = Σ ha_k x^k

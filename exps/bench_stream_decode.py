@@ -39,10 +39,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench_throughput import sync  # noqa: E402
 from utils import stream_decode  # noqa: E402
 
 # (width, height) shapes of --long_side L, as fractions of L
@@ -70,12 +72,10 @@ def timed(fn, device: torch.device, repeat: int) -> tuple[float, object]:
     out = fn()
     best = float("inf")
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best, out
 
@@ -83,8 +83,8 @@ def timed(fn, device: torch.device, repeat: int) -> tuple[float, object]:
 def bench(items, sizes: list[int], chunks: list[int], device: torch.device, repeat: int,
           small_batch: int = 20) -> list[dict]:
     rows = []
-    decode_s, _ = timed(lambda: stream_decode._decode_jpegs(items, device), device, repeat)
-    shapes = {tuple(im.shape[-2:]) for im in stream_decode._decode_jpegs(items, device) if im is not None}
+    decode_s, decoded = timed(lambda: stream_decode._decode_jpegs(items, device), device, repeat)
+    shapes = {tuple(im.shape[-2:]) for im in decoded if im is not None}
     saved = stream_decode.RESIZE_CHUNK_PIXELS.get(device.type)
     try:
         for size in sizes:

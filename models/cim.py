@@ -241,13 +241,16 @@ class ExemplarCompression(Plugin):
     def after_grow(self, phase: Phase) -> None:
         if self.policy != "cim":
             return
+        for site in self._activation_sites():
+            if site.pau is None:
+                site.pau = PAU()
+            site.pau.kernel = self.cfg["pau_kernel"]   # new units and those a DER backbone copied
+
+    def _activation_sites(self):
+        """Every activation site of the learner's networks."""
         for module in self.ctx.learner.modules().values():
-            if module is None:
-                continue
-            for site in activation_sites(module):
-                if site.pau is None:
-                    site.pau = PAU()
-        self.use_pau_kernel(self.cfg["pau_kernel"])
+            if module is not None:
+                yield from activation_sites(module)
 
     def pau_kernels_run(self) -> str:
         """What ``pau_kernel: fused`` runs on this run's device ("Triton kernels", "torch ops"), and on
@@ -262,12 +265,9 @@ class ExemplarCompression(Plugin):
 
     def use_pau_kernel(self, kernel: str) -> None:
         """Every PAU of the learner's networks computes with ``kernel`` (``convs.pau.KERNELS``)."""
-        for module in self.ctx.learner.modules().values():
-            if module is None:
-                continue
-            for site in activation_sites(module):
-                if site.pau is not None:
-                    site.pau.kernel = kernel
+        for site in self._activation_sites():
+            if site.pau is not None:
+                site.pau.kernel = kernel
 
     def phi(self) -> list[torch.nn.Parameter]:
         """φ: the PAU coefficients of the CAM network's trainable part. The units of a frozen old

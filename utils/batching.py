@@ -162,6 +162,7 @@ def iterate(images: Images, *extras: torch.Tensor, batch_size: int, generator: t
                                       for e in extras))
         return
     finish = batch_finisher(images)
+    num_workers = min(num_workers, len(batches))   # a loader starts every worker, busy or not
     if finish is None:
         loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False)
