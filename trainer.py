@@ -383,7 +383,7 @@ class Trainer:
         for m in self.learner.modules().values():
             if m is not None:
                 m.eval()
-        for (imgs,) in batching.iterate(images, batch_size=self.cfg["eval_batch_size"], num_workers=self.cfg["num_workers"]):
+        for (imgs,) in batching.in_order(images, batch_size=self.cfg["eval_batch_size"], num_workers=self.cfg["num_workers"]):
             x = self.ctx.to_input(imgs)
             with self.ctx.autocast():
                 for name, fn in models.items():
@@ -468,7 +468,7 @@ class Trainer:
         ctx, learner = self.ctx, self.learner
         compressor = next((c for c in (p.compressor(phase) for p in self.plugins) if c is not None), None)
 
-        def features(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        def features(images: batching.Images, index: torch.Tensor) -> torch.Tensor:
             return ctx.embed(images, lambda x: learner.inference(x)["features"], orig_hw=ctx.orig_hw(index))
 
         def candidates_of(label: int) -> Candidates:
@@ -476,7 +476,9 @@ class Trainer:
 
             def share(rows: slice):
                 mine = index[rows]   # only this rank's share is decoded
-                return candidate_share(ctx.training_images(mine), mine, label, rows, index.numel(), features,
+                # Herding needs only the share's features, read as they are decoded; boxes need the pixels too.
+                images = ctx.training_source(mine) if compressor is None else ctx.training_images(mine)
+                return candidate_share(images, mine, label, rows, index.numel(), features,
                                        compressor, self.memory.compress_ratio)
             return Candidates(index, *distributed.map_shards(share, index.numel()), self.image_size)
 

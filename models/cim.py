@@ -33,14 +33,15 @@ then broadcasts φ, so the CIM model is the same on every rank. Their batches an
 from a generator of their own (``meta_generator``), so the draws every rank makes (the picks below)
 come from a generator that rank 0's bilevel step leaves untouched. The CAM boxes are computed in shares,
 each rank the CAMs of a contiguous share of the images: for artifact augmentation they are
-gathered here, so every rank holds all boxes (``shared_boxes``); the memory update's
+gathered here, so every rank holds all boxes (``refresh_boxes``); the memory update's
 ``compressor`` gives the boxes of the share the trainer hands it, which the trainer gathers with
 the share's features (each rank decodes only its share). Before a
 refresh during a stage the CAM network takes rank 0's BatchNorm statistics, which each rank
 otherwise updates on its own shard, so the boxes are those rank 0's network gives. Each rank draws
 which of its new-class images to compress for the whole global batch and keeps its shard's draws
-(the same picks as one process, and the generator in step on every rank; the ``random`` policy's
-boxes are drawn in full by every rank for the same reason). The figure is drawn on rank 0 only.
+(the same picks as one process, and the generator in step on every rank; the boxes of the
+policies that ignore the pixels, ``random``'s too, are drawn in full by every rank for the same
+reason, without reading an image). The figure is drawn on rank 0 only.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ from utils.seeding import stream_seed
 from utils.stage_data import NEW
 
 POLICIES = ("none", "full", "random", "center", "cam", "cim")
+PIXEL_FREE = ("full", "random", "center")   # policies whose boxes do not look at the image
 
 
 def center_boxes(n: int, size: int, area: float) -> torch.Tensor:
@@ -318,36 +320,27 @@ class ExemplarCompression(Plugin):
             net.train(was_training)
         return torch.cat(out)
 
+    def drawn_boxes(self, n: int, size: int) -> torch.Tensor:
+        """int64 [n, 4] on the CPU: boxes of n images of side ``size`` for a policy whose boxes
+        ignore the pixels (``PIXEL_FREE``); ``random`` draws them from the plugin's generator."""
+        if self.policy == "full":
+            return torch.zeros(n, 4, dtype=torch.long)
+        if self.policy == "center":
+            return center_boxes(n, size, self.cfg["box_area"])
+        return random_boxes(n, size, self.cfg["box_area"], self.generator)
+
     def boxes(self, images: torch.Tensor, labels: torch.Tensor, share: tuple[slice, int] | None = None) -> torch.Tensor:
         """int64 [B, 4] boxes (on the images' device) of the policy for uint8 ``images`` [B, 3, S, S].
-        ``share`` = (rows, n): the images are the rows ``rows`` of n; the ``random`` policy draws
+        ``share`` = (rows, n): the images are the rows ``rows`` of n; a pixel-free policy draws
         boxes for all n and keeps ``rows``, so that every share (an empty one too) draws what one
-        process draws, and the generator stays in step on every rank."""
+        process draws, and ``random``'s generator stays in step on every rank."""
         n, size = images.shape[0], images.shape[-1]
-        if self.policy == "random" and share is not None:
-            rows, total = share
-            return random_boxes(total, size, self.cfg["box_area"], self.generator)[rows].to(images.device)
+        if self.policy in PIXEL_FREE:
+            rows, total = share if share is not None else (slice(0, n), n)
+            return self.drawn_boxes(total, size)[rows].to(images.device)
         if n == 0:
             return torch.zeros(0, 4, dtype=torch.long, device=images.device)
-        if self.policy == "full":
-            b = torch.zeros(n, 4, dtype=torch.long)
-        elif self.policy == "center":
-            b = center_boxes(n, size, self.cfg["box_area"])
-        elif self.policy == "random":
-            b = random_boxes(n, size, self.cfg["box_area"], self.generator)
-        else:
-            b = mask_box(self.cams(images, labels), (size, size), self.cfg["mask_threshold"])
-        return b.to(images.device)
-
-    def shared_boxes(self, n: int, rows_boxes) -> torch.Tensor:
-        """int64 [n, 4]: ``rows_boxes(rows)`` (the boxes of the images at ``rows``, a slice of the n)
-        for all n, the same on every rank. ``cam``/``cim``: each rank runs the network on its share
-        and the shares are gathered (``utils.distributed.map_shards``); every rank must hold the
-        same CAM network (weights, φ, BatchNorm statistics). The other policies cost nothing and are
-        drawn in full by every rank, which keeps ``random``'s generator in step on all of them."""
-        if self.policy in ("cam", "cim"):
-            return distributed.map_shards(rows_boxes, n)
-        return rows_boxes(slice(0, n))
+        return mask_box(self.cams(images, labels), (size, size), self.cfg["mask_threshold"]).to(images.device)
 
     def compressor(self, phase: Phase):
         """The memory update's boxes of a share of a class's candidates (``utils.memory.Compressor``):
@@ -420,32 +413,38 @@ class ExemplarCompression(Plugin):
 
     def refresh_boxes(self) -> None:
         """Recompute the boxes of the stage's new-class training images (artifact augmentation).
-        With several processes each rank computes the CAMs of its share of the images and the
-        shares are gathered (``shared_boxes``); the CAM network's BatchNorm statistics, which each
-        rank updated on its own shard since DDP last broadcast them, are rank 0's first (the
-        running statistics play no part in training, only in eval-mode passes such as this)."""
+        The policies that ignore the pixels (``PIXEL_FREE``) read no image, and every rank draws
+        all the boxes. ``cam``/``cim``: with several processes each rank computes the CAMs of its
+        share of the images and the shares are gathered (``utils.distributed.map_shards``); the CAM
+        network's BatchNorm statistics, which each rank updated on its own shard since DDP last
+        broadcast them, are rank 0's first (the running statistics play no part in training, only
+        in eval-mode passes such as this), so every rank's boxes are those rank 0's network gives."""
         start = time.time()
         data = self.stage_data
         images, labels, index = data.images, data.labels, data.index
         new = (data.origin == NEW).nonzero().flatten()
-        if self.policy in ("cam", "cim"):
-            distributed.broadcast_tensors(list(self.ctx.learner.cam_network().buffers()))
         bs = max(self.cfg["cam_batch_size"], self.cfg["eval_batch_size"])
+        if self.policy in PIXEL_FREE:   # drawn per batch of bs new images, the batches the CAM policies see
+            boxes = torch.cat([torch.zeros(0, 4, dtype=torch.long)]
+                              + [self.drawn_boxes(c.numel(), self.ctx.image_size) for c in new.split(bs)])
+        else:
+            distributed.broadcast_tensors(list(self.ctx.learner.cam_network().buffers()))
 
-        def rows_boxes(rows: slice) -> torch.Tensor:
-            out = [torch.zeros(0, 4, dtype=torch.long, device=self.ctx.device)]
-            mine = new[rows]
-            if isinstance(images, torch.Tensor):
-                batches = ((images[sel.to(images.device)], sel) for sel in mine.split(bs))
-            else:   # streamed: one loader over the share, its workers decoding (num_workers)
-                batches = batching.iterate(batching.select(images, mine), mine, batch_size=bs,
-                                           num_workers=self.cfg["num_workers"])
-            for imgs, sel in batches:
-                out.append(self.boxes(imgs, labels[sel]).to(self.ctx.device))
-            return torch.cat(out)
+            def rows_boxes(rows: slice) -> torch.Tensor:
+                out = [torch.zeros(0, 4, dtype=torch.long, device=self.ctx.device)]
+                mine = new[rows]
+                if isinstance(images, torch.Tensor):
+                    batches = ((images[sel.to(images.device)], sel) for sel in mine.split(bs))
+                else:   # streamed: one loader over the share, its images spread over its workers
+                    batches = batching.in_order(batching.select(images, mine), mine, batch_size=bs,
+                                                num_workers=self.cfg["num_workers"])
+                for imgs, sel in batches:
+                    out.append(self.boxes(imgs, labels[sel]).to(self.ctx.device))
+                return torch.cat(out)
 
+            boxes = distributed.map_shards(rows_boxes, new.numel())
         table = torch.zeros(len(self.ctx.train_labels), 4, dtype=torch.long, device=self.ctx.device)
-        table[index[new].to(table.device)] = self.shared_boxes(new.numel(), rows_boxes).to(table.device)
+        table[index[new].to(table.device)] = boxes.to(table.device)
         self.box_table = table
         self.refreshes += 1
         self.refresh_seconds += time.time() - start

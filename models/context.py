@@ -93,7 +93,12 @@ class RunContext:
         the images read are decoded, e.g. a process's share in ``embed(..., shard=True)``) and
         their indices."""
         index = self.class_index(label)
-        return batching.select(self.train_images, index), index
+        return self.training_source(index), index
+
+    def training_source(self, index: torch.Tensor) -> batching.Images:
+        """The training images at training-set ``index`` [k] as a source: a tensor in memory, a
+        lazy one for a streamed set (decoded where it is read, e.g. by :meth:`embed`)."""
+        return batching.select(self.train_images, index)
 
     def training_images(self, index: torch.Tensor) -> torch.Tensor:
         """uint8 [k, 3, S, S]: the training images at training-set ``index`` [k] (decoded when streamed;
@@ -101,11 +106,6 @@ class RunContext:
         if index.numel() == 0:
             return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return batching.materialize(batching.select(self.train_images, index), self.cfg["num_workers"])
-
-    def class_images(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [n, 3, S, S] training images of class ``label`` (after remapping) and their indices."""
-        index = self.class_index(label)
-        return self.training_images(index), index
 
     def class_counts(self, phase) -> torch.Tensor:
         """float [classes seen]: real per-class sample counts of the phase data — training images for
@@ -134,8 +134,8 @@ class RunContext:
                 m.eval()
         outs = []
         extras = () if orig_hw is None else (orig_hw.cpu(),)
-        for imgs, *hw in batching.iterate(images, *extras, batch_size=self.cfg["eval_batch_size"],
-                                          num_workers=self.cfg["num_workers"]):
+        for imgs, *hw in batching.in_order(images, *extras, batch_size=self.cfg["eval_batch_size"],
+                                           num_workers=self.cfg["num_workers"]):
             x = self.to_input(imgs, hw[0] if hw else None)
             with self.autocast():
                 f = fn(x).float()

@@ -1,4 +1,4 @@
-"""utils/batching.py: how a streamed source is decoded whole (materialize)."""
+"""utils/batching.py: how a streamed source is decoded whole (materialize) and in ordered batches (in_order)."""
 from __future__ import annotations
 
 import torch
@@ -19,17 +19,22 @@ def test_loader_split_spreads_the_images_over_the_workers_it_starts():
     assert loader_split(0, 8) == (0, 256)
 
 
-def test_materialize_decodes_in_order_with_the_workers_of_the_split(tmp_path, monkeypatch):
+def _files(tmp_path, n: int):
+    """A streamed source of n small PNGs, each of its own colour, and its images decoded one by one."""
     from PIL import Image
 
     from utils.datasets import FileImages
 
     paths = []
-    for i in range(70):
+    for i in range(n):
         paths.append(str(tmp_path / f"{i:02d}.png"))
         Image.new("RGB", (10, 8), (i, 255 - i, (7 * i) % 256)).save(paths[-1])
     files = FileImages(paths, 8)
-    expected = torch.stack([files[i] for i in range(len(files))])
+    return files, torch.stack([files[i] for i in range(len(files))])
+
+
+def _record_loaders(monkeypatch) -> list:
+    """(workers, batch sizes) of every DataLoader batching starts from now on."""
     started = []
     real = batching.DataLoader
 
@@ -37,6 +42,41 @@ def test_materialize_decodes_in_order_with_the_workers_of_the_split(tmp_path, mo
         started.append((kwargs["num_workers"], [len(b) for b in kwargs["batch_sampler"]]))
         return real(*args, **kwargs)
     monkeypatch.setattr(batching, "DataLoader", recording)
+    return started
+
+
+def test_materialize_decodes_in_order_with_the_workers_of_the_split(tmp_path, monkeypatch):
+    files, expected = _files(tmp_path, 70)
+    started = _record_loaders(monkeypatch)
     assert torch.equal(batching.materialize(files, num_workers=2), expected)
     assert torch.equal(batching.materialize(batching.select(files, torch.arange(10)), num_workers=2), expected[:10])
     assert started == [(2, [35, 35]), (0, [10])]
+
+
+def test_rebatch_recuts_the_rows_in_order():
+    rows = torch.arange(23)
+    parts = [(rows[a:b], -rows[a:b]) for a, b in ((0, 3), (3, 4), (4, 15), (15, 23))]
+    out = list(batching.rebatch(iter(parts), 5))
+    assert [len(x) for x, _ in out] == [5, 5, 5, 5, 3]
+    assert torch.equal(torch.cat([x for x, _ in out]), rows) and all(torch.equal(y, -x) for x, y in out)
+    assert [len(x) for x, in batching.rebatch([(rows[:10],)], 5)] == [5, 5]     # exact multiple: no empty tail
+    assert [len(x) for x, in batching.rebatch([(rows[:4],)], 5)] == [4]
+    assert list(batching.rebatch([], 5)) == []
+
+
+def test_in_order_gives_the_batches_of_a_plain_pass_whatever_the_workers(tmp_path, monkeypatch):
+    """A streamed source is read with its images spread over the workers (two busy, not one: the
+    plain pass in batches of 64 would give one worker 64 of 70) and re-cut to the asked batches, so
+    a pass computes from the same batches as over the images held in memory."""
+    files, expected = _files(tmp_path, 70)
+    extra = torch.arange(70) * 10
+    started = _record_loaders(monkeypatch)
+    for source in (files, expected):
+        batches = list(batching.in_order(source, extra, batch_size=64, num_workers=2))
+        assert [len(x) for x, _ in batches] == [64, 6]
+        assert torch.equal(torch.cat([x for x, _ in batches]), expected)
+        assert torch.equal(torch.cat([e for _, e in batches]), extra)
+    assert started == [(2, [35, 35])]                                  # the tensor needs no loader
+    share = batching.select(files, torch.arange(5, 60))
+    assert [len(x) for x, in batching.in_order(share, batch_size=20, num_workers=4)] == [20, 20, 15]
+    assert started[1] == (0, [20, 20, 15])                             # 55 images: no process started

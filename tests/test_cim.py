@@ -14,7 +14,7 @@ from trainer import Trainer
 from utils.compression import compress_images
 from utils.config import resolve_config
 from utils.errors import ConfigError
-from utils.stage_data import EXEMPLAR, RawBatch
+from utils.stage_data import EXEMPLAR, NEW, RawBatch
 
 # One epoch per phase: enough to exercise every hook (boxes refreshed every epoch, p > 0 from epoch 1).
 QUICK = {"init_epochs": 2, "epochs": 2, "cam_update_interval": 1, "randombbxblur_prob_incre": 0.5,
@@ -299,6 +299,45 @@ def test_cams_leave_the_network_mode_and_empty_input_alone(tmp_path):
     assert plugin.boxes(images[:0], labels[:0]).shape == (0, 4)
 
 
+class _Unreadable(torch.utils.data.Dataset):
+    """A streamed source whose every read fails the test."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        raise AssertionError(f"image {i} was read")
+
+
+@pytest.mark.parametrize("policy", ["full", "center", "random"])
+def test_pixel_free_boxes_are_refreshed_without_reading_an_image(tmp_path, policy):
+    """The artifact boxes of a policy that ignores the pixels are drawn without decoding the
+    stage's images (a streamed ImageNet stage would decode every new image at each refresh), and
+    are the boxes that policy gives the images batch by batch (the same draws of ``random``)."""
+    t, plugin, phase, _ = _ready_for_bilevel(tmp_path, cam_batch_size=7, eval_batch_size=5)
+    plugin.policy = policy
+    data = plugin.stage_data
+    new = (data.origin == NEW).nonzero().flatten()
+    assert new.numel() > 2 * 7
+    start = plugin.generator.get_state()
+    expect = torch.cat([plugin.boxes(data.images[c], data.labels[c]) for c in new.split(7)])
+    after = plugin.generator.get_state()
+    plugin.generator.set_state(start)
+    data.images = _Unreadable(len(data.labels))
+    plugin.refresh_boxes()
+    table = plugin.box_table
+    assert torch.equal(table[data.index[new]], expect)
+    assert torch.equal(plugin.generator.get_state(), after)
+    assert int(table.abs().sum()) == int(expect.abs().sum())    # no other row has a box
+    if policy != "full":
+        assert (expect[:, 1] > expect[:, 0]).all()
+    if policy == "random":
+        assert len({tuple(b) for b in expect.tolist()}) > 1
+
+
 @pytest.mark.parametrize("policy", ["random", "cim"])
 def test_the_memory_compressor_gives_each_share_the_rows_one_process_gets(tmp_path, policy):
     """The memory update hands the compressor a share (rows of the class's n images) per process.
@@ -307,7 +346,7 @@ def test_the_memory_compressor_gives_each_share_the_rows_one_process_gets(tmp_pa
     generator ends in step with it; ``cim`` boxes each image from its own CAM."""
     t, plugin, phase, _ = _ready_for_bilevel(tmp_path)
     plugin.policy = policy
-    images, _ = t.ctx.class_images(0)
+    images = t.ctx.training_images(t.ctx.class_index(0))
     n = images.shape[0]
     compress = plugin.compressor(phase)
     start = plugin.generator.get_state()

@@ -104,7 +104,9 @@ def count_rows(trainer) -> dict:
     """Counts, filled in while ``trainer`` runs, of the images this process put through the network
     in the memory updates (features) and in CIM's box computations (CAMs)."""
     rows = {"memory_features": 0, "boxes": 0, "memory_decoded": 0, "memory_fetched": 0}
-    update, to_input, training_images = trainer.update_memory, trainer.ctx.to_input, trainer.ctx.training_images
+    ctx = trainer.ctx
+    update, to_input, training_images, training_source = (trainer.update_memory, ctx.to_input,
+                                                           ctx.training_images, ctx.training_source)
     add_class = trainer.memory.add_class
     fetching = []
 
@@ -116,11 +118,15 @@ def count_rows(trainer) -> dict:
         def counted_images(index):   # a share's candidates, or (in add_class) the exemplars kept
             rows["memory_fetched" if fetching else "memory_decoded"] += len(index)
             return training_images(index)
-        trainer.ctx.to_input, trainer.ctx.training_images = counted_input, counted_images
+
+        def counted_source(index):   # a share's candidates read as their features are computed
+            rows["memory_decoded"] += len(index)
+            return training_source(index)
+        ctx.to_input, ctx.training_images, ctx.training_source = counted_input, counted_images, counted_source
         try:
             update(phase)
         finally:
-            trainer.ctx.to_input, trainer.ctx.training_images = to_input, training_images
+            ctx.to_input, ctx.training_images, ctx.training_source = to_input, training_images, training_source
 
     def counted_add_class(*args, **kwargs):
         fetching.append(True)

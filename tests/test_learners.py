@@ -102,7 +102,7 @@ class ProbedTrainer(Trainer):
             target = head.fc1.weight.norm(dim=1).mean()
             rows = []
             for j, c in enumerate(range(phase.first, phase.last)):
-                images, _ = self.ctx.class_images(c)
+                images, _ = self.ctx.class_source(c)
                 feats = self.ctx.embed(images, lambda x: learner.net.backbone(x)["features"])
                 mean = F.normalize(F.normalize(feats, dim=1).mean(0), dim=0)
                 w = head.fc2.weight[j].detach()
@@ -147,7 +147,7 @@ def test_lucir_uses_the_cosine_backbone_without_last_relu(lucir_run):
     assert backbone.last_relu is False
     assert isinstance(backbone.layer3[-1].act2, torch.nn.Identity)          # the removed final activation
     assert not isinstance(backbone.layer3[-2].act2, torch.nn.Identity)      # the others are kept
-    images, _ = trainer.ctx.class_images(0)
+    images, _ = trainer.ctx.class_source(0)
     feats = trainer.ctx.embed(images, lambda x: backbone(x)["features"])
     assert (feats < 0).any(), "features after the last block must be able to go negative (no final ReLU)"
 

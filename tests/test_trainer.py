@@ -461,8 +461,8 @@ def test_whole_form_of_square_images_is_exactly_the_crop_form(tmp_path):
 def test_streamed_run_decoding_on_the_device_goes_through_one_decoder(tmp_path, monkeypatch):
     """stream_decode "device" on a CPU run (torchvision decodes in this process): a LUCIR run over
     two phases completes with Pillow forbidden, and training batches (new images joined with
-    exemplars), evaluation and class images (herding, imprinting: ``batching.materialize``) all
-    decoded their streamed images through the one finishing step."""
+    exemplars), evaluation, herding's features, imprinting and the exemplars kept (``batching.materialize``)
+    all decoded their streamed images through the one finishing step."""
     import inspect
 
     from utils import image_cache, stream_decode
@@ -490,8 +490,8 @@ def test_streamed_run_decoding_on_the_device_goes_through_one_decoder(tmp_path, 
     results = trainer.run()
     assert [p["phase"] for p in results["phases"]] == [0, 1]
     assert results["phases"][-1]["memory"]["exemplars"] > 0 and results["phases"][-1]["nme"] is not None
-    # training, evaluation, the memory update's shares and kept exemplars (training_images), and
-    # LUCIR's imprinting, which embeds the streamed source itself (each process its share)
+    # training, evaluation, the kept exemplars (training_images), and the memory update's shares and
+    # LUCIR's imprinting, which embed the streamed source itself (each process its share)
     assert {"batches", "evaluate", "training_images", "materialize", "begin_phase", "embed"} <= callers, callers
     # feature extraction of a streamed source decodes the same way as of its decoded tensors
     from utils import batching
@@ -535,3 +535,36 @@ def test_no_training_graph_is_alive_when_the_plugins_end_an_epoch(tmp_path, mode
     t.run()
     assert len(counts["after"]) >= 4                     # two epochs of phases 0 and 1 (and any later stage)
     assert set(counts["after"]) == {counts["before"][0]}
+
+
+def test_a_streamed_run_spreads_its_small_passes_over_the_workers_and_equals_the_in_memory_run(tmp_path, monkeypatch):
+    """LUCIR on a streamed set with 2 loader workers: herding's features of each class (64 images),
+    LUCIR's imprinting and the evaluation read the files with the images spread over both workers
+    (a plain loader in batches of ``eval_batch_size`` 48 would give one worker 48 of 64) and re-cut
+    to ``eval_batch_size`` batches; the memory update decodes no class whole, only the exemplars
+    it keeps. The results are exactly those of the same folder held in memory."""
+    from utils import batching
+
+    root = aspect_folder(tmp_path / "data", train_per_class=64, test_per_class=4, sizes=((24, 24), (30, 24)))
+    raw = _whole_config(root, model_name="lucir", cbf_epochs=1, cbf_milestones=[], init_epochs=1, epochs=1,
+                        stored_form="crop", eval_batch_size=48, batch_size=64)
+    memory = run(raw, tmp_path / "memory")
+    started, decoded_whole = [], []
+    real_loader, real_materialize = batching.DataLoader, batching.materialize
+
+    def loader(*args, **kwargs):
+        started.append((kwargs["num_workers"], [len(b) for b in kwargs["batch_sampler"]]))
+        return real_loader(*args, **kwargs)
+
+    def materialize(images, *args, **kwargs):
+        decoded_whole.append(len(images))
+        return real_materialize(images, *args, **kwargs)
+    monkeypatch.setattr(batching, "DataLoader", loader)
+    monkeypatch.setattr(batching, "materialize", materialize)
+    streamed = run({**raw, "in_memory": False, "num_workers": 2}, tmp_path / "streamed")
+    strip = lambda r: without_seconds({k: v for k, v in r.items() if k not in ("config", "config_hash")})  # noqa: E731
+    assert strip(streamed) == strip(memory)
+    assert started.count((2, [32, 32])) >= 4 + 2        # herding of the 4 classes, imprinting of the 2 new ones
+    assert (2, [48, 16]) not in started
+    kept = sum(p["memory"]["per_class"][c] for p in streamed["phases"] for c in range(*p["classes"]))
+    assert sum(decoded_whole) == kept > 0                # only the exemplars kept are decoded whole

@@ -11,7 +11,7 @@ consumer of a source (training, evaluation, :func:`materialize`) goes through :f
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -86,6 +86,38 @@ def materialize(images: Images, num_workers: int = 0, batch_size: int = 256) -> 
         return images
     workers, batch = loader_split(len(images), num_workers, batch_size)
     return torch.cat([b for b, in iterate(images, batch_size=batch, num_workers=workers)]).cpu()
+
+
+def rebatch(batches: Iterable[tuple[torch.Tensor, ...]], size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The rows of ``batches`` (tuples of tensors, one row per sample; every tuple alike) re-cut,
+    in order, into batches of ``size`` rows, the last one smaller: the batches a plain pass in
+    ``size`` gives, from a loader whose batches were cut to spread the images over its workers."""
+    held: list[tuple[torch.Tensor, ...]] = []
+    count = 0
+    for batch in batches:
+        held.append(batch)
+        count += batch[0].shape[0]
+        while count >= size:
+            joined = held[0] if len(held) == 1 else tuple(torch.cat(parts) for parts in zip(*held))
+            yield tuple(t[:size] for t in joined)
+            count -= size
+            held = [tuple(t[size:] for t in joined)] if count else []
+    if count:
+        yield held[0] if len(held) == 1 else tuple(torch.cat(parts) for parts in zip(*held))
+
+
+def in_order(images: Images, *extras: torch.Tensor, batch_size: int, num_workers: int = 0
+             ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(uint8 images [b, 3, S, S], *extras[idx]) in order, in batches of ``batch_size`` (the last
+    one smaller), as :func:`iterate` without a generator yields them. A streamed source is read
+    by up to ``num_workers`` loader workers with its images spread evenly over them
+    (:func:`loader_split`), and their batches are re-cut (:func:`rebatch`): the batches, and so
+    what is computed from them, do not depend on the number of workers."""
+    if isinstance(images, torch.Tensor):
+        yield from iterate(images, *extras, batch_size=batch_size)
+        return
+    workers, decode_batch = loader_split(len(images), num_workers, batch_size)
+    yield from rebatch(iterate(images, *extras, batch_size=decode_batch, num_workers=workers), batch_size)
 
 
 def batch_finisher(images: Dataset) -> Callable[[list], torch.Tensor] | None:

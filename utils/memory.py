@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from utils.batching import Images
 from utils.compression import (compress_images, decode_compressed, encode_compressed, exemplar_cost,
                                stored_pixel_counts)
 from utils.herding import budget_prefix, herding_order
@@ -74,10 +75,10 @@ class ClassExemplars:
 # one process). A compressor that draws at random draws for all n and keeps ``rows``, so that
 # every share, and one process, sees the same draws.
 Compressor = Callable[[torch.Tensor, int, slice, int], torch.Tensor]
-# A feature function maps uint8 images [B, 3, S, S] of the training set and their training-set
-# indices [B] (which say how the images are stored: see RunContext.orig_hw) to features [B, d]
-# (the deployed model, eval mode).
-FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A feature function maps uint8 images [B, 3, S, S] of the training set (a tensor, or a lazy
+# source: utils.batching.Images) and their training-set indices [B] (which say how the images are
+# stored: see RunContext.orig_hw) to features [B, d] (the deployed model, eval mode).
+FeatureFn = Callable[[Images, torch.Tensor], torch.Tensor]
 # fetch(index) -> uint8 [k, 3, S, S]: the training images at training-set indices ``index`` [k]
 # (decoded where the set is streamed): the memory fetches only the exemplars it keeps.
 Fetch = Callable[[torch.Tensor], torch.Tensor]
@@ -96,13 +97,14 @@ class Candidates(NamedTuple):
     size: int
 
 
-def candidate_share(images: torch.Tensor, index: torch.Tensor, label: int, rows: slice, n: int,
+def candidate_share(images: Images, index: torch.Tensor, label: int, rows: slice, n: int,
                     feature_fn: FeatureFn, compressor: Compressor | None, ratio: float
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(features [B, d], boxes int64 [B, 4] on the CPU or None) of the candidates at ``rows`` of
     class ``label``'s n: ``images`` uint8 [B, 3, S, S] and their training-set ``index`` [B]. With a
     compressor the features are those of the compressed images (``x̃``), which herding chooses
-    among, as they will be stored."""
+    among, as they will be stored. Without one, ``images`` may be a lazy source (a streamed
+    share, decoded while its features are computed)."""
     if compressor is None:
         return feature_fn(images, index), None
     boxes = compressor(images, label, rows, n).cpu()
