@@ -44,7 +44,8 @@ def output_dir(cfg: dict, config_name: str, seed: int, explicit: str | None, man
 
 def print_plan(cfg: dict, config_name: str, outputs: list[Path]) -> None:
     from trainer import class_order
-    from utils.config import phase_plan, plan_note
+    from models.registry import get_learner_class
+    from utils.config import memory_note, phase_plan, plan_note
     from utils.datasets import describe_dataset
     from utils.memory import ExemplarMemory
 
@@ -58,8 +59,9 @@ def print_plan(cfg: dict, config_name: str, outputs: list[Path]) -> None:
     for k, (lo, hi) in enumerate(plan):
         print(f"  phase {k}: classes [{lo}, {hi}) — {hi - lo} new; memory budget {memory.class_budget(hi)} "
               f"units per class ({memory.total_budget(hi)} total)")
-    note = plan_note(plan, cfg["increment"], info["num_classes"])
-    if note:
+    notes = [plan_note(plan, cfg["increment"], info["num_classes"]),
+             memory_note(cfg, plan) if get_learner_class(cfg["model_name"]).uses_memory else None]
+    for note in filter(None, notes):
         print(note)
     for out in outputs:
         print(f"output: {out}")
@@ -103,9 +105,13 @@ def _main(args, argv: list[str]) -> int:
         if not args.config:
             print("error: --config is required (a path, or a name in configs/).", file=sys.stderr)
             return EXIT_USER_ERROR
+        if args.output is not None and not args.output.strip():
+            print("error: --output is an empty string; give a folder, or leave --output out for the default "
+                  "under logs/.", file=sys.stderr)
+            return EXIT_USER_ERROR
         raw, config_name = load_config_file(args.config)
         raw.update(parse_set(args.set))
-        if args.device:
+        if args.device is not None:
             raw["device"] = args.device
         if args.threads is not None:
             raw["threads"] = args.threads
@@ -119,6 +125,9 @@ def _main(args, argv: list[str]) -> int:
 
         rank, world, _ = distributed.env_world()
         if args.check:
+            from trainer import resolve_device
+
+            resolve_device(cfg["device"])   # a device this machine lacks fails here as in a run
             if rank == 0:
                 print_plan(cfg, config_name, [out for _, out in runs])
             return 0

@@ -32,7 +32,8 @@ from models.plugins import PLUGINS
 from models.registry import get_learner_class
 from utils import batching, distributed
 from utils.augment import BatchShard, TrainAugment
-from utils.config import config_hash, hashed_keys, phase_plan, plan_note, resolve_saved_config, result_key_differences
+from utils.config import (config_hash, hashed_keys, memory_note, phase_plan, plan_note, resolve_saved_config,
+                          result_key_differences)
 from utils.datasets import DATASETS, load_dataset
 from utils.errors import UserError
 from utils.io import remove_stale_tmp, save_torch, write_json
@@ -739,8 +740,9 @@ class Trainer:
                       f"stored {self.image_size}px, input {self.input_size}px; output {self.out}")
         self.log.info(f"class order: {self.order}")
         self.log.info(f"phases: {[list(r) for r in self.plan]}")
-        note = plan_note(self.plan, self.cfg["increment"], self.num_classes)
-        if note:
+        notes = [plan_note(self.plan, self.cfg["increment"], self.num_classes),
+                 memory_note(self.cfg, self.plan) if self.learner.uses_memory else None]
+        for note in filter(None, notes):
             self.log.info(note)
         untested = sorted(set(range(self.plan[-1][1])) - set(self.test_labels.tolist()))
         if untested:

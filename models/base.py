@@ -197,11 +197,11 @@ def schedule_options(init_epochs: int, init_lr: float, init_milestones: list[int
     return {
         "init_epochs": Option(init_epochs, "int", "Epochs of phase 0.", min=0),
         "init_lr": Option(init_lr, "float", "Learning rate of phase 0.", min=0.0),
-        "init_milestones": Option(init_milestones, "int_list", "Phase-0 epochs where the lr is multiplied by lr_decay (multistep).", min=0),
+        "init_milestones": Option(init_milestones, "int_list", "Phase-0 epochs where the lr is multiplied by lr_decay (multistep).", min=0, increasing=True),
         "init_weight_decay": Option(init_weight_decay, "float", "Weight decay of phase 0.", min=0.0),
         "epochs": Option(epochs, "int", "Epochs of each later phase.", min=0),
         "lr": Option(lr, "float", "Learning rate of later phases.", min=0.0),
-        "milestones": Option(milestones, "int_list", "Later-phase epochs where the lr is multiplied by lr_decay (multistep).", min=0),
+        "milestones": Option(milestones, "int_list", "Later-phase epochs where the lr is multiplied by lr_decay (multistep).", min=0, increasing=True),
         "weight_decay": Option(weight_decay, "float", "Weight decay of later phases.", min=0.0),
         "scheduler": Option(scheduler, "str", "Learning-rate schedule.", choices=("multistep", "cosine", "constant")),
         "lr_decay": Option(lr_decay, "float", "Multistep decay factor.", min=0.0, max=1.0),

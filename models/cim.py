@@ -186,6 +186,13 @@ class ExemplarCompression(Plugin):
         if cfg["compression"] != "none" and not learner_cls.uses_memory:
             raise ConfigError(f"Config key 'compression' is '{cfg['compression']}' but model_name "
                               f"'{cfg['model_name']}' keeps no exemplar memory; use 'none' or a learner with memory.")
+        from utils.datasets import DATASETS
+
+        size = cfg["image_size"] or DATASETS[cfg["dataset"]].image_size
+        if cfg["compression"] != "none" and cfg["compress_ratio"] > size * size:
+            raise ConfigError(f"Config key 'compress_ratio' is {cfg['compress_ratio']}; with image_size {size} it "
+                              f"must be at most {size * size} (each side is divided by √η: beyond that the "
+                              f"downsampled image is smaller than one pixel).")
 
     def __init__(self, cfg: dict, ctx):
         super().__init__(cfg, ctx)

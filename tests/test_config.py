@@ -72,6 +72,19 @@ def _one_paragraph(err):
     ({"rrc_scale": [0.0, 0.0]}, ["'rrc_scale'", "0 < min ≤ max ≤ 1"]),
     ({"prefix": "../../elsewhere"}, ["'prefix'", "cannot contain '/'"]),
     ({"cache_dir": ""}, ["'cache_dir'", "empty string", "null to disable"]),
+    # the bad-input sweep of 2026-11-27: each passed --check, then died in a traceback or trained nonsense
+    ({"init_lr": 1e300}, ["'init_lr'", "1e+300", "±3.4e38"]),
+    ({"rrc_scale": [0.5, 1e39]}, ["'rrc_scale'", "±3.4e38"]),
+    ({"image_size": 100000}, ["'image_size'", "≤ 4096"]),
+    ({"crop_padding": 16}, ["'crop_padding'", "is 16", "input_size 16", "padding alone"]),
+    ({"cutout": 16}, ["'cutout'", "is 16", "input_size 16", "erases a whole image"]),
+    ({"init_milestones": [8, 2]}, ["'init_milestones'", "[8, 2]", "strictly increasing"]),
+    ({"milestones": [2, 2]}, ["'milestones'", "[2, 2]", "multiplies it twice"]),
+    ({"seed": [1, 1]}, ["'seed'", "[1, 1]", "must not repeat"]),
+    ({"cache_dir": "a\u0000b"}, ["'cache_dir'", "NUL"]),
+    ({"in_memory": False}, ["'in_memory'", "'shapes'", "no image files to stream"]),
+    ({"compression": "full", "compress_ratio": 1e9}, ["'compress_ratio'", "image_size 16", "at most 256",
+                                                      "smaller than one pixel"]),
 ], ids=lambda v: None if isinstance(v, list) else "-".join(f"{k}={v[k]}" for k in v)[:40])
 def test_config_errors_exit_2_with_a_message(tmp_path, monkeypatch, capsys, overrides, needles):
     code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(**overrides))
@@ -104,6 +117,17 @@ def test_bad_json_file(tmp_path, monkeypatch, capsys):
     code, err = _main_error(tmp_path, monkeypatch, capsys, text='{"memory_size": 100,}')
     _assert_user_error(code, err, tmp_path, "cfg.json", "not valid JSON")
     _one_paragraph(err)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"prefix": "\xff\xfe"}', "not UTF-8 text"),              # Latin-1, say
+    (b"[" * 100_000 + b"]" * 100_000, "nests its JSON too deeply"),
+])
+def test_config_file_that_cannot_be_read_as_json(tmp_path, monkeypatch, capsys, content, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg.json").write_bytes(content)
+    code = main.main(["--config", str(tmp_path / "cfg.json")])
+    _assert_user_error(code, capsys.readouterr().err, tmp_path, "cfg.json", needle)
 
 
 def test_config_that_is_not_an_object(tmp_path, monkeypatch, capsys):
@@ -148,6 +172,8 @@ def test_set_values_are_json_else_strings():
         "fixed_memory": True, "data_root": None, "prefix": "a=b", "lr": 0.5}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_set(["memory_size"])
+    with pytest.raises(ConfigError, match="--set x: the value nests its JSON too deeply"):
+        parse_set(["x=" + "[" * 100_000 + "]" * 100_000])
 
 
 def test_set_overrides_reach_the_run(tmp_path, monkeypatch, capsys):

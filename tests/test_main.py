@@ -185,3 +185,48 @@ def test_unusable_cache_dir_exits_2_naming_it(tmp_path, monkeypatch, capsys):
     assert main.main(["--config", "f", "--check"]) == 2
     err = capsys.readouterr().err
     assert "'cache_dir'" in err and str(tmp_path / "afile" / "cache") in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--output", ""], "--output is an empty string"),
+    (["--output", "  "], "--output is an empty string"),
+    (["--device", ""], "'device'"),                  # not silently the config's device
+])
+def test_empty_command_line_values_exit_2(tmp_path, monkeypatch, capsys, argv, needle):
+    _no_data_loading(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**FAST))
+    for extra in ([], ["--check"]):
+        assert main.main(["--config", "tiny", *argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json"]
+
+
+def test_check_refuses_a_device_this_machine_lacks(tmp_path, monkeypatch, capsys):
+    """--check fails where the run would: a CUDA device without CUDA."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**FAST))
+    assert main.main(["--config", "tiny", "--check", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "'device' is 'cuda'" in err and "CUDA is not available" in err
+    assert main.main(["--config", "tiny", "--check", "--device", "cpu"]) == 0
+
+
+def test_a_memory_of_less_than_one_image_per_class_is_noted(tmp_path, monkeypatch, capsys):
+    """memory_size 3 with 4 classes seen keeps no exemplar: --check and the run's log say so (a
+    learner without a memory, finetune, says nothing)."""
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**{**FAST, "memory_size": 3}))
+    assert main.main(["--config", "tiny", "--check"]) == 0
+    note = "note: memory_size 3 is less than one image per class from phase 1 on (4 classes seen)"
+    assert note in capsys.readouterr().out
+    assert main.main(["--config", "tiny", "--output", "run"]) == 0
+    assert note in (tmp_path / "run" / "log.txt").read_text()
+    capsys.readouterr()
+    write_config(tmp_path / "ft.json", tiny_config(**{**FAST, "memory_size": 3, "model_name": "finetune"}))
+    assert main.main(["--config", "ft", "--check"]) == 0
+    assert "note: memory_size" not in capsys.readouterr().out

@@ -19,6 +19,9 @@ from typing import Any, Iterable, Mapping
 from utils.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The largest magnitude a float key may have: the networks compute in float32, where a larger
+# value (a learning rate of 1e300, say) cannot even be stored.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Option:
     nullable: bool = False
     length: int | None = None  # exact list length, when fixed
     fields: dict | None = None  # dict blocks: the Options of their keys
+    increasing: bool = False    # lists: strictly increasing (e.g. lr milestones)
 
 
 def _dataset_names() -> tuple:
@@ -62,8 +66,9 @@ COMMON_OPTIONS: dict[str, Option] = {
     "data_root": Option(None, "str", "Folder holding the dataset (unused for shapes).", nullable=True),
     "class_list": Option(None, "str", "imagenet100: file with one wnid per line (the 100 classes).", nullable=True),
     "shapes": Option({}, "dict", "shapes dataset (procedural): {num_classes, train_per_class, test_per_class, seed}."),
-    "image_size": Option(None, "int", "Side of the stored (decoded) square images; null = dataset default.", min=8, nullable=True),
-    "input_size": Option(None, "int", "Side of the network input; null = dataset default.", min=8, nullable=True),
+    "image_size": Option(None, "int", "Side of the stored (decoded) square images; null = dataset default.", min=8,
+                         max=4096, nullable=True),
+    "input_size": Option(None, "int", "Side of the network input; null = dataset default.", min=8, max=4096, nullable=True),
     "cache_dir": Option(".cache/data", "str", "Folder for the decoded-image cache; null disables it.", nullable=True),
     "skip_unreadable": Option(False, "bool", "Skip (and report) unreadable images instead of stopping."),
     "in_memory": Option(None, "bool", "Hold decoded images in memory (null: yes except imagenet1000, which streams).", nullable=True),
@@ -109,13 +114,15 @@ COMMON_OPTIONS: dict[str, Option] = {
     # augmentation (applied in batches on the training device)
     "augment": Option(None, "str", "Train augmentation: crop_flip, resized_crop or none; null = dataset default.",
                       choices=("crop_flip", "resized_crop", "none"), nullable=True),
-    "crop_padding": Option(4, "int", "crop_flip: zero padding before the random crop.", min=0),
+    "crop_padding": Option(4, "int", "crop_flip: zero padding before the random crop (less than input_size, so that "
+                                     "no crop is padding alone).", min=0),
     "rrc_scale": Option([0.08, 1.0], "float_list", "resized_crop: range of the crop's area fraction.", length=2, min=0.0, max=1.0),
     "flip": Option(True, "bool", "Random horizontal flip."),
     "color_jitter": Option(0.0, "float", "Brightness jitter amount, as ColorJitter(brightness=...) (CIM: 0.247 = 63/255); 0 = off.", min=0.0, max=1.0),
     "autoaugment": Option(None, "str", "AutoAugment policy applied per sample: cifar10 or imagenet; null = off.",
                           choices=("cifar10", "imagenet"), nullable=True),
-    "cutout": Option(0, "int", "Side of the Cutout square (0 = off).", min=0),
+    "cutout": Option(0, "int", "Side of the Cutout square (0 = off; less than input_size, which would erase a whole "
+                               "image).", min=0),
     # evaluation and outputs
     "nme": Option(True, "bool", "Also report nearest-mean-of-exemplars accuracy (needs a memory)."),
     "topk": Option(5, "int", "The k of top-k accuracy.", min=1),
@@ -175,6 +182,9 @@ def check_value(key: str, value: Any, opt: Option) -> Any:
         value = float(value)
     if opt.kind == "float_list":
         value = [float(v) for v in value]
+    if opt.kind in ("float", "float_list") and any(abs(v) > FLOAT32_MAX for v in (value if isinstance(value, list) else [value])):
+        raise ConfigError(f"Config key '{key}' is {json.dumps(value)}; it must be within ±3.4e38 (training "
+                          f"computes in float32, which cannot hold it). {opt.doc}")
     if opt.choices is not None and value not in opt.choices:
         raise ConfigError(f"Config key '{key}' is {json.dumps(value)}; allowed: {', '.join(map(str, opt.choices))}.")
     items = value if isinstance(value, list) else [value]
@@ -186,6 +196,10 @@ def check_value(key: str, value: Any, opt: Option) -> Any:
                 raise ConfigError(f"Config key '{key}' is {json.dumps(value)}; it must be ≤ {opt.max}. {opt.doc}")
     if opt.length is not None and len(value) != opt.length:
         raise ConfigError(f"Config key '{key}' must have exactly {opt.length} entries, got {json.dumps(value)}.")
+    if opt.increasing and any(a >= b for a, b in zip(value, value[1:])):
+        raise ConfigError(f"Config key '{key}' is {json.dumps(value)}; it must be strictly increasing (each entry "
+                          f"is an epoch where the lr is multiplied by lr_decay: a repeated one multiplies it twice). "
+                          f"{opt.doc}")
     if opt.fields is not None:
         value = check_block(key, value, opt.fields)
     return value
@@ -343,6 +357,11 @@ def _check_sizes(cfg: dict) -> None:
             f"Config key '{which}': input_size {input_size} is larger than the stored image_size {image_size} "
             f"(dataset '{cfg['dataset']}' defaults: image_size {info.image_size}, input_size {info.input_size}); "
             f"the network input is cropped from the stored image, so input_size must be ≤ image_size.")
+    for key, what in (("crop_padding", "a random crop could then be padding alone"),
+                      ("cutout", "a Cutout square of that side erases a whole image")):
+        if cfg[key] >= input_size:
+            raise ConfigError(f"Config key '{key}' is {cfg[key]}; it must be less than the network input's side "
+                              f"input_size {input_size}: {what}.")
 
 
 def _check_paths_and_ranges(cfg: dict) -> None:
@@ -359,6 +378,17 @@ def _check_paths_and_ranges(cfg: dict) -> None:
         if cfg[key] is not None and not cfg[key].strip():
             raise ConfigError(f"Config key '{key}' is an empty string; give a path, or null"
                               f"{' to disable the cache' if key == 'cache_dir' else ''}.")
+        if cfg[key] is not None and "\0" in cfg[key]:
+            raise ConfigError(f"Config key '{key}' is {json.dumps(cfg[key])}: a path cannot contain a NUL character.")
+    seeds = cfg["seed"] if isinstance(cfg["seed"], list) else [cfg["seed"]]
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"Config key 'seed' is {json.dumps(cfg['seed'])}; a list of seeds must not repeat one "
+                          f"(each seed is one run, in its own folder seed<seed>).")
+    from utils.datasets import DATASETS
+
+    if cfg["in_memory"] is False and not DATASETS[cfg["dataset"]].file_based:
+        raise ConfigError(f"Config key 'in_memory' is false, which does not apply to dataset {cfg['dataset']!r}: "
+                          f"it has no image files to stream.")
 
 
 def phase_plan(cfg: Mapping[str, Any], num_classes: int) -> list[tuple[int, int]]:
@@ -385,6 +415,22 @@ def phase_plan(cfg: Mapping[str, Any], num_classes: int) -> list[tuple[int, int]
     return [(0, init)] + [(init + inc * (k - 1), min(init + inc * k, num_classes)) for k in range(1, n)]
 
 
+def memory_note(cfg: Mapping[str, Any], plan: list[tuple[int, int]]) -> str | None:
+    """A line when a learner with a memory would keep no exemplar of a class: a per-class budget
+    below one image (``memory_size`` smaller than the classes seen, or ``memory_per_class`` 0),
+    from the first phase where that happens; None otherwise."""
+    if cfg["fixed_memory"]:
+        if cfg["memory_per_class"] == 0:
+            return "note: memory_per_class is 0 (fixed_memory true): no exemplar is kept; NME needs exemplars."
+        return None
+    empty = [k for k, (_, last) in enumerate(plan) if cfg["memory_size"] // last == 0]
+    if not empty:
+        return None
+    k, last = empty[0], plan[empty[0]][1]
+    return (f"note: memory_size {cfg['memory_size']} is less than one image per class from phase {k} on "
+            f"({last} classes seen): no exemplar is kept from then on; NME needs exemplars.")
+
+
 def plan_note(plan: list[tuple[int, int]], increment: int, num_classes: int) -> str | None:
     """A line saying how the plan departs from equal phases over every class, or None."""
     notes = []
@@ -406,9 +452,15 @@ def load_config_file(name_or_path: str) -> tuple[dict, str]:
     for path in candidates:
         if path.is_file():
             try:
-                raw = json.loads(path.read_text())
+                raw = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 raise ConfigError(f"Config file {path} is not valid JSON: {err}.") from None
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"Config file {path} is not UTF-8 text (JSON must be): {err}.") from None
+            except RecursionError:
+                raise ConfigError(f"Config file {path} nests its JSON too deeply to be read.") from None
+            except OSError as err:
+                raise ConfigError(f"Config file {path} cannot be read: {err.strerror or err}.") from None
             if not isinstance(raw, dict):
                 raise ConfigError(f"Config file {path} must hold a JSON object.")
             return raw, path.stem
@@ -429,6 +481,8 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
             out[key] = json.loads(text)
         except json.JSONDecodeError:
             out[key] = text
+        except RecursionError:
+            raise ConfigError(f"--set {key}: the value nests its JSON too deeply to be read.") from None
     return out
 
 
