@@ -80,3 +80,72 @@ def test_in_order_gives_the_batches_of_a_plain_pass_whatever_the_workers(tmp_pat
     share = batching.select(files, torch.arange(5, 60))
     assert [len(x) for x, in batching.in_order(share, batch_size=20, num_workers=4)] == [20, 20, 15]
     assert started[1] == (0, [20, 20, 15])                             # 55 images: no process started
+
+
+class _Failing(torch.utils.data.Dataset):
+    """Eight blank images; reading image 5 raises ``error`` (from ``cause``, when given)."""
+
+    def __init__(self, error: Exception, cause: Exception | None = None):
+        self.error, self.cause = error, cause
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 5:
+            raise self.error from self.cause
+        return torch.zeros(3, 2, 2, dtype=torch.uint8)
+
+
+def test_a_user_error_in_a_loader_worker_keeps_its_own_message():
+    """torch re-raises a worker's exception as its type built from the whole formatted traceback
+    ("Caught DataError in DataLoader worker process 1. Original Traceback ..."), which main.py
+    would print as the user's message: the message is the worker's own again, whatever it was
+    raised from (here another DataError, whose header line comes first) and over several lines."""
+    import pytest
+
+    from utils.errors import ConfigError, DataError
+
+    message = "Cannot read image /data/x.png (OSError: broken).\nsecond line: utils.errors.DataError: not a header"
+    with pytest.raises(DataError) as err:
+        list(batching.iterate(_Failing(DataError(message), DataError("the cause")), batch_size=2, num_workers=2))
+    assert str(err.value) == message and err.value.__cause__ is None
+    with pytest.raises(ConfigError) as err:       # any UserError, its own type
+        list(batching.iterate(_Failing(ConfigError("bad key"), ValueError("why")), batch_size=2, num_workers=1))
+    assert str(err.value) == "bad key"
+    text = None
+    try:                                          # not a user error: torch's text, traceback and all
+        list(batching.iterate(_Failing(ValueError("a bug")), batch_size=2, num_workers=1))
+    except ValueError as bug:
+        text = str(bug)
+        bug.__traceback__ = None                  # the loader stops now, not 5 s into a later gc
+    assert text.startswith("Caught ValueError in DataLoader worker process 0") and "Traceback" in text
+    with pytest.raises(DataError) as err:         # raised in this process: untouched, cause kept
+        list(batching.iterate(_Failing(DataError(message), OSError("why")), batch_size=2, num_workers=0))
+    assert str(err.value) == message and isinstance(err.value.__cause__, OSError)
+
+
+def test_worker_error_recovers_the_message_from_torchs_text():
+    """What torch's wrapper (torch._utils.ExceptionWrapper, as a loader worker uses it) makes of a
+    message: empty, over several lines, raised from another exception."""
+    import pytest
+    from torch._utils import ExceptionWrapper
+
+    from utils.errors import DataError
+
+    def through_a_worker(message, cause=None):
+        try:
+            raise DataError(message) from cause
+        except DataError:
+            wrapper = ExceptionWrapper(where="in DataLoader worker process 3")
+        with pytest.raises(DataError) as err:
+            wrapper.reraise()
+        return err.value
+
+    for message in ("", "one line", "two\nlines\n", "utils.errors.DataError: inside"):
+        wrapped = through_a_worker(message, DataError("cause"))
+        assert str(wrapped).startswith("Caught DataError in DataLoader worker process 3.")
+        assert str(batching.worker_error(wrapped)) == message
+        assert type(batching.worker_error(wrapped)) is DataError
+    plain = DataError("Caught nothing")
+    assert batching.worker_error(plain) is plain

@@ -114,6 +114,50 @@ def test_corrupt_image_raises_naming_file_or_is_skipped(tmp_path):
     assert d.train.labels.tolist() == [0, 0, 0, 1, 1]
 
 
+def test_a_fifo_named_like_an_image_is_refused_when_listing(tmp_path):
+    """A FIFO would block the decoder forever: refused naming it, before any decoding."""
+    root = make_folder_tree(tmp_path / "data")
+    (root / "train/dog/folder.jpg").mkdir()        # a folder named like an image is a folder
+    assert describe_dataset("folder", str(root))["num_train"] == 5
+    fifo = root / "train/dog/sub/z.jpg"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=rf"{fifo} is a FIFO \(named pipe\), not an image file"):
+        describe_dataset("folder", str(root))
+    fifo.unlink()
+    os.symlink(tmp_path / "nowhere.jpg", root / "train/dog/broken.jpg")   # a broken link: decoding names it
+    with pytest.raises(DataError, match=r"Cannot read image .*broken.jpg \(FileNotFoundError"):
+        load_dataset("folder", str(root), image_size=16, progress=False, num_workers=0)
+
+
+def test_food101_and_tinyimagenet_refuse_a_fifo_named_like_an_image(tmp_path):
+    food = make_food(tmp_path / "food-101")
+    os.mkfifo(food / "images/waffles/23.jpg")
+    with pytest.raises(DataError, match="waffles/23.jpg is a FIFO"):
+        describe_dataset("food101", str(food))
+    tiny = make_tiny(tmp_path / "tiny")
+    os.mkfifo(tiny / "val/images/val_9.JPEG")
+    with pytest.raises(DataError, match="val_9.JPEG is a FIFO"):
+        describe_dataset("tinyimagenet", str(tiny))
+
+
+def test_links_are_followed_but_each_folder_is_listed_once(tmp_path):
+    """``ln -s . loop`` in a class folder listed its images 41 times (os.walk follows a loop until
+    the OS refuses); a link to a folder above is a loop too. A link to another folder still counts."""
+    root = make_folder_tree(tmp_path / "data")
+    os.symlink(".", root / "train/cat/loop")
+    os.symlink(root / "train/cat/sub", root / "train/cat/again")   # the same folder twice: once
+    assert describe_dataset("folder", str(root)) == {"num_classes": 2, "num_train": 5, "num_test": 2}
+    os.symlink("..", root / "train/cat/sub/up")   # (after: with two loops os.walk's 40 levels take years)
+    assert describe_dataset("folder", str(root))["num_train"] == 5
+    d = load_dataset("folder", str(root), image_size=16, progress=False, num_workers=0)
+    assert [Path(p).relative_to(root).as_posix() for p in d.train.paths] == \
+        ["train/cat/a.png", "train/cat/b.JPG", "train/cat/sub/c.png", "train/dog/d.jpeg", "train/dog/e.bmp"]
+    save_image(tmp_path / "elsewhere/x.png")
+    os.symlink(tmp_path / "elsewhere", root / "train/dog/more")
+    assert describe_dataset("folder", str(root))["num_train"] == 6
+
+
 def test_streamed_set_matches_in_memory_decoding(tmp_path):
     root = make_folder_tree(tmp_path / "data")
     mem = load_dataset("folder", str(root), image_size=16, progress=False, num_workers=0)
@@ -191,6 +235,55 @@ def test_corrupt_cache_is_ignored_and_rewritten(tmp_path):
         load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False, num_workers=0)
 
 
+def test_cache_key_of_a_utf8_path_is_unchanged(tmp_path):
+    """Existing caches stay valid: the key is computed as it was before paths entered as bytes."""
+    import hashlib
+    import json
+
+    files = [str(save_image(tmp_path / "a.png")), str(save_image(tmp_path / "caf\u00e9 \u732b.png"))]
+    arrays = [np.arange(2)]
+    h = hashlib.sha256()   # the key's recipe before: str paths encoded as UTF-8
+    h.update(json.dumps({"dataset": "folder", "decoder": image_cache.DECODER_VERSION,
+                         "format": image_cache.CACHE_FORMAT}, sort_keys=True).encode())
+    for path in files:
+        st = os.stat(path)
+        h.update(f"\n{path}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    h.update(f"\n{arrays[0].dtype}{arrays[0].shape}".encode())
+    h.update(arrays[0].tobytes())
+    assert image_cache.cache_key({"dataset": "folder"}, files, arrays) == h.hexdigest()
+
+
+def test_cache_takes_a_file_name_that_is_not_utf8(tmp_path, monkeypatch):
+    root, cache = make_folder_tree(tmp_path / "data"), tmp_path / "cache"
+    odd = os.path.join(os.fsencode(root / "train/dog"), b"x\xff\xfe.png")   # valid image, name not UTF-8
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(odd, format="PNG")
+    first = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False, num_workers=0)
+    assert os.fsdecode(odd) in first.train.paths and len(first.train) == 6
+    with monkeypatch.context() as m:
+        m.setattr(image_cache, "decode_images", _must_not_decode)
+        second = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False)
+    assert torch.equal(first.train.images, second.train.images) and first.train.paths == second.train.paths
+
+
+def test_cache_with_a_broken_link_names_it_as_without_cache(tmp_path):
+    root, cache = make_folder_tree(tmp_path / "data"), tmp_path / "cache"
+    link = root / "train/dog/zz.jpg"
+    os.symlink(tmp_path / "nowhere.jpg", link)
+    with pytest.raises(DataError) as uncached:
+        load_dataset("folder", str(root), image_size=16, progress=False, num_workers=0)
+    with pytest.raises(DataError) as cached:
+        load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), progress=False, num_workers=0)
+    assert str(cached.value) == str(uncached.value) and str(cached.value).startswith(f"Cannot read image {link} (")
+    with pytest.warns(UserWarning, match="Skipped 1 unreadable train image"):
+        d = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), skip_unreadable=True,
+                         progress=False, num_workers=0)
+    assert len(d.train) == 5
+    save_image(tmp_path / "nowhere.jpg")   # the link leads to an image now: another key, decoded
+    d = load_dataset("folder", str(root), image_size=16, cache_dir=str(cache), skip_unreadable=True,
+                     progress=False, num_workers=0)
+    assert len(d.train) == 6
+
+
 # ----------------------------------------------------------------------------------------------
 # CIFAR
 
@@ -235,6 +328,25 @@ def test_cifar_missing_or_malformed_files(tmp_path):
     (tmp_path / "test").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="test"):
         load_dataset("cifar100", str(tmp_path), image_size=32)
+
+
+@pytest.mark.parametrize("file, entry, value, why", [
+    ("train", b"fine_labels", ["x"] * 6, "'fine_labels' must hold integer class indices, got values such as 'x'"),
+    ("test", b"fine_labels", [0.5] * 6, "'fine_labels' must hold integer class indices, got values such as 0.5"),
+    ("train", b"data", [[0] * 3072, [0] * 5] * 3, "'data' and 'fine_labels' must be arrays"),
+    ("train", b"data", np.zeros((6, 32, 32, 3), dtype=np.uint8), r"'data' must be uint8 \[N, 3072\]"),
+    ("meta", b"fine_label_names", 7, "the class names must be a list, got int"),
+    ("meta", b"fine_label_names", [b"caf\xe9"] * 100, r"class name b'caf\\xe9' is not UTF-8 text"),
+])
+def test_cifar_malformed_contents_name_the_file(tmp_path, file, entry, value, why):
+    write_cifar(tmp_path, ["train", "test"], b"fine_labels", 6, 100, "meta", b"fine_label_names")
+    with open(tmp_path / file, "rb") as fh:
+        d = pickle.load(fh)
+    d[entry] = value
+    with open(tmp_path / file, "wb") as fh:
+        pickle.dump(d, fh)
+    with pytest.raises(DataError, match=f"{tmp_path / file}: {why}"):
+        describe_dataset("cifar100", str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +398,24 @@ def test_tinyimagenet_missing_box_is_an_error(tmp_path):
     with pytest.raises(DataError, match="wnids.txt") as err:
         describe_dataset("tinyimagenet", str(root))
     assert "val_annotations.txt" in str(err.value)  # the layout is printed
+
+
+@pytest.mark.parametrize("name, make, file", [
+    ("tinyimagenet", "tiny", "wnids.txt"),
+    ("tinyimagenet", "tiny", "train/n001/n001_boxes.txt"),
+    ("tinyimagenet", "tiny", "val/val_annotations.txt"),
+    ("food101", "food", "meta/classes.txt"),
+    ("food101", "food", "meta/train.txt"),
+    ("folder", "folder", "classes.txt"),            # a class_list
+])
+def test_a_text_file_that_is_not_utf8_names_the_file(tmp_path, name, make, file):
+    root = {"tiny": make_tiny, "food": make_food, "folder": make_folder_tree}[make](tmp_path / "data")
+    path = root / file
+    lines = path.read_bytes().splitlines() if path.exists() else [b"cat", b"dog"]
+    path.write_bytes(b"\n".join([lines[0], b"caf\xe9 " + lines[1]] + lines[2:]) + b"\n")   # Latin-1
+    class_list = str(path) if name == "folder" else None
+    with pytest.raises(DataError, match=rf"{path} is not UTF-8 text \(line 2 holds byte 0xe9\)"):
+        describe_dataset(name, str(root), class_list=class_list)
 
 
 @pytest.mark.skipif(not (REAL_DATA / "tiny-imagenet-50").is_dir(), reason="real tiny-imagenet-50 not present")

@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from utils.errors import UserError
+
 Images = torch.Tensor | Dataset   # uint8 [N, 3, S, S] or a Dataset whose items are uint8 [3, S, S] (or encoded files: batch_finisher)
 
 
@@ -169,6 +171,54 @@ def shard_batches(order: torch.Tensor, batch_size: int, min_batch: int = 1,
     return [b[rank::world] for b in batches if len(b) // world >= min_batch]
 
 
+def worker_error(err: UserError) -> UserError:
+    """The UserError a loader worker raised, as it was raised: torch re-raises it in this process
+    as the same type built from "Caught DataError in DataLoader worker process 1. Original
+    Traceback ...", the worker's whole formatted traceback, which would be the user's message.
+    Its own message is what follows the last ``<module>.<qualname>: `` line start of its type (the
+    exception it was raised from comes before it); ``err`` itself when it is not such a wrapper."""
+    kind = type(err)
+    text = str(err)
+    if not text.startswith(f"Caught {kind.__name__} ") or "\nOriginal " not in text:
+        return err
+    name = kind.__qualname__
+    if kind.__module__ not in ("builtins", "__main__"):   # how the traceback module names a type
+        name = f"{kind.__module__}.{name}"
+    start = text.rfind(f"\n{name}: ")
+    if start < 0:
+        # no message ("<name>" alone on the last line) or not a traceback we know: nothing to recover
+        return kind("") if text.endswith(f"\n{name}\n") else err
+    message = text[start + len(name) + 3:]
+    try:
+        return kind(message[:-1] if message.endswith("\n") else message)  # the traceback's final newline
+    except Exception:  # noqa: BLE001 - a subclass that takes other arguments: keep torch's text
+        return err
+
+
+def _loaded(loader: DataLoader) -> Iterator:
+    """The batches of ``loader``; a UserError of a worker is raised as the worker raised it
+    (:func:`worker_error`), so the user reads its message, not a traceback. Other errors are bugs
+    and keep torch's traceback text."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UserError as err:
+            original = worker_error(err)
+            if original is err:  # raised in this process (no workers): as it is, with its cause
+                raise
+            # torch's error and its traceback's frames refer to each other, and the frames to the
+            # loader: left to the garbage collector, the loader is stopped late and badly (its
+            # workers, never told to stop, are killed after 5 s each). Without them it stops now.
+            err.__traceback__ = None
+            break
+        yield batch
+    del batches
+    raise original
+
+
 def iterate(images: Images, *extras: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
             min_batch: int = 1, num_workers: int = 0, shard: tuple[int, int] = (0, 1)
             ) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -198,11 +248,11 @@ def iterate(images: Images, *extras: torch.Tensor, batch_size: int, generator: t
     if finish is None:
         loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False)
-        for idx, imgs in zip(batches, loader):
+        for idx, imgs in zip(batches, _loaded(loader)):
             yield (imgs, *(e[idx] for e in extras))
         return
     # The workers read bytes; each batch is decoded on the device, in this process.
     loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
                         collate_fn=_as_list, persistent_workers=False)
-    for idx, items in zip(batches, loader):
+    for idx, items in zip(batches, _loaded(loader)):
         yield (finish(items), *(e[idx] for e in extras))

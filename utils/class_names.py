@@ -20,7 +20,13 @@ def read_name_file(path: str, ids: list[str]) -> dict[str, str]:
     """{class id: name} from a ``class_names`` / ``words.txt`` file (see the module docstring)."""
     if not os.path.isfile(path):
         raise DataError(f"class_names file {path} does not exist (expected '<class id><TAB><name>' per line).")
-    lines = [line.rstrip("\n") for line in open(path, encoding="utf-8") if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as exc:
+        raise DataError(f"Cannot read class_names file {path} ({exc.strerror or exc}).") from exc
+    except UnicodeDecodeError:
+        raise DataError(f"class_names file {path} is not UTF-8 text; save it as UTF-8.") from None
     pairs = [line.split("\t", 1) if "\t" in line else line.split(None, 1) for line in lines]
     mapping = {p[0].strip(): p[1].strip() for p in pairs if len(p) == 2}
     if any(i in mapping for i in ids):

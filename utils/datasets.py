@@ -27,11 +27,13 @@ The rule does not depend on the run's ``seed``, so every seed sees the same 100 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import stat
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -433,8 +435,49 @@ def _unpickle(info, root, path) -> dict:
         raise _layout_error(info, root, f"Cannot read {path} ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(obj, dict):
         raise _layout_error(info, root, f"{path} does not hold a dict (not a CIFAR python-version file).")
-    # the official files are Python-2 pickles (bytes keys); accept str keys too
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    # the official files are Python-2 pickles (bytes keys); accept str keys too (a key that is not
+    # UTF-8 cannot be one we look for: replaced, it is simply not found)
+    return {(k.decode(errors="replace") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _cifar_names(info, root, path, raw) -> list[str]:
+    """The class names of a CIFAR meta file's names entry ``raw`` (bytes or str each); DataError
+    naming ``path`` when it is not a list of names."""
+    try:
+        if isinstance(raw, (str, bytes, dict)):
+            raise TypeError
+        items = list(raw)
+    except TypeError:
+        raise _layout_error(info, root, f"{path}: the class names must be a list, got {type(raw).__name__}.") from None
+    names = []
+    for n in items:
+        try:
+            names.append(n.decode() if isinstance(n, bytes) else str(n))
+        except UnicodeDecodeError:
+            raise _layout_error(info, root, f"{path}: class name {n!r} is not UTF-8 text.") from None
+    return names
+
+
+def _cifar_batch(info, root, path, d: dict, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(data uint8 [N, 3072], labels int64 [N])`` of an unpickled CIFAR batch ``d``; DataError
+    naming ``path`` when an entry is missing or is not that (a pickle can hold anything)."""
+    if label_key not in d or "data" not in d:
+        raise _layout_error(info, root, f"{path} lacks 'data' or '{label_key}'.")
+    try:
+        lab, data = np.asarray(d[label_key]), np.asarray(d["data"])
+    except (ValueError, TypeError) as exc:  # e.g. rows of different lengths
+        raise _layout_error(info, root, f"{path}: 'data' and '{label_key}' must be arrays ({exc}).") from None
+    # integers only: int64 conversion would refuse strings with a bare ValueError and truncate floats
+    if lab.size and lab.dtype.kind not in "iu":
+        raise _layout_error(info, root, f"{path}: '{label_key}' must hold integer class indices, got values "
+                                        f"such as {lab.reshape(-1)[0].item()!r}.")
+    lab = lab.astype(np.int64).reshape(-1)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(lab):
+        raise _layout_error(info, root, f"{path}: 'data' must be uint8 [N, 3072] matching "
+                                        f"{len(lab)} labels, got {data.dtype} {list(data.shape)}.")
+    if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+        raise _layout_error(info, root, f"{path}: labels outside 0..{num_classes - 1}.")
+    return data, lab
 
 
 def _read_cifar(info, root, labels_only=False):
@@ -451,22 +494,13 @@ def _read_cifar(info, root, labels_only=False):
     meta = _unpickle(info, root, meta_path)
     if spec["names"] not in meta:
         raise _layout_error(info, root, f"{meta_path} has no '{spec['names']}' entry.")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec["names"]]]
+    names = _cifar_names(info, root, meta_path, meta[spec["names"]])
 
     def read(files):
         images, labels = [], []
         for f in files:
             path = os.path.join(folder, f)
-            d = _unpickle(info, root, path)
-            if spec["labels"] not in d or "data" not in d:
-                raise _layout_error(info, root, f"{path} lacks 'data' or '{spec['labels']}'.")
-            lab = np.asarray(d[spec["labels"]], dtype=np.int64).reshape(-1)
-            data = np.asarray(d["data"])
-            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(lab):
-                raise _layout_error(info, root, f"{path}: 'data' must be uint8 [N, 3072] matching "
-                                                f"{len(lab)} labels, got {data.dtype} {list(data.shape)}.")
-            if lab.size and (lab.min() < 0 or lab.max() >= len(names)):
-                raise _layout_error(info, root, f"{path}: labels outside 0..{len(names) - 1}.")
+            data, lab = _cifar_batch(info, root, path, _unpickle(info, root, path), spec["labels"], len(names))
             labels.append(lab)
             if not labels_only:
                 images.append(data.reshape(-1, 3, 32, 32))
@@ -527,21 +561,121 @@ def _subdirs(folder: str) -> list[str]:
 
 
 def _image_files(folder: str) -> list[str]:
-    """Sorted paths of the image files anywhere under ``folder`` (hidden entries skipped)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    """Sorted paths of the image files anywhere under ``folder`` (hidden entries skipped).
+
+    Links are followed (a class folder may link elsewhere), but a folder whose real path this walk
+    has entered already, or that holds ``folder``, is not entered: a link to itself or to a folder
+    above (``ln -s . loop``) would list the same files over and over (os.walk follows it until the
+    OS refuses, 40 levels down). Breadth first, links after real folders, names sorted: which of
+    two routes to the same folder is kept does not depend on the file system's listing order.
+    """
+    found, entered, pending = [], set(), deque([folder])
+    above = _parents(os.path.realpath(folder))
+    while pending:
+        current = pending.popleft()
+        real = os.path.realpath(current)
+        if real in entered or real in above:
+            continue
+        entered.add(real)
+        subdirs = []
+        for entry in _scan(current):
+            if entry.name.startswith("."):
+                continue
+            if _is_dir(entry):
+                subdirs.append(entry)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                _check_image_file(entry)
+                found.append(entry.path)
+        pending.extend(e.path for e in sorted(subdirs, key=lambda e: (e.is_symlink(), e.name)))
     return sorted(found)
 
 
-def _read_lines(info, root, path) -> list[str]:
+def _parents(path: str) -> set[str]:
+    """Every folder above ``path`` (an absolute path), up to the file system's root."""
+    parents = set()
+    while os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+        parents.add(path)
+    return parents
+
+
+def _folder_images(folder: str) -> list[str]:
+    """Names of the image files directly in ``folder`` (Food-101's class folders, Tiny-ImageNet's
+    val/images), each checked by :func:`_check_image_file`; folders named like images are not."""
+    names = []
+    for entry in _scan(folder):
+        if entry.name.lower().endswith(IMAGE_EXTENSIONS) and not _is_dir(entry):
+            _check_image_file(entry)
+            names.append(entry.name)
+    return names
+
+
+def _scan(folder: str) -> list[os.DirEntry]:
+    """The entries of ``folder``; DataError naming it when it cannot be listed (os.walk would skip
+    it silently, losing its images)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise DataError(f"Cannot list folder {folder} ({exc.strerror or exc}).") from exc
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is a folder or a link to one (a link loop is not: as os.walk does, it is
+    taken as a file, which decoding reports as unreadable)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _check_image_file(entry: os.DirEntry) -> None:
+    """Refuse an entry with an image name that is not a file to decode: a FIFO would block the
+    decoder forever, a socket or a device is not an image. DataError naming it.
+
+    A regular file or a link to one passes, and so does a link that leads nowhere or round in a
+    loop: decoding reports those as unreadable (and ``skip_unreadable`` may skip them). The entry's
+    type comes with the folder listing: no extra ``stat`` for a plain file (1.28M on ImageNet).
+    """
+    try:
+        if entry.is_file():
+            return
+    except OSError:  # a link loop
+        return
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return
+    raise DataError(f"{entry.path} is {_special_kind(entry.path)}, not an image file (an image must be a regular "
+                    f"file or a link to one). Delete it or move it out of the data folder.")
+
+
+def _special_kind(path: str) -> str:
+    """What a non-regular file is, in words ("a FIFO (named pipe)", ...), for messages."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "not a regular file"
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _read_lines(info, root, path) -> list[str]:
+    """The non-empty, non-comment lines of text file ``path``, stripped. DataError naming the file
+    when it cannot be read or is not UTF-8 text (the line of the first bad byte helps find it)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise _layout_error(info, root, f"Cannot read {path} ({exc.strerror or exc}).") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise _layout_error(info, root, f"{path} is not UTF-8 text (line {line} holds byte 0x{data[exc.start]:02x}); "
+                                        f"save it as UTF-8.") from None
+    # newline=None: the lines open() in text mode gives (\n, \r\n and \r end a line, nothing else)
+    return [line.strip() for line in io.StringIO(text, newline=None)
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def _select_classes(info, root, available: list[str], class_list: str | None) -> list[str]:
@@ -668,7 +802,7 @@ def _list_tinyimagenet(info, root, class_list) -> dict:
     ann_path = os.path.join(root, "val", "val_annotations.txt")
     if not os.path.isdir(val_dir) or not os.path.isfile(ann_path):
         raise _layout_error(info, root, f"Missing {val_dir}/ or {ann_path}.")
-    present = set(os.listdir(val_dir))
+    present = set(_folder_images(val_dir))
     test = []
     for n, line in enumerate(_read_lines(info, root, ann_path), 1):
         fields = line.split()
@@ -700,8 +834,7 @@ def _list_food101(info, root, class_list) -> dict:
         folder = os.path.join(images, c)
         if not os.path.isdir(folder):
             raise _layout_error(info, root, f"Missing folder {folder} (class {c} of meta/classes.txt).")
-        files_of[c] = {os.path.splitext(f)[0]: f for f in os.listdir(folder)
-                       if f.lower().endswith(IMAGE_EXTENSIONS)}
+        files_of[c] = {os.path.splitext(f)[0]: f for f in _folder_images(folder)}
 
     def split(list_path):
         pairs = []

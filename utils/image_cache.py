@@ -218,18 +218,34 @@ def cache_key(description: dict, files: Sequence[str], arrays: Iterable[np.ndarr
     names, options); ``files``: every source file, whose path, size and mtime enter the key (a
     changed, added or removed file gives a new key); ``arrays``: labels/boxes read from annotation
     files. Costs one ``stat`` per file, no reading.
+
+    A path enters as its bytes on disk: encoded as UTF-8, any bytes of a name that is not UTF-8
+    restored from Python's surrogate escapes (as os.fsencode does with a UTF-8 file system
+    encoding, but whatever the locale), so any file name works and a UTF-8 name keeps the key it
+    always had. A file that cannot be ``stat``-ed (a broken link) enters as unreadable: decoding
+    then names it, as without a cache (or skips it with ``skip_unreadable``); readable again, it
+    gives another key.
     """
     h = hashlib.sha256()
     h.update(json.dumps({**description, "decoder": DECODER_VERSION, "format": CACHE_FORMAT},
                         sort_keys=True).encode())
     for path in files:
-        st = os.stat(path)
-        h.update(f"\n{path}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        h.update(b"\n" + path.encode("utf-8", "surrogateescape") + _file_stamp(path))
     for arr in arrays:
         arr = np.ascontiguousarray(arr)
         h.update(f"\n{arr.dtype}{arr.shape}".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def _file_stamp(path: str) -> bytes:
+    """``\\t<size>\\t<mtime ns>`` of ``path`` for :func:`cache_key`, or ``\\tunreadable (<errno>)``
+    when it cannot be ``stat``-ed (never a size: such a key matches no readable state of the file)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"\tunreadable ({exc.errno})".encode()
+    return f"\t{st.st_size}\t{st.st_mtime_ns}".encode()
 
 
 def cache_path(cache_dir: str, name: str, size: int, key: str) -> str:
