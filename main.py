@@ -45,7 +45,7 @@ def output_dir(cfg: dict, config_name: str, seed: int, explicit: str | None, man
 def print_plan(cfg: dict, config_name: str, outputs: list[Path]) -> None:
     from trainer import class_order
     from models.registry import get_learner_class
-    from utils.config import memory_note, phase_plan, plan_note
+    from utils.config import phase_plan, run_notes
     from utils.datasets import describe_dataset
     from utils.memory import ExemplarMemory
 
@@ -59,9 +59,7 @@ def print_plan(cfg: dict, config_name: str, outputs: list[Path]) -> None:
     for k, (lo, hi) in enumerate(plan):
         print(f"  phase {k}: classes [{lo}, {hi}) — {hi - lo} new; memory budget {memory.class_budget(hi)} "
               f"units per class ({memory.total_budget(hi)} total)")
-    notes = [plan_note(plan, cfg["increment"], info["num_classes"]),
-             memory_note(cfg, plan) if get_learner_class(cfg["model_name"]).uses_memory else None]
-    for note in filter(None, notes):
+    for note in run_notes(cfg, plan, info["num_classes"], get_learner_class(cfg["model_name"]).uses_memory):
         print(note)
     for out in outputs:
         print(f"output: {out}")

@@ -32,8 +32,7 @@ from models.plugins import PLUGINS
 from models.registry import get_learner_class
 from utils import batching, distributed
 from utils.augment import BatchShard, TrainAugment
-from utils.config import (config_hash, hashed_keys, memory_note, phase_plan, plan_note, resolve_saved_config,
-                          result_key_differences)
+from utils.config import config_hash, hashed_keys, phase_plan, resolve_saved_config, result_key_differences, run_notes
 from utils.datasets import DATASETS, load_dataset
 from utils.errors import UserError
 from utils.io import remove_stale_tmp, save_torch, write_json
@@ -740,9 +739,7 @@ class Trainer:
                       f"stored {self.image_size}px, input {self.input_size}px; output {self.out}")
         self.log.info(f"class order: {self.order}")
         self.log.info(f"phases: {[list(r) for r in self.plan]}")
-        notes = [plan_note(self.plan, self.cfg["increment"], self.num_classes),
-                 memory_note(self.cfg, self.plan) if self.learner.uses_memory else None]
-        for note in filter(None, notes):
+        for note in run_notes(self.cfg, self.plan, self.num_classes, self.learner.uses_memory):
             self.log.info(note)
         untested = sorted(set(range(self.plan[-1][1])) - set(self.test_labels.tolist()))
         if untested:

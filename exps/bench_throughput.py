@@ -56,7 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from trainer import Trainer  # noqa: E402
 from utils import batching  # noqa: E402
-from utils.config import load_config_file, parse_set, resolve_config  # noqa: E402
+from utils.config import load_config_file, parse_set, resolve_config, stored_image_size  # noqa: E402
 
 
 def build_trainer(raw: dict, epochs: int, out: Path) -> tuple[Trainer, object]:
@@ -378,8 +378,7 @@ def time_decode(raw: dict, workers: list[int], count: int, batch_size: int = 64)
     from utils.datasets import FileImages, load_dataset
 
     cfg = resolve_config({**raw, "in_memory": False})
-    from utils.datasets import DATASETS
-    size = cfg["image_size"] or DATASETS[cfg["dataset"]].image_size
+    size = stored_image_size(cfg)
     data = load_dataset(cfg["dataset"], cfg["data_root"], image_size=size, class_list=cfg["class_list"],
                         cache_dir=None, in_memory=False)
     paths = list(data.train.paths[:count])

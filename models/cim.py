@@ -63,7 +63,7 @@ from utils import batching, distributed
 from utils.augment import normalize
 from utils.compression import (class_activation_map, compress_images, mask_box, soft_compress,
                                upsample_cam)
-from utils.config import Option
+from utils.config import Option, stored_image_size
 from utils.cuda_graph import GraphedStep
 from utils.errors import ConfigError
 from utils.masked_adam import MaskedAdam
@@ -186,9 +186,7 @@ class ExemplarCompression(Plugin):
         if cfg["compression"] != "none" and not learner_cls.uses_memory:
             raise ConfigError(f"Config key 'compression' is '{cfg['compression']}' but model_name "
                               f"'{cfg['model_name']}' keeps no exemplar memory; use 'none' or a learner with memory.")
-        from utils.datasets import DATASETS
-
-        size = cfg["image_size"] or DATASETS[cfg["dataset"]].image_size
+        size = stored_image_size(cfg)
         if cfg["compression"] != "none" and cfg["compress_ratio"] > size * size:
             raise ConfigError(f"Config key 'compress_ratio' is {cfg['compress_ratio']}; with image_size {size} it "
                               f"must be at most {size * size} (each side is divided by √η: beyond that the "

@@ -343,13 +343,20 @@ def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def stored_image_size(cfg: Mapping[str, Any]) -> int:
+    """The side of the stored images: ``image_size``, or the dataset's default when it is null."""
+    from utils.datasets import DATASETS
+
+    return cfg["image_size"] or DATASETS[cfg["dataset"]].image_size
+
+
 def _check_sizes(cfg: dict) -> None:
     """``input_size`` (network input, a centre/random crop) cannot exceed the stored ``image_size``
     (both resolved with the dataset's defaults)."""
     from utils.datasets import DATASETS
 
     info = DATASETS[cfg["dataset"]]
-    image_size = cfg["image_size"] or info.image_size
+    image_size = stored_image_size(cfg)
     input_size = cfg["input_size"] or info.input_size
     if input_size > image_size:
         which = "input_size" if cfg["input_size"] is not None else "image_size"
@@ -384,11 +391,9 @@ def _check_paths_and_ranges(cfg: dict) -> None:
     if len(set(seeds)) < len(seeds):
         raise ConfigError(f"Config key 'seed' is {json.dumps(cfg['seed'])}; a list of seeds must not repeat one "
                           f"(each seed is one run, in its own folder seed<seed>).")
-    from utils.datasets import DATASETS
+    from utils.datasets import check_in_memory
 
-    if cfg["in_memory"] is False and not DATASETS[cfg["dataset"]].file_based:
-        raise ConfigError(f"Config key 'in_memory' is false, which does not apply to dataset {cfg['dataset']!r}: "
-                          f"it has no image files to stream.")
+    check_in_memory(cfg["dataset"], cfg["in_memory"])
 
 
 def phase_plan(cfg: Mapping[str, Any], num_classes: int) -> list[tuple[int, int]]:
@@ -413,6 +418,13 @@ def phase_plan(cfg: Mapping[str, Any], num_classes: int) -> list[tuple[int, int]
             f"but dataset '{cfg['dataset']}' has {num_classes}; at most num_phases={max_phases}"
             f"{f' (the last one with {leftover} classes)' if leftover else ''}.")
     return [(0, init)] + [(init + inc * (k - 1), min(init + inc * k, num_classes)) for k in range(1, n)]
+
+
+def run_notes(cfg: Mapping[str, Any], plan: list[tuple[int, int]], num_classes: int, uses_memory: bool) -> list[str]:
+    """The notes ``--check`` prints and a run logs about its plan (:func:`plan_note`) and, for a
+    learner with a memory, about its memory (:func:`memory_note`)."""
+    notes = [plan_note(plan, cfg["increment"], num_classes), memory_note(cfg, plan) if uses_memory else None]
+    return [note for note in notes if note]
 
 
 def memory_note(cfg: Mapping[str, Any], plan: list[tuple[int, int]]) -> str | None:

@@ -35,6 +35,7 @@ import stat
 import warnings
 from collections import Counter, deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -195,6 +196,14 @@ def is_streamed(name: str, in_memory: bool | None) -> bool:
     (``in_memory`` None = the format's default; formats without image files never stream)."""
     info = DATASETS[name]
     return info.file_based and (info.streamed if in_memory is None else not in_memory)
+
+
+def check_in_memory(name: str, in_memory: bool | None) -> None:
+    """Config key ``in_memory``: false (stream) applies to datasets read from image files only;
+    ConfigError naming the key otherwise."""
+    if in_memory is False and not DATASETS[name].file_based:
+        raise ConfigError(f"Config key 'in_memory' is false, which does not apply to dataset {name!r}: "
+                          f"it has no image files to stream.")
 
 
 def check_stream_decode(name: str, in_memory: bool | None, value: str) -> None:
@@ -381,8 +390,7 @@ def _check_arguments(name, class_list, in_memory, shapes) -> DatasetInfo:
     if not info.file_based and class_list is not None:
         raise ConfigError(f"class_list does not apply to dataset {name!r} (only to folder, tinyimagenet, "
                           "imagenet100, imagenet1000 and food101).")
-    if not info.file_based and in_memory is False:
-        raise ConfigError(f"in_memory=false does not apply to dataset {name!r}: it has no image files to stream.")
+    check_in_memory(name, in_memory)
     if shapes and name != "shapes":
         raise ConfigError(f"The 'shapes' options only apply to dataset 'shapes', not {name!r}.")
     return info
@@ -570,7 +578,7 @@ def _image_files(folder: str) -> list[str]:
     two routes to the same folder is kept does not depend on the file system's listing order.
     """
     found, entered, pending = [], set(), deque([folder])
-    above = _parents(os.path.realpath(folder))
+    above = {str(p) for p in Path(os.path.realpath(folder)).parents}   # folders that hold it
     while pending:
         current = pending.popleft()
         real = os.path.realpath(current)
@@ -588,15 +596,6 @@ def _image_files(folder: str) -> list[str]:
                 found.append(entry.path)
         pending.extend(e.path for e in sorted(subdirs, key=lambda e: (e.is_symlink(), e.name)))
     return sorted(found)
-
-
-def _parents(path: str) -> set[str]:
-    """Every folder above ``path`` (an absolute path), up to the file system's root."""
-    parents = set()
-    while os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-        parents.add(path)
-    return parents
 
 
 def _folder_images(folder: str) -> list[str]:
