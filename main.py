@@ -42,14 +42,30 @@ def output_dir(cfg: dict, config_name: str, seed: int, explicit: str | None, man
     return Path("logs") / cfg["model_name"] / cfg["dataset"] / f"{name}-{config_hash(cfg)}" / f"seed{seed}"
 
 
-def print_plan(cfg: dict, config_name: str, outputs: list[Path]) -> None:
+def check_inputs(cfg: dict, seeds: list[int]) -> dict:
+    """The checks that need the dataset's file listing, before any image is decoded or any output
+    folder is touched: the data_root layout, enough classes for the protocol, and the files each
+    enabled plugin reads (a synthetic-replay folder or pipeline) for every seed's class order.
+    Returns :func:`utils.datasets.describe_dataset`'s dict."""
+    from models.plugins import check_plugin_inputs
+    from trainer import class_order
+    from utils.config import phase_plan
+    from utils.datasets import describe_dataset
+
+    info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], shapes=cfg["shapes"])
+    plan = phase_plan(cfg, info["num_classes"])
+    for seed in seeds:
+        order = class_order(info["num_classes"], seed, cfg["shuffle"])
+        check_plugin_inputs({**cfg, "seed": seed}, [info["class_names"][c] for c in order], plan)
+    return info
+
+
+def print_plan(cfg: dict, config_name: str, info: dict, outputs: list[Path]) -> None:
     from trainer import class_order
     from models.registry import get_learner_class
     from utils.config import phase_plan, run_notes
-    from utils.datasets import describe_dataset
     from utils.memory import ExemplarMemory
 
-    info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], shapes=cfg["shapes"])
     plan = phase_plan(cfg, info["num_classes"])
     memory = ExemplarMemory(cfg["memory_size"], cfg["memory_per_class"], cfg["fixed_memory"])
     print(f"config {config_name}: learner {cfg['model_name']}, backbone {cfg['convnet_type']}, dataset {cfg['dataset']} "
@@ -122,20 +138,14 @@ def _main(args, argv: list[str]) -> int:
         from utils import distributed
 
         rank, world, _ = distributed.env_world()
+        info = check_inputs(cfg, seeds)
         if args.check:
             from trainer import resolve_device
 
             resolve_device(cfg["device"])   # a device this machine lacks fails here as in a run
             if rank == 0:
-                print_plan(cfg, config_name, [out for _, out in runs])
+                print_plan(cfg, config_name, info, [out for _, out in runs])
             return 0
-        # Dataset-dependent checks (data_root layout, enough classes for the protocol) from the file
-        # listing alone, before any image is decoded or any output folder is touched.
-        from utils.config import phase_plan
-        from utils.datasets import describe_dataset
-
-        info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"], shapes=cfg["shapes"])
-        phase_plan(cfg, info["num_classes"])
         from trainer import RunInterrupted, Trainer, TrainingDiverged, resolve_device
 
         device = resolve_device(cfg["device"])

@@ -9,7 +9,9 @@ per stage: ``sources`` (samples this plugin adds to the stage's data) → ``befo
 epoch: ``before_augment`` (per batch, may change the uint8 images) → ``after_epoch`` →
 ``after_stage``; then ``compressor`` (used by the memory update) → ``after_phase`` →
 ``phase_report`` (extra fields of results.json ``phases[k]``). ``run_info`` adds top-level fields
-to results.json once.
+to results.json once. Before all of that, ``check_config`` (a resolved config) and ``check_inputs``
+(the files the plugin will read) run from ``--check`` and at the start of a run, before any image is
+decoded.
 
 Under torchrun every hook runs on every process, in step (``ctx.rank``, ``ctx.world_size``,
 ``ctx.is_main``): a plugin writes files on rank 0 only, and whatever must be the same on every rank
@@ -35,6 +37,13 @@ def register_plugin(name: str):
     return wrap
 
 
+def check_plugin_inputs(cfg: dict, class_ids: list[str], plan: list[tuple[int, int]]) -> None:
+    """``check_inputs`` of every plugin ``cfg`` enables."""
+    for cls in PLUGINS.values():
+        if cls.enabled(cfg):
+            cls.check_inputs(cfg, class_ids, plan)
+
+
 class Plugin:
     options: ClassVar[dict[str, Option]] = {}
 
@@ -49,6 +58,13 @@ class Plugin:
     @classmethod
     def check_config(cls, cfg: dict, learner_cls: type) -> None:
         """Cross-key checks of a resolved config (raise ConfigError)."""
+
+    @classmethod
+    def check_inputs(cls, cfg: dict, class_ids: list[str], plan: list[tuple[int, int]]) -> None:
+        """Checks of the files this plugin reads, from file listings alone (raise DataError naming
+        the key or path): ``class_ids`` are the dataset's class ids in class-order position, ``plan``
+        the phases' [first, last) class ranges. Run by ``--check``, and by a run before its dataset is
+        loaded, so a bad path stops it in seconds rather than after the images are decoded."""
 
     def after_grow(self, phase) -> None: ...
     def before_phase(self, phase) -> None: ...

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -39,6 +40,7 @@ from utils import diffusion, distributed, replay_folder
 from utils.class_names import readable_names
 from utils.config import Option
 from utils.errors import ConfigError, DataError
+from utils.io import path_problem
 from utils.stage_data import SYNTHETIC, SourceData
 
 FIELDS = {
@@ -76,6 +78,58 @@ PIXEL_SETTINGS = ("prompt_template", "guidance_scale", "num_inference_steps", "r
                   "gen_batch_size", "dtype")
 
 
+@dataclass
+class ReplayInputs:
+    """What a synthetic-replay run reads, checked: readable names and prompts by class id, the image
+    folder (``path``, or the generation key's folder under ``cache_dir``), its manifest (for
+    ``diffusers``: the one its images will have) and the pipeline folder (``diffusers`` only)."""
+
+    names: dict[str, str]
+    prompts: dict[str, str]
+    root: str
+    manifest: dict
+    model_path: str | None
+
+
+def open_inputs(cfg: dict, ids: list[str], replayed: int) -> ReplayInputs:
+    """Check every file synthetic replay reads, from file listings alone (no image is decoded).
+
+    ``ids``: the dataset's class ids in class-order position; ``replayed``: how many of them a later
+    phase replays (all but the last phase's). Raises DataError naming the field or path. Run by
+    ``--check`` and before a run loads its dataset (``Plugin.check_inputs``), and when the plugin is
+    built."""
+    s = cfg["synthetic_replay"]
+    names = dict(zip(ids, readable_names(cfg["dataset"], cfg["data_root"], ids, s["class_names"])))
+    prompts = {c: s["prompt_template"].format(name=n) for c, n in names.items()}
+    if s["source"] == "folder":
+        root = os.path.abspath(os.path.expanduser(s["path"]))
+        if not os.path.isdir(root):
+            raise DataError(f"synthetic_replay.path {root} {path_problem(root, 'folder')}.")
+        manifest = replay_folder.read_manifest(root)
+        replay_folder.check_manifest(manifest, s, root)
+        made_by_prompt = manifest.get("generator", {}).get("kind") != "real-images"
+        replay_folder.check_classes(manifest, ids, prompts if made_by_prompt else None, root)
+        for c in ids[:replayed]:   # every replayed class has its images
+            folder_paths(root, c, names[c], s["per_class"])
+        return ReplayInputs(names, prompts, root, manifest, None)
+    model_path = diffusion.check_model_path(s["model_path"])
+    resolution = s["resolution"] or diffusion.native_resolution(model_path)
+    manifest = {"format": replay_folder.FORMAT, **diffusion.pipeline_description(model_path, s["dtype"]),
+                **{k: s[k] for k in PIXEL_SETTINGS}, "resolution": resolution, "seed_rule": diffusion.SEED_RULE}
+    key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    root = os.path.join(os.path.abspath(os.path.expanduser(s["cache_dir"])), key)
+    return ReplayInputs(names, prompts, root, manifest, model_path)
+
+
+def folder_paths(root: str, class_id: str, name: str, per_class: int) -> list[str]:
+    """The first ``per_class`` image files of a class of a ``folder`` source, in seed order."""
+    paths = replay_folder.class_files(root, class_id)
+    if len(paths) < per_class:
+        raise DataError(f"Synthetic replay folder {root}: class {class_id} ({name}) has {len(paths)} image(s) in "
+                        f"{os.path.join(root, class_id)}, synthetic_replay.per_class is {per_class}.")
+    return paths[:per_class]
+
+
 @register_plugin("synthetic_replay")
 class SyntheticReplay(Plugin):
     options = {
@@ -106,49 +160,21 @@ class SyntheticReplay(Plugin):
             raise ConfigError("Config key 'synthetic_replay.ratio' is 0: use null (join the epoch) or a positive "
                               "ratio, or turn synthetic replay off with source 'none'.")
 
+    @classmethod
+    def check_inputs(cls, cfg: dict, class_ids: list[str], plan: list[tuple[int, int]]) -> None:
+        open_inputs(cfg, class_ids, plan[-1][0])
+
     def __init__(self, cfg: dict, ctx):
         super().__init__(cfg, ctx)
         self.settings = dict(cfg["synthetic_replay"])
-        s = self.settings
         self.ids = list(ctx.class_names)                         # dataset class ids, in class-order position
-        names = readable_names(cfg["dataset"], cfg["data_root"], self.ids, s["class_names"])
-        self.prompts = {c: s["prompt_template"].format(name=n) for c, n in zip(self.ids, names)}
-        self.names = dict(zip(self.ids, names))
+        inputs = open_inputs(cfg, self.ids, ctx.plan[-1][0])
+        self.names, self.prompts = inputs.names, inputs.prompts
+        self.root, self.manifest, self.model_path = inputs.root, inputs.manifest, inputs.model_path
         self.images: dict[int, torch.Tensor] = {}                 # label -> uint8 [per_class, 3, S, S]
         self.generated = 0
         self.generation_seconds = 0.0
         self.pipe = None
-        if s["source"] == "folder":
-            self.root = os.path.abspath(os.path.expanduser(s["path"]))
-            if not os.path.isdir(self.root):
-                raise DataError(f"synthetic_replay.path {self.root} is not a folder.")
-            self.manifest = replay_folder.read_manifest(self.root)
-            replay_folder.check_manifest(self.manifest, s, self.root)
-            replay_folder.check_classes(self.manifest, self.ids, self.prompts if self._made_by_prompt() else None,
-                                        self.root)
-            for c in self.ids[:ctx.plan[-1][0]]:   # before any training: every replayed class has its images
-                self._folder_paths(c)
-        else:
-            self.model_path = diffusion.check_model_path(s["model_path"])
-            resolution = s["resolution"] or diffusion.native_resolution(self.model_path)
-            self.manifest = {"format": replay_folder.FORMAT,
-                             **diffusion.pipeline_description(self.model_path, s["dtype"]),
-                             **{k: s[k] for k in PIXEL_SETTINGS}, "resolution": resolution,
-                             "seed_rule": diffusion.SEED_RULE}
-            key = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
-            self.root = os.path.join(os.path.abspath(os.path.expanduser(s["cache_dir"])), key)
-
-    def _made_by_prompt(self) -> bool:
-        return self.manifest.get("generator", {}).get("kind") != "real-images"
-
-    def _folder_paths(self, class_id: str) -> list[str]:
-        paths = replay_folder.class_files(self.root, class_id)
-        n = self.settings["per_class"]
-        if len(paths) < n:
-            raise DataError(f"Synthetic replay folder {self.root}: class {class_id} ({self.names[class_id]}) has "
-                            f"{len(paths)} image(s) in {os.path.join(self.root, class_id)}, "
-                            f"synthetic_replay.per_class is {n}.")
-        return paths[:n]
 
     # ---- generation (diffusers) ---------------------------------------------------------------
     def _pipeline(self):
@@ -206,7 +232,8 @@ class SyntheticReplay(Plugin):
         self.generate(list(range(phase.first)))
         for c in range(phase.first):
             if c not in self.images:
-                paths = (self._folder_paths(self.ids[c]) if self.settings["source"] == "folder"
+                paths = (folder_paths(self.root, self.ids[c], self.names[self.ids[c]], self.settings["per_class"])
+                         if self.settings["source"] == "folder"
                          else [os.path.join(self.root, self.ids[c], replay_folder.image_name(i))
                                for i in range(self.settings["per_class"])])
                 self.images[c] = replay_folder.load_images(paths, self.ctx.image_size, workers=0)

@@ -206,10 +206,15 @@ def test_folder_dataset_with_a_missing_data_root_names_the_path(tmp_path, monkey
     missing = tmp_path / "no" / "such" / "folder"
     raw = tiny_config(dataset="folder", shapes={}, data_root=str(missing))
     code, err = _main_error(tmp_path, monkeypatch, capsys, raw)
-    _assert_user_error(code, err, tmp_path, str(missing), "is not a folder", "train/<class>")
+    _assert_user_error(code, err, tmp_path, str(missing), "does not exist", "train/<class>")
     # --check reports it the same way.
     code, err = _main_error(tmp_path, monkeypatch, capsys, raw, argv=["--check"])
     _assert_user_error(code, err, tmp_path, str(missing))
+    # A file where the folder should be is named as such.
+    (tmp_path / "file").write_text("x")
+    raw = tiny_config(dataset="folder", shapes={}, data_root=str(tmp_path / "file"))
+    code, err = _main_error(tmp_path, monkeypatch, capsys, raw)
+    _assert_user_error(code, err, tmp_path, str(tmp_path / "file"), "is a file, not a folder")
 
 
 def test_check_prints_the_plan_and_trains_nothing(tmp_path, monkeypatch, capsys):

@@ -147,7 +147,7 @@ def test_links_are_followed_but_each_folder_is_listed_once(tmp_path):
     root = make_folder_tree(tmp_path / "data")
     os.symlink(".", root / "train/cat/loop")
     os.symlink(root / "train/cat/sub", root / "train/cat/again")   # the same folder twice: once
-    assert describe_dataset("folder", str(root)) == {"num_classes": 2, "num_train": 5, "num_test": 2}
+    assert describe_dataset("folder", str(root))["num_train"] == 5
     os.symlink("..", root / "train/cat/sub/up")   # (after: with two loops os.walk's 40 levels take years)
     assert describe_dataset("folder", str(root))["num_train"] == 5
     d = load_dataset("folder", str(root), image_size=16, progress=False, num_workers=0)
@@ -191,9 +191,11 @@ def test_decode_pool_gives_the_same_result_as_serial(tmp_path):
 def test_describe_counts_without_decoding(tmp_path, monkeypatch):
     root = make_folder_tree(tmp_path / "data")
     monkeypatch.setattr(image_cache, "decode_image", _must_not_decode)
-    assert describe_dataset("folder", str(root)) == {"num_classes": 2, "num_train": 5, "num_test": 2}
+    assert describe_dataset("folder", str(root)) == {"num_classes": 2, "num_train": 5, "num_test": 2,
+                                                     "class_names": ["cat", "dog"]}
+    from utils import shapes
     assert describe_dataset("shapes", None, shapes={"num_classes": 4}) == \
-        {"num_classes": 4, "num_train": 400, "num_test": 120}
+        {"num_classes": 4, "num_train": 400, "num_test": 120, "class_names": shapes.class_names(4)}
 
 
 def _must_not_decode(*args, **kwargs):
@@ -309,7 +311,8 @@ def test_cifar10_in_official_subfolder(tmp_path):
     assert d.train.images.shape == (20, 3, 32, 32) and d.test.images.shape == (4, 3, 32, 32)
     assert d.train.labels.tolist() == [0, 1, 2, 3] * 5 and d.train.paths is None and d.train.boxes is None
     assert d.train.images[:4, 0, 0, 0].tolist() == [0, 1, 2, 3]  # row-major [3, 32, 32] layout
-    assert describe_dataset("cifar10", str(tmp_path)) == {"num_classes": 10, "num_train": 20, "num_test": 4}
+    assert describe_dataset("cifar10", str(tmp_path)) == {"num_classes": 10, "num_train": 20, "num_test": 4,
+                                                          "class_names": d.class_names}
 
 
 def test_cifar100_in_root_and_resized(tmp_path):
@@ -421,8 +424,9 @@ def test_a_text_file_that_is_not_utf8_names_the_file(tmp_path, name, make, file)
 @pytest.mark.skipif(not (REAL_DATA / "tiny-imagenet-50").is_dir(), reason="real tiny-imagenet-50 not present")
 def test_real_tinyimagenet_50(tmp_path):
     root = str(REAL_DATA / "tiny-imagenet-50")
-    assert describe_dataset("tinyimagenet", root) == {"num_classes": 50, "num_train": 25000, "num_test": 2500}
     wnids = sorted((REAL_DATA / "tiny-imagenet-50/wnids.txt").read_text().split())
+    assert describe_dataset("tinyimagenet", root) == {"num_classes": 50, "num_train": 25000, "num_test": 2500,
+                                                      "class_names": wnids}
     (tmp_path / "two.txt").write_text(f"{wnids[3]}\n{wnids[0]}\n")
     d = load_dataset("tinyimagenet", root, image_size=32, class_list=str(tmp_path / "two.txt"),
                      cache_dir=str(tmp_path / "cache"), progress=False)
@@ -434,8 +438,9 @@ def test_real_tinyimagenet_50(tmp_path):
 
 @pytest.mark.skipif(not (REAL_DATA / "imagenette2").is_dir(), reason="real imagenette2 not present")
 def test_real_imagenette_layout():
-    assert describe_dataset("folder", str(REAL_DATA / "imagenette2")) == \
-        {"num_classes": 10, "num_train": 9469, "num_test": 3925}
+    info = describe_dataset("folder", str(REAL_DATA / "imagenette2"))
+    assert (info["num_classes"], info["num_train"], info["num_test"]) == (10, 9469, 3925)
+    assert info["class_names"] == sorted(p.name for p in (REAL_DATA / "imagenette2/train").iterdir())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +471,8 @@ def test_default_imagenet100_rule_is_the_documented_one():
 def test_imagenet100_default_and_class_list(tmp_path):
     root = make_imagenet(tmp_path / "inet", 103)
     all_wnids = [f"n{i:08d}" for i in range(103)]
-    assert describe_dataset("imagenet100", str(root)) == {"num_classes": 100, "num_train": 100, "num_test": 100}
+    assert describe_dataset("imagenet100", str(root)) == {"num_classes": 100, "num_train": 100, "num_test": 100,
+                                                          "class_names": default_imagenet100_classes(all_wnids)}
     listing = ds._list_files(DATASETS["imagenet100"], str(root), None)
     assert listing["class_names"] == default_imagenet100_classes(all_wnids)
 
@@ -484,6 +490,8 @@ def test_imagenet100_default_and_class_list(tmp_path):
         describe_dataset("imagenet100", str(root), class_list=str(class_list))
     with pytest.raises(DataError, match="does not exist"):
         describe_dataset("imagenet100", str(root), class_list=str(tmp_path / "nope.txt"))
+    with pytest.raises(DataError, match="is a folder, not a file"):   # once said "does not exist"
+        describe_dataset("imagenet100", str(root), class_list=str(tmp_path))
     small = make_imagenet(tmp_path / "small", 5)
     with pytest.raises(DataError, match="needs >= 100 class folders"):
         describe_dataset("imagenet100", str(small))

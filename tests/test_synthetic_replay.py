@@ -187,15 +187,25 @@ def test_use_in_ce_false_keeps_synthetic_images_out_of_the_classification_loss(t
 
 # ---- errors: exit 2 with the field or path named -------------------------------------------------
 
-def _main(tmp_path, block, **extra) -> tuple[int, str]:
+def _main(tmp_path, block, *flags, **extra) -> tuple[int, str]:
     import main
 
     cfg = write_config(tmp_path / "cfg.json", tiny_config(**QUICK, synthetic_replay=block, **extra))
-    return main.main(["--config", str(cfg), "--output", str(tmp_path / "out")]), ""
+    return main.main(["--config", str(cfg), "--output", str(tmp_path / "out"), *flags]), ""
 
 
-@pytest.mark.parametrize("case", ["manifest", "hub", "missing", "no_images", "few_images", "no_path", "template"])
-def test_bad_sources_stop_with_exit_2_naming_the_field_or_path(tmp_path, capsys, case):
+@pytest.mark.parametrize("flags", [(), ("--check",)], ids=["run", "check"])
+@pytest.mark.parametrize("case", ["manifest", "hub", "missing", "no_images", "few_images", "no_path", "template",
+                                  "names"])
+def test_bad_sources_stop_with_exit_2_naming_the_field_or_path(tmp_path, capsys, monkeypatch, case, flags):
+    """Found from file listings alone: ``--check`` fails as the run would, and the run stops before
+    its dataset is loaded (on ImageNet that is the minutes of decoding a bad path used to cost)."""
+    import trainer
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the synthetic-replay inputs were checked")
+
+    monkeypatch.setattr(trainer, "load_dataset", loaded)
     ids = shape_ids()
     if case == "manifest":
         root = make_folder(tmp_path / "syn", ids, 2, {"format": replay_folder.FORMAT, "guidance_scale": 7.5,
@@ -214,15 +224,40 @@ def test_bad_sources_stop_with_exit_2_naming_the_field_or_path(tmp_path, capsys,
         block, expect = {"source": "folder", "path": str(root), "per_class": 3}, ["per_class is 3", "2 image(s)"]
     elif case == "no_path":
         block, expect = {"source": "folder"}, ["synthetic_replay.path"]
+    elif case == "names":
+        root = make_folder(tmp_path / "syn", ids, 2)
+        names = tmp_path / "names.txt"
+        names.write_text("".join(f"other{i}\tthing\n" for i in range(3)))
+        block, expect = ({"source": "folder", "path": str(root), "per_class": 2, "class_names": str(names)},
+                         [str(names), "no line names a class"])
     else:
         block, expect = {"source": "folder", "path": ".", "prompt_template": "a photo"}, ["prompt_template", "{name}"]
-    code, _ = _main(tmp_path, block)
+    code, _ = _main(tmp_path, block, *flags)
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
     for word in expect:
         assert word in err, (word, err)
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_inputs_are_checked_for_the_class_order_of_every_seed(tmp_path, capsys):
+    """Each seed draws its own class order, so each replays other classes: a folder that serves the
+    first seed but lacks a class another seed replays is refused before the first seed's run."""
+    from trainer import class_order
+    from utils.config import phase_plan, resolve_config
+
+    ids = shape_ids()
+    first = resolve_config(tiny_config(**QUICK))["seed"]
+    replayed_before = phase_plan(resolve_config(tiny_config(**QUICK)), len(ids))[-1][0]
+    replayed = {s: {ids[c] for c in class_order(len(ids), s, True)[:replayed_before]} for s in range(first, first + 20)}
+    seed, cid = next((s, c) for s in replayed for c in sorted(replayed[s] - replayed[first]))
+    root = make_folder(tmp_path / "syn", [c for c in ids if c != cid], 2)
+    block = {"source": "folder", "path": str(root), "per_class": 2}
+    assert _main(tmp_path, block, "--check")[0] == 0, capsys.readouterr().err
+    code, _ = _main(tmp_path, block, "--check", seed=[first, seed])
+    err = capsys.readouterr().err
+    assert code == 2 and f"class {cid}" in err, err
 
 
 def test_unknown_and_wrong_keys_of_the_block_are_refused(tmp_path):

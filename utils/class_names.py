@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from utils.errors import DataError
+from utils.io import path_problem
 
 WORDNET_DATASETS = ("tinyimagenet", "imagenet100", "imagenet1000")
 
@@ -19,7 +20,8 @@ WORDNET_DATASETS = ("tinyimagenet", "imagenet100", "imagenet1000")
 def read_name_file(path: str, ids: list[str]) -> dict[str, str]:
     """{class id: name} from a ``class_names`` / ``words.txt`` file (see the module docstring)."""
     if not os.path.isfile(path):
-        raise DataError(f"class_names file {path} does not exist (expected '<class id><TAB><name>' per line).")
+        raise DataError(f"class_names file {path} {path_problem(path)} (expected '<class id><TAB><name>' per "
+                        f"line).")
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f if line.strip()]

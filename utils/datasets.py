@@ -44,6 +44,7 @@ import torch.utils.data
 
 from utils import image_cache, shapes as shapes_set, stream_decode
 from utils.errors import ConfigError, DataError
+from utils.io import path_problem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -324,7 +325,8 @@ def load_dataset(name: str, data_root: str | None, *, image_size: int,
 
 def describe_dataset(name: str, data_root: str | None, *, class_list: str | None = None,
                      shapes: dict | None = None) -> dict:
-    """Check the layout without decoding any image: ``{"num_classes", "num_train", "num_test"}``.
+    """Check the layout without decoding any image: ``{"num_classes", "num_train", "num_test",
+    "class_names"}`` (``class_names`` as :func:`load_dataset`'s ``Dataset.class_names``).
 
     Raises the same ConfigError/DataError as :func:`load_dataset` for a bad name, data root,
     layout or class list (not for unreadable image files, which need decoding to find).
@@ -333,14 +335,16 @@ def describe_dataset(name: str, data_root: str | None, *, class_list: str | None
     if name == "shapes":
         opts = shapes_set.check_options(shapes)
         return {"num_classes": opts["num_classes"], "num_train": opts["num_classes"] * opts["train_per_class"],
-                "num_test": opts["num_classes"] * opts["test_per_class"]}
+                "num_test": opts["num_classes"] * opts["test_per_class"],
+                "class_names": shapes_set.class_names(opts["num_classes"])}
     root = _check_root(info, data_root)
     if name in ("cifar10", "cifar100"):
         names, train, test = _read_cifar(info, root, labels_only=True)
-        return {"num_classes": len(names), "num_train": len(train[1]), "num_test": len(test[1])}
+        return {"num_classes": len(names), "num_train": len(train[1]), "num_test": len(test[1]),
+                "class_names": list(names)}
     listing = _list_files(info, root, class_list)
     return {"num_classes": len(listing["class_names"]), "num_train": len(listing["train"].paths),
-            "num_test": len(listing["test"].paths)}
+            "num_test": len(listing["test"].paths), "class_names": list(listing["class_names"])}
 
 
 class FileImages(torch.utils.data.Dataset):
@@ -406,7 +410,7 @@ def _check_root(info: DatasetInfo, data_root: str | None) -> str:
         raise _layout_error(info, data_root, f"Dataset {info.name!r} needs data_root (none given).")
     root = os.path.abspath(os.path.expanduser(str(data_root)))
     if not os.path.isdir(root):
-        raise _layout_error(info, root, f"data_root {root} is not a folder.")
+        raise _layout_error(info, root, f"data_root {root} {path_problem(root, 'folder')}.")
     return root
 
 
@@ -683,7 +687,8 @@ def _select_classes(info, root, available: list[str], class_list: str | None) ->
     if class_list is not None:
         path = os.path.abspath(os.path.expanduser(class_list))
         if not os.path.isfile(path):
-            raise DataError(f"class_list file {path} does not exist (expected one class name / wnid per line).")
+            raise DataError(f"class_list file {path} {path_problem(path)} (expected one class name / wnid per "
+                            f"line).")
         listed = [line.split()[0] for line in _read_lines(info, root, path)]
         duplicates = sorted(c for c, k in Counter(listed).items() if k > 1)
         if duplicates:

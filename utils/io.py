@@ -23,6 +23,19 @@ class DiskFull(UserError):
     """A write failed because the file system is full (ENOSPC / EDQUOT)."""
 
 
+def path_problem(path: str, want: str = "file") -> str:
+    """Why ``path`` is not the ``want`` ("file" or "folder") a key names, as the end of a sentence
+    ("{path} is a folder, not a file."). Call it once ``os.path.isfile`` / ``isdir`` said no."""
+    other = "folder" if want == "file" else "file"
+    if os.path.isdir(path) if want == "file" else os.path.isfile(path):
+        return f"is a {other}, not a {want}"
+    if os.path.islink(path) and not os.path.exists(path):
+        return "is a broken symbolic link"
+    if os.path.exists(path):
+        return f"is not a regular {want}"
+    return "does not exist"
+
+
 def disk_error(path: Path, err: OSError) -> UserError | None:
     """A UserError for an OSError a user can fix (full disk, read-only file system, no permission)."""
     if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
