@@ -46,7 +46,8 @@ class LUCIR(Learner):
         "freeze_old_weights": Option(True, "bool", "Keep old-class classifier weights fixed in later phases."),
         "cbf_epochs": Option(20, "int", "Class-balanced finetuning epochs (classifier only, on all exemplars); 0 = off.", min=0),
         "cbf_lr": Option(0.01, "float", "Class-balanced finetuning learning rate.", min=0.0),
-        "cbf_milestones": Option([10], "int_list", "Class-balanced finetuning lr milestones.", min=0, increasing=True),
+        "cbf_milestones": Option([10], "int_list", "Class-balanced finetuning lr milestones.", min=0, increasing=True,
+                                 milestones_of="cbf_epochs"),
         "cbf_weight_decay": Option(5e-4, "float", "Class-balanced finetuning weight decay.", min=0.0),
     }
 

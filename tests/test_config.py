@@ -507,3 +507,36 @@ def test_every_row_of_the_key_reference_has_three_cells():
         cells = re.split(r"(?<!\\)\|", row)[1:-1]
         assert len(cells) == 3, row
     assert any("\\|" in row for row in rows)          # compression's policies, escaped
+
+
+def test_settings_notes_name_what_a_run_will_not_use():
+    """Accepted (PyCIL configs carry such keys) but said: a plugin's keys while it is off, milestones
+    under another scheduler, and milestones a stage never reaches (the lr never decays there)."""
+    from utils.config import settings_notes
+
+    assert settings_notes(resolve_config(tiny_config())) == []
+    off = settings_notes(resolve_config(tiny_config(compress_ratio=8, synthetic_replay={"path": "/x", "per_class": 5})))
+    assert off == ["note: plugin cim is off in this run, so compress_ratio (set away from the default) has no effect.",
+                   "note: plugin synthetic_replay is off in this run, so synthetic_replay.path, "
+                   "synthetic_replay.per_class (set away from the default) have no effect."]
+    assert settings_notes(resolve_config(tiny_config(compression="cim", compress_ratio=8))) == []
+
+    cosine = settings_notes(resolve_config(tiny_config(scheduler="cosine", init_milestones=[1], milestones=[])))
+    assert cosine == ['note: init_milestones [1] has no effect: it applies only with scheduler "multistep", and '
+                      'scheduler is "cosine".']
+    late = settings_notes(resolve_config(tiny_config(scheduler="multistep", init_epochs=5, init_milestones=[2, 5, 9],
+                                                     epochs=3, milestones=[1, 2])))
+    assert late == ["note: init_milestones 5, 9 are not below init_epochs 5: the lr never decays there."]
+    assert settings_notes(resolve_config(tiny_config(fixed_memory=True, memory_per_class=5))) == \
+        ['note: memory_size 60 has no effect: it applies only with fixed_memory false, and fixed_memory is true.']
+    lucir = settings_notes(resolve_config(tiny_config(model_name="lucir", cbf_epochs=4, cbf_milestones=[4])))
+    assert lucir == ["note: cbf_milestones 4 is not below cbf_epochs 4: the lr never decays there."]
+    assert settings_notes(resolve_config(tiny_config(model_name="lucir", cbf_epochs=0, cbf_milestones=[4]))) == []
+
+
+def test_no_shipped_config_gets_a_settings_note():
+    from utils.config import CONFIG_DIR, settings_notes
+
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        raw, _ = load_config_file(str(path))
+        assert settings_notes(resolve_config(raw)) == [], path.name

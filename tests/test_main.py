@@ -230,3 +230,13 @@ def test_a_memory_of_less_than_one_image_per_class_is_noted(tmp_path, monkeypatc
     write_config(tmp_path / "ft.json", tiny_config(**{**FAST, "memory_size": 3, "model_name": "finetune"}))
     assert main.main(["--config", "ft", "--check"]) == 0
     assert "note: memory_size" not in capsys.readouterr().out
+
+
+def test_settings_without_effect_are_noted_by_check_and_the_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**{**FAST, "scheduler": "multistep", "init_milestones": [9]}))
+    assert main.main(["--config", "tiny", "--check"]) == 0
+    note = f"note: init_milestones 9 is not below init_epochs {FAST['init_epochs']}: the lr never decays there."
+    assert note in capsys.readouterr().out
+    assert main.main(["--config", "tiny", "--output", "run"]) == 0
+    assert note in (tmp_path / "run" / "log.txt").read_text()

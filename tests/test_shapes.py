@@ -97,6 +97,11 @@ def test_bad_options_raise_config_error(options):
         load_dataset("shapes", None, image_size=32, shapes=options)
 
 
+def test_a_bad_option_is_named_with_its_json_value():
+    with pytest.raises(ConfigError, match=r"'shapes.train_per_class' must be an integer ≥ 1, got null\."):
+        load_dataset("shapes", None, image_size=32, shapes={"train_per_class": None})
+
+
 def test_default_set_is_the_documented_size():
     # (Its speed is not asserted: timing asserts fail on a loaded machine; the set is vectorised.)
     d = load_dataset("shapes", None, image_size=32)

@@ -32,7 +32,8 @@ class Option:
     "int_or_int_list". ``nullable`` allows JSON null (meaning "the dataset's/learner's default").
     ``fields``: for a "dict" key that is a block of keys of its own (e.g. ``synthetic_replay``),
     their Options; the block is checked key by key (``block.key`` in messages) and its defaults
-    filled in.
+    filled in. ``only_with`` and ``milestones_of`` feed the notes of :func:`settings_notes` (a key
+    set but ignored; an lr milestone its stage never reaches).
     """
 
     default: Any
@@ -45,6 +46,8 @@ class Option:
     length: int | None = None  # exact list length, when fixed
     fields: dict | None = None  # dict blocks: the Options of their keys
     increasing: bool = False    # lists: strictly increasing (e.g. lr milestones)
+    only_with: tuple | None = None      # (key, value): read only while that key has that value
+    milestones_of: str | None = None    # epoch lists: the key of the stage's epochs they fall within
 
 
 def _dataset_names() -> tuple:
@@ -96,8 +99,10 @@ COMMON_OPTIONS: dict[str, Option] = {
     "increment": Option(10, "int", "Classes added by each later phase.", min=1),
     "num_phases": Option(None, "int", "Number of phases; null = as many as the dataset's classes allow.", min=1, nullable=True),
     # memory
-    "memory_size": Option(2000, "int", "Total exemplar budget in full-image units (fixed_memory=false).", min=0),
-    "memory_per_class": Option(20, "int", "Per-class budget in full-image units when fixed_memory=true.", min=0),
+    "memory_size": Option(2000, "int", "Total exemplar budget in full-image units (fixed_memory=false).", min=0,
+                          only_with=("fixed_memory", False)),
+    "memory_per_class": Option(20, "int", "Per-class budget in full-image units when fixed_memory=true.", min=0,
+                               only_with=("fixed_memory", True)),
     "fixed_memory": Option(False, "bool", "true: every class keeps memory_per_class; false: memory_size // classes seen."),
     # network and optimisation common to all learners
     "model_name": Option("icarl", "str", "Learner (see README: Learners)."),
@@ -421,10 +426,51 @@ def phase_plan(cfg: Mapping[str, Any], num_classes: int) -> list[tuple[int, int]
 
 
 def run_notes(cfg: Mapping[str, Any], plan: list[tuple[int, int]], num_classes: int, uses_memory: bool) -> list[str]:
-    """The notes ``--check`` prints and a run logs about its plan (:func:`plan_note`) and, for a
-    learner with a memory, about its memory (:func:`memory_note`)."""
+    """The notes ``--check`` prints and a run logs about its plan (:func:`plan_note`), for a
+    learner with a memory about its memory (:func:`memory_note`), and about settings that have no
+    effect (:func:`settings_notes`)."""
     notes = [plan_note(plan, cfg["increment"], num_classes), memory_note(cfg, plan) if uses_memory else None]
-    return [note for note in notes if note]
+    return [note for note in notes if note] + settings_notes(cfg)
+
+
+def settings_notes(cfg: Mapping[str, Any]) -> list[str]:
+    """Lines naming what a resolved config sets that this run will not use: keys of a plugin it
+    leaves off (away from their defaults), keys read only with another value of a switch
+    (``Option.only_with``, e.g. milestones under ``scheduler: cosine``), and lr milestones at or
+    beyond their stage's epochs (``Option.milestones_of``), where the lr never decays."""
+    from models.plugins import PLUGINS
+    from models.registry import get_learner_class
+
+    notes = []
+    for name, cls in PLUGINS.items():
+        if cls.enabled(cfg):
+            continue
+        unused = [key for key, opt in cls.options.items() for key in _set_keys(key, cfg[key], opt)]
+        if unused:
+            notes.append(f"note: plugin {name} is off in this run, so {', '.join(unused)} (set away from the "
+                         f"default) {'has' if len(unused) == 1 else 'have'} no effect.")
+    options = {**COMMON_OPTIONS, **{k: o for cls in PLUGINS.values() if cls.enabled(cfg) for k, o in cls.options.items()},
+               **get_learner_class(cfg["model_name"]).options}
+    for key, opt in options.items():
+        if opt.only_with and cfg[opt.only_with[0]] != opt.only_with[1]:
+            if cfg[key] != opt.default and cfg[key] not in ([], None):
+                notes.append(f"note: {key} {json.dumps(cfg[key])} has no effect: it applies only with "
+                             f"{opt.only_with[0]} {json.dumps(opt.only_with[1])}, and {opt.only_with[0]} is "
+                             f"{json.dumps(cfg[opt.only_with[0]])}.")
+            continue
+        if opt.milestones_of and cfg[opt.milestones_of] > 0:
+            late = [m for m in cfg[key] if m >= cfg[opt.milestones_of]]
+            if late:
+                notes.append(f"note: {key} {', '.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not below "
+                             f"{opt.milestones_of} {cfg[opt.milestones_of]}: the lr never decays there.")
+    return notes
+
+
+def _set_keys(key: str, value: Any, opt: Option) -> list[str]:
+    """``key`` (or, for a block, its ``key.field`` names) where ``value`` differs from the default."""
+    if opt.fields:
+        return [f"{key}.{sub}" for sub, field in opt.fields.items() if value.get(sub) != field.default]
+    return [key] if value != opt.default else []
 
 
 def memory_note(cfg: Mapping[str, Any], plan: list[tuple[int, int]]) -> str | None:

@@ -16,6 +16,7 @@ tensors, and the train and test splits come from independent RNG streams (``Seed
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ def check_options(options: dict | None) -> dict:
     for key, value in resolved.items():
         low = 0 if key == "seed" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"'shapes.{key}' must be an integer ≥ {low}, got {value!r}.")
+            raise ConfigError(f"'shapes.{key}' must be an integer ≥ {low}, got {json.dumps(value, default=repr)}.")
     if resolved["num_classes"] < 2 or resolved["num_classes"] > MAX_CLASSES:
         raise ConfigError(f"'shapes.num_classes' must be between 2 and {MAX_CLASSES}, "
                           f"got {resolved['num_classes']}.")
