@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args, argv)
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C) before training started; nothing was saved.", file=sys.stderr)
+        # Before a run's training started (checks, data loading): its folder is as it was, and so are
+        # the phases an earlier attempt (or an earlier seed of this command) saved there.
+        print(f"interrupted (Ctrl-C) before training started; the run folder was not changed (phases saved "
+              f"earlier stay saved); continue with: {resume_command(argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

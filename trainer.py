@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import re
 import time
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from utils.augment import BatchShard, TrainAugment
 from utils.config import config_hash, hashed_keys, phase_plan, resolve_saved_config, result_key_differences, run_notes
 from utils.datasets import DATASETS, load_dataset
 from utils.errors import UserError
-from utils.io import remove_stale_tmp, save_torch, write_json
+from utils.io import check_entry_kinds, remove_stale_tmp, save_torch, write_json
 from utils.memory import Candidates, ExemplarMemory, candidate_share
 from utils.metrics import accuracy_report, summarize
 from utils.nme import class_means, nme_logits
@@ -109,9 +109,36 @@ def reduce_epoch_sums(sums: dict, correct: torch.Tensor, seen: int) -> tuple[dic
     return {k: total[i] for i, k in enumerate(keys)}, total[-2], int(round(float(total[-1])))
 
 
+CHECKPOINT_NAME = re.compile(r"phase_(\d+)\.pt")
+# What a run writes in its folder besides config.json (and run.lock): a fresh run removes these of
+# an earlier run, and nothing else (a file a user or another tool put there stays).
+RUN_FILES = ("results.json", "metrics.jsonl", "log.txt")
+FIGURE_NAME = re.compile(r"exemplars_phase_\d+\.png")
+
+
 def saved_checkpoints(out: Path) -> dict[int, Path]:
-    """The phase checkpoints a run folder holds: {phase index: path of checkpoints/phase_<k>.pt}."""
-    return {int(p.stem.split("_")[1]): p for p in Path(out).glob("checkpoints/phase_*.pt")}
+    """The phase checkpoints a run folder holds: {phase index: path of checkpoints/phase_<k>.pt}.
+    Only names of exactly that form count (``phase_1 copy.pt`` or ``phase_0_backup.pt`` do not)."""
+    found = {}
+    for path in Path(out).glob("checkpoints/phase_*.pt"):
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match and path.is_file():
+            found[int(match.group(1))] = path
+    return found
+
+
+def earlier_run_files(out: Path) -> list[Path]:
+    """The files an earlier run wrote in ``out`` (its checkpoints, results, metrics, log and
+    exemplar figures), by name; what a fresh run removes."""
+    out = Path(out)
+    figures = [p for p in out.glob("exemplars_phase_*.png") if FIGURE_NAME.fullmatch(p.name)]
+    return ([p for p in map(out.joinpath, RUN_FILES) if p.is_file()] + sorted(figures)
+            + [saved_checkpoints(out)[k] for k in sorted(saved_checkpoints(out))])
+
+
+def is_run_config(saved: dict) -> bool:
+    """Whether a folder's config.json was written by this framework (today's schema or an older one)."""
+    return isinstance(saved, dict) and {"model_name", "dataset"} <= set(saved)
 
 
 class Trainer:
@@ -548,6 +575,11 @@ class Trainer:
         found = saved_checkpoints(self.out)
         ckpts = [found[k] for k in sorted(found)]
         if not ckpts:
+            finished = self._finished_results()
+            if finished is not None:   # checkpoints "none", or deleted after the run: keep the result
+                self.log.info(f"resume: {self.out / 'results.json'} holds every phase of this run and no "
+                              f"checkpoint is left; nothing to run")
+                return {"finished": finished}, self.out / "results.json"
             self.log.info("resume: no checkpoint found, starting from phase 0")
             self._drop_metrics_after(-1)        # epochs of an unfinished earlier attempt are run again
             (self.out / "results.json").unlink(missing_ok=True)
@@ -574,16 +606,51 @@ class Trainer:
         if state["config_hash"] != self.hash or saved.get("seed") != self.cfg["seed"]:
             # written by an older schema, or by another config (the seed is not in the hash)
             self.same_run_config(saved, f"Cannot resume from {used}")
+        self.same_classes(state["class_order"], state["results"].get("class_names"), f"Cannot resume from {used}")
         self._drop_metrics_after(state["phase"])
         return state, used
+
+    def same_classes(self, order: list[int], names: list[str] | None, refusal: str) -> None:
+        """Refuse (UserError starting with ``refusal``) a saved class order and class names other than
+        this run's: the classes on disk changed (a class folder added or removed, another class_list
+        file), which the config does not show, and the phases would mix two class orders."""
+        now = [self.data.class_names[c] for c in self.order]
+        if list(order) == self.order and (names is None or list(names) == now):
+            return
+        then = f"{len(order)} classes" + (f" ({', '.join(names[:3])}, …)" if names else "")
+        raise UserError(f"{refusal}: the dataset's classes differ from the saved run's ({then} then, "
+                        f"{len(now)} now: {', '.join(now[:3])}, …), so its class order no longer holds. "
+                        f"Restore the data as it was, or use another --output folder.")
+
+    def _finished_results(self) -> dict | None:
+        """The folder's results.json when it is this run's, finished (every phase of the plan, the same
+        identifying keys, seed and classes); else None."""
+        try:
+            results = json.loads((self.out / "results.json").read_bytes())
+            old, _ = resolve_saved_config(results["config"])
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            return None
+        if result_key_differences(old, self.cfg) or results.get("class_order") != self.order:
+            return None
+        phases = results.get("phases")
+        if not isinstance(phases, list) or [p.get("classes") if isinstance(p, dict) else None for p in phases] \
+                != [list(r) for r in self.plan]:
+            return None
+        return results
 
     def apply_checkpoint(self, found: tuple[dict, Path] | None) -> int:
         """Load a checkpoint read by ``read_checkpoint`` (every rank); the first phase to run."""
         if found is None:
             return 0
         state, path = found
+        names = [self.data.class_names[c] for c in self.order]
+        if "finished" in state:   # no checkpoint, a finished results.json (read_checkpoint)
+            self.results = {**state["finished"], "config": self.cfg, "config_hash": self.hash,
+                            "class_order": self.order, "class_names": names}
+            return len(self.plan)
         last = self.load_state(state)
-        self.results = {**state["results"], "config": self.cfg, "config_hash": self.hash}   # today's schema
+        self.results = {**state["results"], "config": self.cfg, "config_hash": self.hash,   # today's schema
+                        "class_order": self.order, "class_names": names}
         before = self.results.get("world_size", 1)
         if before != self.world:
             self.log.info(f"resume: the checkpoint was written by a {before}-process run, this one has "
@@ -616,7 +683,7 @@ class Trainer:
         if not path.exists():
             return
         kept = []
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():   # bad bytes: a bad line
             try:
                 if json.loads(line)["phase"] <= last:
                     kept.append(line + "\n")
@@ -668,6 +735,7 @@ class Trainer:
 
     def _prepare_folder(self, resume: bool) -> tuple[dict, Path] | None:
         cfg_path = self.out / "config.json"
+        check_entry_kinds(self.out, files=("config.json", *RUN_FILES), folders=("checkpoints",))
         stale = remove_stale_tmp(self.out)
         notes = [f"note: removed {len(stale)} temporary file(s) of an interrupted write: "
                  f"{', '.join(str(p) for p in stale)}"] if stale else []
@@ -682,11 +750,20 @@ class Trainer:
                          f"by this fresh run")
         elif old is not None and resume:
             added = self.same_run_config(old, f"Cannot resume in {self.out}")
-        if old is not None and not resume:
-            # A fresh run never reuses old checkpoints from the same folder.
-            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-            for name in ("results.json", "metrics.jsonl", "log.txt"):
-                (self.out / name).unlink(missing_ok=True)
+        elif old is not None and not is_run_config(old):
+            raise UserError(f"Output folder {self.out} holds a config.json that is not a config of this framework "
+                            f"(no model_name and dataset), so it is not a run folder of ours: a run there would "
+                            f"remove or mix with that folder's files. Use another --output folder, or delete "
+                            f"{cfg_path}.")
+        if not resume:
+            # A fresh run never reuses an earlier run's checkpoints, results or figures; it removes them
+            # by name and leaves anything else in the folder alone.
+            removed = earlier_run_files(self.out)
+            for path in removed:
+                path.unlink(missing_ok=True)
+            if removed:
+                notes.append(f"note: a fresh run (no --resume): removed {len(removed)} file(s) of an earlier run "
+                             f"in this folder: {', '.join(str(p.relative_to(self.out)) for p in removed)}")
         self.out.mkdir(parents=True, exist_ok=True)
         self.log.open()   # before reading the checkpoint, so that log.txt records the resumption
         for note in notes:
@@ -759,6 +836,10 @@ class Trainer:
             if self.stop_after_phase is not None and phase.index >= self.stop_after_phase:
                 self.log.info(f"stopping after phase {phase.index} as asked (stop_after_phase)")
                 break
+        if self.is_main:
+            # Also when no phase was left to run: a resume after a stop between the last phase's
+            # checkpoint and its results.json (or of a folder whose results.json was lost) rewrites it.
+            write_json(self.out / "results.json", self.results)
         self.log.summary(self.results["summary"])
         distributed.barrier()   # every rank ends once rank 0 has written everything
         return self.results

@@ -130,6 +130,38 @@ def test_ctrl_c_stops_cleanly_naming_the_saved_phase_and_the_resume_command(tmp_
     assert [p["phase"] for p in read_results(out)["phases"]] == [0, 1]
 
 
+def test_ctrl_c_while_loading_data_keeps_the_saved_phases_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    """It said "nothing was saved" even when a --resume was loading the data of a folder with saved
+    phases; rerunning without --resume on that word would have removed them."""
+    import trainer
+
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**FAST))
+    out = tmp_path / "out"
+    monkeypatch.setattr(trainer.Trainer, "run_phase", _interrupt_in(trainer.Trainer.run_phase, 1))
+    assert main.main(["--config", "tiny", "--output", str(out)]) == 130
+    capsys.readouterr()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "load_dataset", interrupt)
+    assert main.main(["--config", "tiny", "--output", str(out), "--resume"]) == 130
+    err = capsys.readouterr().err
+    assert "nothing was saved" not in err and "Traceback" not in err
+    assert ("interrupted (Ctrl-C) before training started; the run folder was not changed (phases saved earlier "
+            f"stay saved); continue with: python main.py --config tiny --output {out} --resume") in err
+    assert (out / "checkpoints" / "phase_0.pt").exists()
+
+
+def _interrupt_in(run_phase, index):
+    def run(self, phase):
+        if phase.index == index:
+            raise KeyboardInterrupt
+        return run_phase(self, phase)
+    return run
+
+
 def test_a_full_disk_exits_2_naming_the_file(tmp_path, monkeypatch, capsys):
     import errno
 

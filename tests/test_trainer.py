@@ -568,3 +568,138 @@ def test_a_streamed_run_spreads_its_small_passes_over_the_workers_and_equals_the
     assert (2, [48, 16]) not in started
     kept = sum(p["memory"]["per_class"][c] for p in streamed["phases"] for c in range(*p["classes"]))
     assert sum(decoded_whole) == kept > 0                # only the exemplars kept are decoded whole
+
+
+# ---- a sweep of run-folder states (2026-11-27): resume and fresh runs keep what they must ------
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "a phase too many"])
+def test_resume_with_nothing_left_to_run_rewrites_results_json(tmp_path, tiny_reference, damage):
+    """A stop between the last phase's checkpoint and its results.json (or a damaged results.json)
+    used to stay: the resume ran no phase, so it never wrote the file, and exited 0."""
+    ref_out, ref = tiny_reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    path = out / "results.json"
+    if damage == "deleted":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_text(path.read_text()[:100])
+    else:
+        saved = json.loads(path.read_text())
+        saved["phases"].append(dict(saved["phases"][-1], phase=3))
+        path.write_text(json.dumps(saved))
+    run(tiny_config(), out, resume=True)
+    assert without_seconds(read_results(out)) == without_seconds(ref)
+
+
+def test_resume_of_a_finished_run_without_checkpoints_keeps_its_results(tmp_path, tiny_reference):
+    """checkpoints "none", or checkpoints deleted after the run: --resume used to delete the
+    finished results.json and train everything again (an interruption then left less than before)."""
+    ref_out, ref = tiny_reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    shutil.rmtree(out / "checkpoints")
+    metrics = (out / "metrics.jsonl").read_text()
+    resumed = run(tiny_config(), out, resume=True)
+    assert "holds every phase of this run and no checkpoint is left; nothing to run" in (out / "log.txt").read_text()
+    assert resumed["phases"][-1]["seconds"] == ref["phases"][-1]["seconds"]     # not trained again
+    assert read_results(out) == ref and (out / "metrics.jsonl").read_text() == metrics
+    # A results.json of fewer phases is not a finished run: that one starts over, as before.
+    shutil.copytree(ref_out, tmp_path / "partial")
+    shutil.rmtree(tmp_path / "partial" / "checkpoints")
+    saved = read_results(tmp_path / "partial")
+    (tmp_path / "partial" / "results.json").write_text(json.dumps({**saved, "phases": saved["phases"][:2]}))
+    again = run(tiny_config(), tmp_path / "partial", resume=True)
+    assert "no checkpoint found, starting from phase 0" in (tmp_path / "partial" / "log.txt").read_text()
+    assert without_seconds(again) == without_seconds(ref)
+
+
+def test_resume_refuses_when_the_dataset_gained_or_lost_classes(tmp_path):
+    """The classes on disk are not in the config: a class folder added between a stop and --resume
+    used to continue with another class order and more phases (removed: a size-mismatch traceback)."""
+    from conftest import COLOURS
+
+    root = aspect_folder(tmp_path / "data", train_per_class=6, test_per_class=2)
+    raw = tiny_config(dataset="folder", data_root=str(root), shapes={}, image_size=16, input_size=16, init_cls=2,
+                      increment=1, memory_size=8, batch_size=8, init_epochs=1, epochs=1)
+    out = tmp_path / "run"
+    run(raw, out, stop_after_phase=0)
+    assert len(COLOURS) == 4
+    shutil.copytree(root / "train" / "class3", root / "train" / "class9")
+    shutil.copytree(root / "val" / "class3", root / "val" / "class9")
+    with pytest.raises(UserError, match=r"phase_0.pt: the dataset's classes differ from the saved run's \(4 classes "
+                                        r"\(class0, class2, class3, …\) then, 5 now"):
+        run(raw, out, resume=True)
+    shutil.rmtree(root / "train" / "class9")
+    shutil.rmtree(root / "val" / "class9")
+    shutil.rmtree(root / "train" / "class3")
+    shutil.rmtree(root / "val" / "class3")
+    with pytest.raises(UserError, match=r"4 classes .* then, 3 now"):
+        run(raw, out, resume=True)
+
+
+def test_a_fresh_run_removes_the_earlier_runs_files_and_nothing_else(tmp_path, tiny_reference):
+    """Without config.json an earlier run's checkpoints stayed (a later --resume picked the wrong
+    one) and its metrics were appended to; with a config.json of another tool, its whole
+    checkpoints/ folder and log went. Now: our files by name, with a note; a foreign config refused."""
+    ref_out, _ = tiny_reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    (out / "config.json").unlink()
+    (out / "exemplars_phase_1.png").write_bytes(b"png")
+    (out / "checkpoints" / "best_model.pt").write_bytes(b"mine")
+    (out / "notes.txt").write_text("mine")
+    raw = tiny_config(**FAST)
+    run(raw, out, stop_after_phase=0)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best_model.pt", "phase_0.pt"]
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "exemplars_phase_1.png").exists()
+    assert {m["phase"] for m in read_metrics(out)} == {0}
+    log = (out / "log.txt").read_text()
+    assert ("note: a fresh run (no --resume): removed 7 file(s) of an earlier run in this folder: results.json, "
+            "metrics.jsonl, log.txt, exemplars_phase_1.png, checkpoints/phase_0.pt") in log
+    assert [p["phase"] for p in run(raw, out, resume=True)["phases"]] == [0, 1]
+
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints").mkdir(parents=True)
+    (foreign / "config.json").write_text('{"lr": 0.01, "project": "mine"}')
+    (foreign / "checkpoints" / "best_model.pt").write_bytes(b"mine")
+    with pytest.raises(UserError, match=r"holds a config.json that is not a config of this framework"):
+        run(raw, foreign)
+    assert sorted(p.name for p in foreign.rglob("*")) == ["best_model.pt", "checkpoints", "config.json"]
+
+
+def test_only_checkpoint_names_of_the_form_phase_k_count(tmp_path):
+    """``phase_1 copy.pt`` crashed --resume (and the Ctrl-C message); ``phase_0_backup.pt`` was read
+    as phase 0."""
+    from trainer import saved_checkpoints
+
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "phase_3.pt").mkdir(parents=True)
+    for name in ("phase_1 copy.pt", "phase_0_backup.pt", "phase_2.pt", "phase_.pt", "phase_2.pt.bak"):
+        (ckpts / name).write_bytes(b"x")
+    assert saved_checkpoints(tmp_path) == {2: ckpts / "phase_2.pt"}
+
+
+def test_resume_drops_a_metrics_line_that_is_not_utf8(tmp_path, tiny_reference):
+    ref_out, _ = tiny_reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    (out / "checkpoints" / "phase_2.pt").unlink()
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe\x00garbage\n")
+    run(tiny_config(), out, resume=True)
+    assert without_seconds(read_metrics(out)) == without_seconds(read_metrics(ref_out))
+
+
+@pytest.mark.parametrize("entry", ["results.json", "log.txt", "checkpoints"])
+def test_an_entry_of_the_wrong_kind_in_the_run_folder_stops_before_training(tmp_path, entry):
+    out = tmp_path / "run"
+    out.mkdir()
+    if entry == "checkpoints":
+        (out / entry).write_text("x")
+    else:
+        (out / entry).mkdir()
+    kind = "a file, not a folder" if entry == "checkpoints" else "a folder, not a file"
+    with pytest.raises(UserError, match=rf"{out / entry} is {kind}, where the run keeps its {entry}"):
+        run(tiny_config(**FAST), out)
+    assert not (out / "metrics.jsonl").exists()

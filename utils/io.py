@@ -43,7 +43,33 @@ def disk_error(path: Path, err: OSError) -> UserError | None:
                         f"(or use another --output folder) and rerun with --resume.")
     if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return UserError(f"Cannot write {path}: {err.strerror}. Use another --output folder.")
+    if err.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        return UserError(f"Cannot write {path}: {err.strerror} (a folder or file of that name is in the way). "
+                         f"Move it, or use another --output folder.")
     return None
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file under this process's umask (0o666 & ~umask).
+    Read once at import, while no other thread creates files: reading the umask means setting it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
+def check_entry_kinds(folder: str | Path, files: tuple[str, ...] = (), folders: tuple[str, ...] = ()) -> None:
+    """UserError naming the first of ``files`` (``folders``) that exists in ``folder`` as something
+    else than a file (a folder): a run would fail on it only when it first writes there."""
+    for names, want in ((files, "file"), (folders, "folder")):
+        for name in names:
+            path = Path(folder) / name
+            if (os.path.lexists(path) and not os.path.exists(path)) or \
+                    (path.exists() and not (path.is_file() if want == "file" else path.is_dir())):
+                raise UserError(f"{path} {path_problem(str(path), want)}, where the run keeps its {name}. "
+                                f"Move it, or use another --output folder.")
 
 
 def _atomic(path: Path, write) -> None:
@@ -54,6 +80,7 @@ def _atomic(path: Path, write) -> None:
     except OSError as err:
         raise (disk_error(path, err) or err) from None
     try:
+        os.fchmod(fd, FILE_MODE)   # mkstemp's 0600 would keep results from the other users of a machine
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
