@@ -2,8 +2,8 @@
 [--device DEV] [--check]``.
 
 Exit status: 0 success; 2 config or data error (a message naming the key or path, no traceback);
-130 interrupted by Ctrl-C (the finished phases stay saved; the message gives the resume command);
-1 anything else.
+130 interrupted by Ctrl-C, 143 by SIGTERM (the finished phases stay saved; the message gives the
+resume command); 1 anything else.
 
 Under ``torchrun --nproc_per_node=N main.py ...`` every process validates the same config (an error
 there stops each of them alike, before any process group exists), then joins the process group
@@ -17,6 +17,7 @@ from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143   # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,17 +100,39 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["python", "main.py", *args])
 
 
+def exit_status(err: BaseException) -> int:
+    from utils.errors import Terminated
+
+    return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler's preemption, a sweep stopping its runs) end a run as Ctrl-C does:
+    the finished phases stay saved, the lock is released, one line says how to resume. Installed
+    by the command line only (a program that calls :func:`main` keeps its own handlers)."""
+    import signal
+
+    from utils.errors import Terminated
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return _main(args, argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         # Before a run's training started (checks, data loading): its folder is as it was, and so are
         # the phases an earlier attempt (or an earlier seed of this command) saved there.
-        print(f"interrupted (Ctrl-C) before training started; the run folder was not changed (phases saved "
-              f"earlier stay saved); continue with: {resume_command(argv)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        from utils.errors import interruption_name
+
+        print(f"interrupted ({interruption_name(err)}) before training started; the run folder was not changed "
+              f"(phases saved earlier stay saved); continue with: {resume_command(argv)}", file=sys.stderr)
+        return exit_status(err)
 
 
 def _main(args, argv: list[str]) -> int:
@@ -174,8 +197,8 @@ def _main(args, argv: list[str]) -> int:
                         saved = f"no phase was finished yet in {err.out}"
                     how = resume_command(argv) if world == 1 else "the same torchrun command with --resume"
                     if rank == 0:
-                        print(f"interrupted (Ctrl-C): {saved}; resume with: {how}", file=sys.stderr)
-                    return EXIT_INTERRUPTED
+                        print(f"interrupted ({err.how}): {saved}; resume with: {how}", file=sys.stderr)
+                    return EXIT_TERMINATED if err.how == "SIGTERM" else EXIT_INTERRUPTED
         finally:
             distributed.shutdown()
         return 0
@@ -189,4 +212,5 @@ def _main(args, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())

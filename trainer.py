@@ -34,7 +34,7 @@ from utils import batching, distributed
 from utils.augment import BatchShard, TrainAugment
 from utils.config import config_hash, hashed_keys, phase_plan, resolve_saved_config, result_key_differences, run_notes
 from utils.datasets import DATASETS, load_dataset
-from utils.errors import UserError
+from utils.errors import UserError, interruption_name
 from utils.io import check_entry_kinds, remove_stale_tmp, save_torch, write_json
 from utils.memory import Candidates, ExemplarMemory, candidate_share
 from utils.metrics import accuracy_report, summarize
@@ -50,12 +50,13 @@ class TrainingDiverged(Exception):
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C (KeyboardInterrupt) during a run. ``saved_phase``: the newest phase whose checkpoint
-    is on disk (None: nothing to resume from); ``out``: the run folder."""
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM (``utils.errors.Terminated``) during a run.
+    ``saved_phase``: the newest phase whose checkpoint is on disk (None: nothing to resume from);
+    ``out``: the run folder; ``how``: "Ctrl-C" or "SIGTERM"."""
 
-    def __init__(self, out: Path, saved_phase: int | None, checkpoints: str):
-        self.out, self.saved_phase, self.checkpoints = out, saved_phase, checkpoints
-        super().__init__(f"interrupted in {out}")
+    def __init__(self, out: Path, saved_phase: int | None, checkpoints: str, how: str = "Ctrl-C"):
+        self.out, self.saved_phase, self.checkpoints, self.how = out, saved_phase, checkpoints, how
+        super().__init__(f"interrupted ({how}) in {out}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -798,9 +799,10 @@ class Trainer:
         distributed.on_main(lambda: lock.acquire())
         try:
             return self._run_locked(resume)
-        except KeyboardInterrupt:
-            self.log.info("interrupted (Ctrl-C)")
-            raise RunInterrupted(self.out, self.saved_phase(), self.cfg["checkpoints"]) from None
+        except KeyboardInterrupt as err:
+            how = interruption_name(err)
+            self.log.info(f"interrupted ({how})")
+            raise RunInterrupted(self.out, self.saved_phase(), self.cfg["checkpoints"], how) from None
         finally:
             self.log.close()
             if lock is not None:

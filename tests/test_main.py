@@ -272,3 +272,33 @@ def test_settings_without_effect_are_noted_by_check_and_the_log(tmp_path, monkey
     assert note in capsys.readouterr().out
     assert main.main(["--config", "tiny", "--output", "run"]) == 0
     assert note in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """A scheduler's preemption (or a sweep stopping its runs) sends SIGTERM: the run used to die
+    where it stood, its lock left behind and no word said. Now: exit 143, the saved phase and the
+    resume command in one line, and the lock released."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    write_config(tmp_path / "slow.json", tiny_config(num_phases=3, init_epochs=1, epochs=40, threads=1))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), "--config", str(tmp_path / "slow.json"),
+                             "--output", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "phase_0.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert f"interrupted (SIGTERM): phase 0 is saved in {out}; resume with: " in err
+    assert not (out / "run.lock").exists()
+    assert "interrupted (SIGTERM)" in (out / "log.txt").read_text()

@@ -15,3 +15,13 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset that is missing, malformed or unreadable on disk."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting the job, a sweep stopping its runs), raised where Ctrl-C's
+    KeyboardInterrupt would be, so the run stops the same way: finished phases saved, lock released."""
+
+
+def interruption_name(err: BaseException) -> str:
+    """How a run was interrupted, for its messages: "SIGTERM" or "Ctrl-C"."""
+    return "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
