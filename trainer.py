@@ -705,6 +705,8 @@ class Trainer:
             keys = hashed_keys(self.cfg) | (set(old) - set(self.cfg)) | {"seed"}
             changed = sorted(k for k in keys if old.get(k) != self.cfg.get(k)) or ["a value no longer valid"]
         if changed:
+            # The keys that decide the others' meaning first: another learner brings its own keys.
+            changed = sorted(changed, key=lambda k: (k not in ("model_name", "dataset"), k))
             raise UserError(f"{refusal}: its config differs from this one in {', '.join(changed)}. "
                             f"Use another --output folder or drop --resume.")
         return added

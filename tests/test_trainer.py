@@ -703,3 +703,11 @@ def test_an_entry_of_the_wrong_kind_in_the_run_folder_stops_before_training(tmp_
     with pytest.raises(UserError, match=rf"{out / entry} is {kind}, where the run keeps its {entry}"):
         run(tiny_config(**FAST), out)
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_resume_with_another_learner_names_model_name_first(tmp_path, tiny_reference):
+    ref_out, _ = tiny_reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    with pytest.raises(UserError, match=r"its config differs from this one in model_name, [A-Z]"):
+        run(tiny_config(model_name="lucir"), out, resume=True)
