@@ -482,7 +482,11 @@ def test_config_errors_stop_every_process_with_exit_2(two_process_runs, tmp_path
     # Rank 0 alone takes the run lock; a folder locked by another live run is refused on every rank.
     locked = tmp_path / "locked"
     shutil.copytree(out, locked)
-    (locked / "run.lock").write_text(f"{os.getpid()}\n")
+    from utils.run_lock import RunLock
+
+    lock = RunLock(locked)
+    lock.acquire()
+    held = (locked / "run.lock").read_text()
     write_config(tmp_path / "same.json", JOBS["icarl"])
     busy = _start(["--config", "same", "--output", str(locked), "--resume"], tmp_path)
     for done in _outcomes(bad):
@@ -494,4 +498,5 @@ def test_config_errors_stop_every_process_with_exit_2(two_process_runs, tmp_path
     for done in _outcomes(busy):
         assert done.returncode == 2, done.stderr
         assert "in use by another run" in done.stderr and "Traceback" not in done.stderr
-    assert (locked / "run.lock").read_text() == f"{os.getpid()}\n"    # the other run's lock is untouched
+    assert (locked / "run.lock").read_text() == held == f"{os.getpid()} {socket.gethostname()}\n"   # untouched
+    lock.release()

@@ -259,18 +259,22 @@ def test_a_second_run_into_a_locked_folder_is_refused_and_a_stale_lock_taken_ove
     import subprocess
     import sys
 
+    from conftest import REPO
+
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils.run_lock import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
-        (out / "run.lock").write_text(f"{holder.pid}\n")
-        with pytest.raises(UserError, match=rf"Output folder {out} is in use by another run \(pid {holder.pid}"):
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match=rf"Output folder {out} is in use by another run \(pid {holder.pid} on host"):
             run(tiny_config(**FAST), out)
         assert not (out / "results.json").exists() and (out / "run.lock").exists()
     finally:
         holder.kill()
         holder.wait()
-    # the holder is dead now: its lock is stale and taken over with a notice; released at the end
+    # the holder is dead now (killed: no release): its lock file is taken over with a notice; released at the end
     results = run(tiny_config(**FAST), out)
     assert len(results["phases"]) == 2
     assert f"taking over the stale lock {out / 'run.lock'} (of pid {holder.pid}" in capsys.readouterr().out

@@ -1,12 +1,21 @@
-"""One run per output folder: a lock file created with O_EXCL that holds the owner's pid.
+"""One run per output folder: an exclusive ``flock`` on ``<folder>/run.lock``, held while the run runs.
 
-A second run into the same folder stops with a message naming the folder and the holder's pid
-(two runs writing one folder would leave checkpoints and results of both). A lock whose pid is no
-longer alive (a killed run) is stale: it is taken over with a notice.
+A second run into the same folder stops with a message naming the folder and the holder (its pid
+and host, written in the file). The kernel drops the lock when its holder exits, however it exits,
+so a lock left by a killed run is simply free: the next run takes it (with a note naming the run
+that left it). Unlike a pid in a file, the lock holds across processes that cannot see each other's
+pids — another container on the same machine, or another node of a shared file system whose locks
+are coherent (NFSv4, Lustre, GPFS) — and two runs that find a lock free at once cannot both take it.
+
+A releasing run unlinks the file before it unlocks; a run that locked the file just as it was
+unlinked finds its path gone or holding another file, and tries again.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +25,7 @@ LOCK_NAME = "run.lock"
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid exists on this machine (in this pid namespace)."""
     if pid <= 0:
         return False
     try:
@@ -29,57 +39,90 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _describe(text: str) -> str:
+    """"pid 123 on host h" from a lock file's ``<pid> <host>`` (older files: ``<pid>``)."""
+    parts = text.split()
+    if not parts:
+        return "unknown pid"
+    return f"pid {parts[0]}" + (f" on host {parts[1]}" if len(parts) > 1 else "")
+
+
+def holder_of(folder: str | Path) -> str | None:
+    """Who holds ``folder``'s run lock ("pid 123 on host h"), or None when no run holds it. Writes
+    nothing: the file is opened read-only and only tested with a shared lock."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _describe(os.pread(fd, 256, 0).decode("utf-8", "replace"))
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class RunLock:
-    """``with RunLock(folder):`` — or ``acquire()`` / ``release()``. ``notice`` prints the stale-lock note."""
+    """``with RunLock(folder):`` — or ``acquire()`` / ``release()``. ``notice`` prints the note about
+    a lock file left by a run that ended without releasing it."""
 
     def __init__(self, folder: str | Path, notice: Callable[[str], None] = print):
         self.path = Path(folder) / LOCK_NAME
         self.notice = notice
-        self.held = False
+        self.fd: int | None = None
 
-    def _holder(self) -> int | None:
-        try:
-            return int(self.path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def acquire(self) -> None:
-        for _ in range(3):   # a stale lock is removed, then created again by us
+        for attempt in range(20):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and holder != os.getpid() and pid_alive(holder):
-                    raise UserError(
-                        f"Output folder {self.path.parent} is in use by another run (pid {holder}, lock file "
-                        f"{self.path}). Wait for it to finish, or use another --output folder.") from None
-                if holder is None and self._young():
-                    # Being written by the run that just created it: its pid is about to appear.
-                    raise UserError(f"Output folder {self.path.parent} is being locked by another run "
-                                    f"(lock file {self.path}); use another --output folder.") from None
-                self.notice(f"note: taking over the stale lock {self.path} "
-                            f"({'of pid ' + str(holder) + ', which is no longer running' if holder else 'unreadable'})")
-                self.path.unlink(missing_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise UserError(f"Cannot lock the output folder {self.path.parent}: {self.path} cannot be opened "
+                                f"({err.strerror}); move it, or use another --output folder.") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 256, 0).decode("utf-8", "replace")
+                os.close(fd)
+                if attempt < 3:   # perhaps a moment's shared lock of a check (holder_of): look again
+                    time.sleep(0.05)
+                    continue
+                raise UserError(f"Output folder {self.path.parent} is in use by another run ({_describe(holder)}, "
+                                f"lock file {self.path}). Wait for it to finish, or use another --output "
+                                f"folder.") from None
+            if not self._still_at_path(fd):   # unlinked by its releasing holder meanwhile: once more
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self.held = True
+            left = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+            if left:
+                self.notice(f"note: taking over the stale lock {self.path} (of {_describe(left)}, which is no "
+                            f"longer running)")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+            self.fd = fd
             return
         raise UserError(f"Could not take the lock {self.path}; another run may be starting in that folder.")
 
-    def _young(self) -> bool:
-        import time
-
+    def _still_at_path(self, fd: int) -> bool:
         try:
-            return time.time() - self.path.stat().st_mtime < 2.0
+            here, there = os.fstat(fd), os.stat(self.path)
         except OSError:
             return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
     def release(self) -> None:
-        if self.held:
-            if self._holder() == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            if self._still_at_path(self.fd):
+                self.path.unlink(missing_ok=True)   # before unlocking: see the module docstring
+            os.close(self.fd)                        # closing drops the lock
+            self.fd = None
 
     def __enter__(self) -> "RunLock":
         self.acquire()
