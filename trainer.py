@@ -753,6 +753,13 @@ class Trainer:
                          f"by this fresh run")
         elif old is not None and resume:
             added = self.same_run_config(old, f"Cannot resume in {self.out}")
+            other = sorted(k for k in set(self.cfg) - hashed_keys(self.cfg) - {"seed"}
+                           if k in old and old[k] != self.cfg[k])
+            if other:
+                notes.append(f"note: resuming with other settings than the saved run's (not part of its identity): "
+                             f"{'; '.join(f'{k} {json.dumps(old[k])} → {json.dumps(self.cfg[k])}' for k in other)}. "
+                             f"Another thread count or device can make the numbers differ slightly from an "
+                             f"uninterrupted run.")
         elif old is not None and not is_run_config(old):
             raise UserError(f"Output folder {self.out} holds a config.json that is not a config of this framework "
                             f"(no model_name and dataset), so it is not a run folder of ours: a run there would "

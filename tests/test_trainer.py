@@ -715,3 +715,14 @@ def test_a_resume_with_another_learner_names_model_name_first(tmp_path, tiny_ref
     shutil.copytree(ref_out, out)
     with pytest.raises(UserError, match=r"its config differs from this one in model_name, [A-Z]"):
         run(tiny_config(model_name="lucir"), out, resume=True)
+
+
+def test_a_resume_with_other_settings_says_so(tmp_path, tiny_reference):
+    """Keys outside the run's identity (threads, device, eval_batch_size, ...) may change on resume;
+    another thread count or device can change the numbers slightly, so the log names them."""
+    ref_out, _ = tiny_reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    run(tiny_config(eval_batch_size=128), out, resume=True)   # (not threads: it would stay set for the suite)
+    assert ("note: resuming with other settings than the saved run's (not part of its identity): eval_batch_size "
+            "256 → 128.") in (out / "log.txt").read_text()
