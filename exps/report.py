@@ -1,21 +1,36 @@
 """Tables and plots of runs: ``python exps/report.py RUN_OR_SWEEP_DIRS... [--output DIR]``.
 
 Each argument is a run folder (holding ``results.json``), a sweep root (holding ``sweep.json``) or
-any folder (searched for ``results.json``). Runs that differ only in their seed form one
-configuration. Writes into DIR (default ``<the one sweep>/report``, else ``logs/report``):
+any folder (searched for ``results.json``). A run folder reached twice (the same path given twice,
+a sweep root and one of its runs) counts once. Runs that differ only in their seed form one
+configuration; two folders holding the same configuration with the same seed (a copied run) count
+once: the one with the most phases (then the first in path order) is kept, the other is listed under
+"Left out". A run with fewer phases than its plan (the phase count that its config and its
+results.json's class order give) or, where the plan is unknown, than the longest run of its row is
+left out with a note (a row left with no run is not shown; none left at all: exit 2). Writes into DIR (default ``<the one sweep>/report``, else ``logs/report``):
 
-- ``report.md`` and ``report.csv``: one row per configuration, labelled by the keys that vary
-  between configurations; CNN avg / last top-1 and forgetting (ours and PyCIL's), NME avg / last,
-  FOSTER's other model's avg / last (the student, or the teacher with foster_deploy: student), each as mean ± std over seeds (std: sample standard deviation, n − 1; "–" for one
-  seed) with the seed count; exemplars per class and memory bytes after the last phase; wall time
-  (sum of the phases' seconds, mean over seeds); phases done. Where a row matches a published
-  setting of SPEC.md §5 (dataset, learner, compression, init_cls, increment, phase count, and the
-  memory for ImageNet-1000) the published avg / last stand beside ours with the difference.
+- ``report.md`` and ``report.csv``: one row per configuration, labelled by the variant name and the
+  keys that every row has and whose values differ (a key shown only in the rows where it takes
+  effect); for one configuration, its prefix or its sweep's spec name. CNN avg / last top-1 and
+  forgetting (ours and PyCIL's), NME avg / last, FOSTER's other model's avg / last (the student, or
+  the teacher with foster_deploy: student), each as mean ± std over seeds (std: sample standard
+  deviation, n − 1; "–" for one seed) with the seed count; exemplars per class and memory bytes
+  after the last phase; wall time (sum of the phases' seconds, mean over seeds); phases done. Where
+  a row matches a published setting of SPEC.md §5 (dataset, learner, compression, init_cls,
+  increment, phase count, backbone, and the effective memory where SPEC states it — memory_size, or
+  memory_per_class × classes with fixed_memory; epochs are not compared) the published avg / last
+  stand beside ours with the difference.
 - ``accuracy_curve.png``: CNN top-1 vs classes seen, one line per configuration (mean over
   seeds), a band from the seeds' min to max, the published last-phase top-1 as a star where known.
-- ``accuracy_matrix_<row>.png``: task accuracy after each phase (mean over seeds), as a heatmap.
+- ``accuracy_matrix_<row>.png``: task accuracy after each phase (mean over seeds), as a heatmap
+  (``<row>``: the row label as a file name; ``_2``, ``_3`` … appended where two rows would share one).
 - ``memory.png``: exemplars per class and mean compression cost (units per exemplar) per phase.
 - ``tensorboard/``: with ``--tensorboard`` and the package installed, the metrics.jsonl scalars.
+
+A results.json or sweep.json given as an argument that cannot be used (not UTF-8, not JSON, not an
+object, lacking ``config`` / ``phases`` / ``runs``), or an ``--output`` folder that cannot be made:
+exit 2 with one line naming it. An unusable results.json found in a searched folder or a sweep's run
+list is left out with a note.
 """
 from __future__ import annotations
 
@@ -23,8 +38,10 @@ import argparse
 import csv
 import json
 import math
+import os
 import statistics
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,18 +49,28 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# SPEC.md §5, average incremental accuracy (and last-phase accuracy where published), ResNet-18 from
-# scratch unless said. LFS: B0 with equal phases; LFH: half the classes first, then N phases.
+EXIT_USER_ERROR = 2
+
+# SPEC.md §5, average incremental accuracy (and last-phase accuracy where published). Each row also
+# holds the backbone (convnet_type) and the total memory (full-image units after the last phase) the
+# number was measured with, where SPEC states them; None = not stated, not compared.
 PUBLISHED: list[dict] = []
 
 
-def _add(source, dataset, learner, compression, init_cls, increment, phases, avg, last=None, memory_size=None):
+def _add(source, dataset, learner, compression, init_cls, increment, phases, avg, last=None, memory=None,
+         convnet_type=None):
     PUBLISHED.append({"source": source, "dataset": dataset, "model_name": learner, "compression": compression,
                       "init_cls": init_cls, "increment": increment, "phases": phases, "avg": avg, "last": last,
-                      "memory_size": memory_size})
+                      "memory": memory, "convnet_type": convnet_type})
+
+
+# SPEC §3.3: the official memory of FOSTER (± CIM), ResNet-18, LFS with 10 phases. SPEC does not state
+# the memory of DER, of N = 5 / 20 or of the LFH runs: those rows compare no memory (as before).
+_LFS10_MEMORY = {"food101": 2020, "imagenet100": 2000}
 
 
 def _published_tables() -> None:
+    # §5 "ResNet-18 from scratch, from the CIM poster": LFS, LFH, ImageNet-1000 and the ablation.
     lfs = {("food101", 5): (21, 20), ("food101", 10): (11, 10), ("food101", 20): (6, 5),
            ("imagenet100", 5): (20, 20), ("imagenet100", 10): (10, 10), ("imagenet100", 20): (5, 5)}
     table = {("der", "none"): ([73.88, 70.76, 64.39], [78.50, 76.12, 73.79]),
@@ -54,7 +81,9 @@ def _published_tables() -> None:
         for dataset, values in (("food101", food), ("imagenet100", inet)):
             for n, avg in zip((5, 10, 20), values):
                 init, inc = lfs[(dataset, n)]
-                _add(f"SPEC §5 LFS N={n}", dataset, learner, comp, init, inc, n, avg)
+                memory = _LFS10_MEMORY[dataset] if learner == "foster" and n == 10 else None
+                _add(f"SPEC §5 LFS N={n}", dataset, learner, comp, init, inc, n, avg, memory=memory,
+                     convnet_type="resnet18")
     lfh = {("der", "none"): ([78.13, 73.45, None], [79.08, 77.73, None]),
            ("der", "cim"): ([79.25, 75.76, None], [80.30, 79.05, None]),
            ("foster", "none"): ([79.08, 75.07, 68.08], [80.07, 77.54, 72.40]),
@@ -62,41 +91,66 @@ def _published_tables() -> None:
     for (learner, comp), (food, inet) in lfh.items():
         for dataset, init, values in (("food101", 51, food), ("imagenet100", 50, inet)):
             for n, inc, avg in zip((5, 10, 25), (10, 5, 2), values):
-                if avg is not None:
-                    _add(f"SPEC §5 LFH N={n}", dataset, learner, comp, init, inc, n + 1, avg)
+                if avg is not None:     # memory of the LFH runs: not stated in SPEC
+                    _add(f"SPEC §5 LFH N={n}", dataset, learner, comp, init, inc, n + 1, avg,
+                         convnet_type="resnet18")
     for mem, base, cim in ((20000, (68.34, 60.14), (69.53, 62.07)), (5000, (54.72, 44.96), (59.48, 50.83))):
-        _add(f"SPEC §5 ImageNet-1000 {mem // 1000}k", "imagenet1000", "foster", "none", 100, 100, 10, *base, mem)
-        _add(f"SPEC §5 ImageNet-1000 {mem // 1000}k", "imagenet1000", "foster", "cim", 100, 100, 10, *cim, mem)
-    # The ablation's "per-phase τ" (73.83) and "joint training" (73.44) have no config key here.
+        _add(f"SPEC §5 ImageNet-1000 {mem // 1000}k", "imagenet1000", "foster", "none", 100, 100, 10, *base, mem,
+             "resnet18")
+        _add(f"SPEC §5 ImageNet-1000 {mem // 1000}k", "imagenet1000", "foster", "cim", 100, 100, 10, *cim, mem,
+             "resnet18")
+    # The ablation's "per-phase τ" (73.83) and "joint training" (73.44) have no config key here. Its
+    # policies are compared "at equal memory" (§3) with the LFS N=10 FOSTER baseline (72.72): §3.3's 2020.
     for comp, avg in (("full", 73.03), ("random", 73.10), ("center", 73.29), ("cam", 73.76)):
-        _add("SPEC §5 ablation Food-101 N=10", "food101", "foster", comp, 11, 10, 10, avg)
+        _add("SPEC §5 ablation Food-101 N=10", "food101", "foster", comp, 11, 10, 10, avg,
+             memory=_LFS10_MEMORY["food101"], convnet_type="resnet18")
+    # §5: "CIFAR-100 ResNet-32, 2000 exemplars".
     for learner, init, avg, last in (("icarl", 10, 64.3, 49.6), ("der", 10, 69.7, 58.7), ("foster", 10, 72.9, 61.6),
                                      ("der", 50, 68.0, 62.0), ("foster", 50, 70.1, 63.9)):
         phases = 10 if init == 10 else 6
         _add(f"SPEC §5 CIFAR-100 toolbox B{0 if init == 10 else 50} Inc10 (±0.5)", "cifar100", learner, "none",
-             init, 10, phases, avg, last, 2000)
+             init, 10, phases, avg, last, 2000, "resnet32")
 
 
 _published_tables()
 
 
+def effective_memory(cfg: dict, num_classes: int) -> int | None:
+    """The memory in full-image units after the last of ``num_classes`` classes: memory_size, or
+    memory_per_class × classes with fixed_memory (None where the config does not say)."""
+    if cfg.get("fixed_memory"):
+        per_class = cfg.get("memory_per_class")
+        return per_class * num_classes if isinstance(per_class, int) else None
+    return cfg.get("memory_size")
+
+
 def published_for(cfg: dict, phases: int) -> dict | None:
+    """The SPEC §5 row measured in ``cfg``'s setting with ``phases`` phases, or None. Compared: dataset,
+    learner, compression, init_cls, increment, phase count, and, where the row states them, the
+    backbone and the effective memory (:func:`effective_memory`); epochs are not."""
     for ref in PUBLISHED:
+        classes = ref["init_cls"] + ref["increment"] * (ref["phases"] - 1)
         if (ref["dataset"] == cfg.get("dataset") and ref["model_name"] == cfg.get("model_name")
                 and ref["compression"] == cfg.get("compression", "none") and ref["init_cls"] == cfg.get("init_cls")
                 and ref["increment"] == cfg.get("increment") and ref["phases"] == phases
-                and ref["memory_size"] in (None, cfg.get("memory_size"))):
+                and ref["convnet_type"] in (None, cfg.get("convnet_type"))
+                and ref["memory"] in (None, effective_memory(cfg, classes))):
             return ref
     return None
 
 
 # ---- collecting runs ---------------------------------------------------------------------------
+class BadInput(Exception):
+    """A file or folder that report.py cannot use; the message names it. Given as an argument: exit 2;
+    found while searching a folder or in a sweep's run list: that run is left out with the message."""
+
+
 @dataclass
 class RunResult:
     folder: Path
     results: dict
     variant: str | None = None
-    planned: int | None = None       # phases of the plan, when known (sweep runs)
+    planned: int | None = None       # phases of the plan, when known (results.json's class order + config)
 
 
 @dataclass
@@ -122,68 +176,274 @@ def _identity(cfg: dict) -> str:
         return json.dumps({k: v for k, v in cfg.items() if k not in _NOT_HASHED}, sort_keys=True)
 
 
+def read_json(path: Path):
+    """The JSON value in ``path``; BadInput naming the file if it cannot be read, is not UTF-8 or not JSON."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as err:
+        raise BadInput(f"{path} cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path} is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        hint = "; truncated?" if err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated") else ""
+        raise BadInput(f"{path} is not valid JSON (line {err.lineno}: {err.msg}{hint})") from None
+    except RecursionError:
+        raise BadInput(f"{path} nests its JSON too deeply to be read") from None
+
+
+def _results_problem(data) -> str | None:
+    """What keeps ``data`` from being a results.json of a run (None: usable)."""
+    if not isinstance(data, dict):
+        return f"does not hold a results object (a JSON {type(data).__name__})"
+    if not isinstance(data.get("config"), dict):
+        return 'has no "config" object'
+    if not isinstance(data.get("phases"), list):
+        return 'has no "phases" list'
+    if not isinstance(data.get("summary", {}), dict):
+        return '"summary" is not an object'
+    for k, phase in enumerate(data["phases"]):
+        if not (isinstance(phase, dict) and isinstance(phase.get("classes"), list) and len(phase["classes"]) == 2
+                and isinstance(phase.get("memory"), dict) and "exemplars" in phase["memory"]):
+            return f'phase {k} lacks its "classes" range or "memory"'
+    return None
+
+
+def read_results(path: Path) -> dict:
+    """The results dict of ``path`` (a run's results.json); BadInput naming the file if unusable."""
+    data = read_json(path)
+    problem = _results_problem(data)
+    if problem:
+        raise BadInput(f"{path} {problem}")
+    return data
+
+
+def read_sweep(path: Path) -> dict:
+    """The sweep.json at ``path`` (written by exps/sweep.py); BadInput naming the file if unusable."""
+    data = read_json(path)
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in runs):
+        raise BadInput(f'{path} is not a sweep.json of exps/sweep.py (no "runs" list of named runs)')
+    return data
+
+
+def planned_phases(results: dict) -> int | None:
+    """Phases of the run's plan, from its config and its class order's length (the dataset's class
+    count), as exps/sweep.py's planned_phases gives it without reading the dataset; None if unknown."""
+    from utils.config import phase_plan, resolve_saved_config
+
+    order = results.get("class_order")
+    if not isinstance(order, list) or not order:
+        return None
+    try:
+        return len(phase_plan(resolve_saved_config(results["config"])[0], len(order)))
+    except Exception:  # noqa: BLE001 - a config of another schema or a plan that no longer fits: unknown
+        return None
+
+
+def _run_of(folder: Path, results: dict, variant=None) -> RunResult:
+    return RunResult(folder, results, variant if isinstance(variant, str) else None, planned_phases(results))
+
+
+def _searched_runs(path: Path, notes: list[str]) -> list[RunResult]:
+    """The runs under a folder that is neither a run nor a sweep root; unusable results.json noted."""
+    files = sorted(f for f in path.rglob("results.json") if f.is_file())
+    if not files:
+        notes.append(f"{path}: no results.json found")
+    runs = []
+    for f in files:
+        try:
+            runs.append(_run_of(f.parent, read_results(f)))
+        except BadInput as err:
+            notes.append(f"{err} (left out)")
+    return runs
+
+
+def _sweep_runs(path: Path, notes: list[str]) -> list[RunResult]:
+    """The runs listed by the sweep root ``path``'s sweep.json (BadInput if it is unusable)."""
+    runs = []
+    for entry in read_sweep(path / "sweep.json")["runs"]:
+        folder = path / entry["name"]
+        if not (folder / "results.json").is_file():
+            notes.append(f"{folder}: no results.json yet (left out)")
+            continue
+        try:
+            runs.append(_run_of(folder, read_results(folder / "results.json"), entry.get("variant")))
+        except BadInput as err:
+            notes.append(f"{err} (left out)")
+    return runs
+
+
 def collect(paths: list[Path]) -> tuple[list[RunResult], list[str]]:
-    runs, notes = [], []
+    """The runs of ``paths`` (each run folder once, by its resolved path) and notes on what was left
+    out. BadInput for a results.json or sweep.json given directly that cannot be used."""
+    found: dict[Path, RunResult] = {}
+    notes: list[str] = []
     for path in map(Path, paths):
         if (path / "results.json").is_file():
-            runs.append(RunResult(path, json.loads((path / "results.json").read_text())))
+            runs = [_run_of(path, read_results(path / "results.json"))]
         elif (path / "sweep.json").is_file():
-            sweep = json.loads((path / "sweep.json").read_text())
-            for r in sweep["runs"]:
-                res = path / r["name"] / "results.json"
-                if res.is_file():
-                    runs.append(RunResult(path / r["name"], json.loads(res.read_text()), r.get("variant")))
-                else:
-                    notes.append(f"{path / r['name']}: no results.json yet (left out)")
+            runs = _sweep_runs(path, notes)
         elif path.is_dir():
-            found = sorted(path.rglob("results.json"))
-            if not found:
-                notes.append(f"{path}: no results.json found")
-            runs += [RunResult(f.parent, json.loads(f.read_text())) for f in found]
+            runs = _searched_runs(path, notes)
         else:
-            notes.append(f"{path}: not a folder")
-    return runs, notes
+            runs = []
+            notes.append(f"{path}: {'not a folder' if path.exists() else 'does not exist'}")
+        for run in runs:
+            seen = found.setdefault(run.folder.resolve(), run)
+            seen.variant = seen.variant or run.variant      # reached as a sweep's run: keep its variant
+    return list(found.values()), list(dict.fromkeys(notes))
+
+
+def _phases_done(run: RunResult) -> int:
+    return len(run.results.get("phases", []))
+
+
+def _seed_of(run: RunResult) -> str:
+    return json.dumps(run.results["config"].get("seed"), sort_keys=True)
+
+
+def drop_repeated_seeds(runs: list[RunResult], notes: list[str]) -> list[RunResult]:
+    """``runs`` (of one configuration) with one run per seed: two folders of one configuration and
+    one seed are one run copied, not two seeds. Kept: the one with the most phases, then the first
+    in path order; each other one is noted, naming both folders."""
+    by_seed: dict[str, list[RunResult]] = {}
+    for run in runs:
+        by_seed.setdefault(_seed_of(run), []).append(run)
+    dropped = set()
+    for seed, same in by_seed.items():
+        if len(same) < 2:
+            continue
+        kept, *others = sorted(same, key=lambda r: (-_phases_done(r), str(r.folder.resolve())))
+        for other in others:
+            dropped.add(id(other))
+            notes.append(f"{other.folder}: same configuration and seed {seed} as {kept.folder}: one run twice, "
+                         f"not two seeds ({kept.folder} counted, this one left out)")
+    return [r for r in runs if id(r) not in dropped]
+
+
+def drop_partial(runs: list[RunResult], notes: list[str]) -> list[RunResult]:
+    """``runs`` (of one configuration) without the unfinished ones, each noted: a run with fewer phases
+    than its plan where the plan is known; else one with fewer phases than the row's longest run."""
+    kept = []
+    for run in runs:
+        if run.planned is not None and _phases_done(run) < run.planned:
+            notes.append(f"{run.folder}: {_phases_done(run)} of {run.planned} phases (partial, left out)")
+        else:
+            kept.append(run)
+    if not kept:
+        return []
+    most = max(_phases_done(r) for r in kept)
+    notes += [f"{r.folder}: {_phases_done(r)} of {most} phases (partial, left out)"
+              for r in kept if _phases_done(r) < most]
+    return [r for r in kept if _phases_done(r) == most]
 
 
 def group(runs: list[RunResult], notes: list[str] | None = None) -> list[Row]:
-    """Runs of one configuration (seeds aside) form a row; a run with fewer phases than the row's
-    longest (stopped, or still running) is left out of it, with a note."""
-    from utils.config import _NOT_HASHED
-
+    """Runs of one configuration (seeds aside) form a row; a copy of a run already in the row (same
+    seed) and a run with fewer phases than its plan or than the row's longest run (stopped, or still
+    running) are left out of it, with a note. Rows left with no run are dropped."""
+    notes = [] if notes is None else notes
     rows: dict[str, Row] = {}
     for run in runs:
         key = (run.variant or "") + "|" + _identity(run.results["config"])
         rows.setdefault(key, Row(key)).runs.append(run)
-    rows_list = list(rows.values())
-    for row in rows_list:
-        most = max(len(r.results.get("phases", [])) for r in row.runs)
-        if notes is not None:
-            notes += [f"{r.folder}: {len(r.results.get('phases', []))} of {most} phases (partial, left out)"
-                      for r in row.runs if len(r.results.get("phases", [])) < most]
-        row.runs = [r for r in row.runs if len(r.results.get("phases", [])) == most]
-    # Label: the keys whose values differ between configurations (a sweep's variant name first).
-    cfgs = [r.cfg for r in rows_list]
-    keys = sorted({k for c in cfgs for k in c} - set(_NOT_HASHED))
-    varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
-    order = _key_order(runs)
-    varying.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
-    for row in rows_list:
-        parts = [row.runs[0].variant] if row.runs[0].variant else []
-        parts += [f"{k}={_fmt_value(row.cfg.get(k))}" for k in varying]
-        row.label = ", ".join(p for p in parts if p) or (row.cfg.get("prefix") or row.runs[0].folder.name)
+    for row in rows.values():
+        row.runs = drop_partial(drop_repeated_seeds(row.runs, notes), notes)
+    rows_list = [row for row in rows.values() if row.runs]
+    label_rows(rows_list, runs)
     return rows_list
+
+
+# ---- row labels --------------------------------------------------------------------------------
+def _label_keys(cfg: dict) -> tuple[set[str], set[str]]:
+    """(the keys that identify a run of ``cfg``, those of them that take effect in it): the config's
+    hashed keys (its learner's and its enabled plugins' among them), less keys read only with another
+    value of a switch (memory_per_class under fixed_memory false). A config of another schema: its
+    keys as saved, all taken as in effect."""
+    from utils.config import _NOT_HASHED, hashed_keys, options_for, resolve_saved_config
+
+    try:
+        resolved = resolve_saved_config(cfg)[0]
+        keys = {k for k in hashed_keys(resolved) if k in cfg}
+        options = options_for(resolved["model_name"])
+    except Exception:  # noqa: BLE001 - another schema
+        keys = set(cfg) - set(_NOT_HASHED)
+        return keys, keys
+    active = {k for k in keys if not (k in options and options[k].only_with
+                                      and resolved[options[k].only_with[0]] != options[k].only_with[1])}
+    return keys, active
+
+
+def _differing(keys, cfgs: list[dict]) -> list[str]:
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
+
+
+def label_rows(rows: list[Row], runs: list[RunResult]) -> None:
+    """Set each row's label: its variant name, then the keys that every row has and whose values
+    differ (a sweep's grid order first), each shown in the rows where it takes effect; a row with
+    nothing to show: :func:`_fallback_label`. If that leaves two rows alike, the keys that any row has
+    and that differ (a key a row lacks shows as null) are shown instead."""
+    cfgs = [r.cfg for r in rows]
+    order = _key_order(runs)
+    sort = (lambda k: (order.index(k) if k in order else len(order), k))
+    both = [_label_keys(c) for c in cfgs]
+    common = set.intersection(*(keys for keys, _ in both)) if both else set()
+    varying = sorted(_differing(common, cfgs), key=sort)
+    labels = [_label(row, [k for k in varying if k in active]) for row, (_, active) in zip(rows, both)]
+    if len(set(labels)) < len(labels):
+        from utils.config import _NOT_HASHED
+
+        every = sorted(_differing({k for c in cfgs for k in c} - set(_NOT_HASHED), cfgs), key=sort)
+        labels = [_label(row, every) for row in rows]
+    for row, label in zip(rows, labels):
+        row.label = label
+
+
+def _label(row: Row, keys: list[str]) -> str:
+    parts = [row.runs[0].variant] if row.runs[0].variant else []
+    parts += [f"{k}={_fmt_value(row.cfg.get(k))}" for k in keys]
+    return ", ".join(p for p in parts if p) or _fallback_label(row)
+
+
+def _fallback_label(row: Row) -> str:
+    """A label for a row that no key tells apart: its config's prefix, else its sweep's spec name, else
+    its run's folder (one run) or the folder holding its runs — never one seed's folder of several."""
+    if row.cfg.get("prefix"):
+        return str(row.cfg["prefix"])
+    found = _sweep_above(row.runs[0].folder)
+    if found is not None:
+        root, sweep = found
+        spec_path = sweep.get("spec_path")
+        return Path(spec_path).stem if isinstance(spec_path, str) and spec_path else root.resolve().name
+    if len(row.runs) == 1:
+        return row.runs[0].folder.resolve().name
+    return Path(os.path.commonpath([str(r.folder.resolve()) for r in row.runs])).name or "runs"
+
+
+def _sweep_above(folder: Path) -> tuple[Path, dict] | None:
+    """(sweep root, its sweep.json) of the sweep holding ``folder`` (it or one of its 5 parents);
+    None if there is none or it cannot be read."""
+    for parent in [folder, *folder.parents][:6]:
+        if (parent / "sweep.json").is_file():
+            try:
+                data = read_json(parent / "sweep.json")
+            except BadInput:
+                return None
+            return (parent, data) if isinstance(data, dict) else None
+    return None
 
 
 def _key_order(runs) -> list[str]:
     """Grid keys in the order a sweep spec gave them (memory_size before compression, ...)."""
     order = []
     for run in runs:
-        sweep = run.folder
-        for parent in [sweep, *sweep.parents][:6]:
-            if (parent / "sweep.json").is_file():
-                spec = json.loads((parent / "sweep.json").read_text())["spec"]
-                order += [k for k in list(spec.get("grid", {})) if k not in order]
-                break
+        found = _sweep_above(run.folder)
+        spec = found[1].get("spec") if found else None
+        grid = spec.get("grid") if isinstance(spec, dict) else None
+        if isinstance(grid, dict):
+            order += [k for k in grid if k not in order]
     return order
 
 
@@ -280,6 +540,41 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text.replace(", ", "__"))[:120]
 
 
+def unique_names(labels: list[str]) -> list[str]:
+    """A distinct file-name part per label: its slug, with ``_2``, ``_3`` … appended where an earlier
+    label took the same (labels cut at 120 characters, or differing only in characters a slug maps to _)."""
+    taken, names = set(), []
+    for label in labels:
+        name, k = _slug(label), 1
+        while name in taken:
+            k += 1
+            name = f"{_slug(label)}_{k}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _wrap(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters (after ", " where it can)."""
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
+
+
+def _legend_layout(labels: list[str], width: int) -> tuple[list[str], int]:
+    """(wrapped labels, columns) for a legend under a plot ``width`` characters wide: as many columns
+    (up to 3) as the longest label allows, each label wrapped to its column."""
+    longest = max((len(x) for x in labels), default=0)
+    ncol = max(1, min(3, len(labels), width // max(longest + 6, 1)))
+    return [_wrap(x, width // ncol - 6) for x in labels], ncol
+
+
+def _legend_below(owner, handles, labels, width: int, anchor):
+    """A legend under the axes (``owner``: an axes or the figure). Added after tight_layout, so the
+    axes keep their size; savefig(bbox_inches="tight") grows the image to hold it."""
+    wrapped, ncol = _legend_layout(labels, width)
+    return owner.legend(handles, wrapped, loc="upper center", bbox_to_anchor=anchor, ncol=ncol, fontsize=8,
+                        frameon=False)
+
+
 def _curves(row: Row, key: str = "cnn"):
     """x = classes seen, and per seed the top-1 after each phase (runs cut to the shortest)."""
     n = min(len(r.results["phases"]) for r in row.runs)
@@ -289,18 +584,13 @@ def _curves(row: Row, key: str = "cnn"):
     return xs, ys
 
 
-def plot_all(rows: list[Row], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def accuracy_curve_figure(rows: list[Row]):
+    """The accuracy_curve.png figure: top-1 vs classes seen per row, the legend under the axes."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    written = []
-    rows = [r for r in rows if all(r_.results.get("phases") for r_ in r.runs)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4
     styles = ["-", "--", ":", "-."]
-
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=110)
     for i, row in enumerate(rows):
         xs, ys = _curves(row)
@@ -321,47 +611,59 @@ def plot_all(rows: list[Row], out: Path) -> list[Path]:
     if rows:
         ax.set_xticks(sorted({x for r in rows for x in _curves(r)[0]}))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best", framealpha=0.85)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_curve.png")
-    plt.close(fig)
-    written.append(out / "accuracy_curve.png")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        _legend_below(ax, handles, labels, 110, (0.5, -0.12))
+    return fig
 
-    for row in rows:
-        mats = [r.results.get("summary", {}).get("cnn_accuracy_matrix") for r in row.runs]
-        mats = [m for m in mats if m]
-        if not mats:
-            continue
-        n = min(len(m) for m in mats)
-        grid = np.full((n, n), np.nan)
-        for k in range(n):
-            for t in range(k + 1):
-                grid[k, t] = np.mean([m[k][t] for m in mats])
-        fig, ax = plt.subplots(figsize=(max(4.6, 1.6 + 0.8 * n), max(4.0, 1.4 + 0.75 * n)), dpi=110)
-        im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
-        for k in range(n):
-            for t in range(k + 1):
-                ax.text(t, k, f"{grid[k, t]:.0f}", ha="center", va="center", fontsize=11,
-                        color="white" if grid[k, t] < 55 else "black")
-        ax.set_xticks(range(n))
-        ax.set_yticks(range(n))
-        ax.set_xlabel("task (classes of phase t)")
-        ax.set_ylabel("after phase k")
-        ax.set_title(f"CNN task accuracy (%), mean of {len(mats)} seed(s)\n{row.label}", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        fig.tight_layout()
-        path = out / f"accuracy_matrix_{_slug(row.label)}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
 
+def matrix_figure(row: Row):
+    """The accuracy_matrix figure of ``row`` (mean over its seeds), or None without a matrix."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    mats = [r.results.get("summary", {}).get("cnn_accuracy_matrix") for r in row.runs]
+    mats = [m for m in mats if m]
+    if not mats:
+        return None
+    n = min(len(m) for m in mats)
+    grid = np.full((n, n), np.nan)
+    for k in range(n):
+        for t in range(k + 1):
+            grid[k, t] = np.mean([m[k][t] for m in mats])
+    width = max(4.6, 1.6 + 0.8 * n)
+    fig, ax = plt.subplots(figsize=(width, max(4.0, 1.4 + 0.75 * n)), dpi=110)
+    im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+    for k in range(n):
+        for t in range(k + 1):
+            ax.text(t, k, f"{grid[k, t]:.0f}", ha="center", va="center", fontsize=11,
+                    color="white" if grid[k, t] < 55 else "black")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("task (classes of phase t)")
+    ax.set_ylabel("after phase k")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()    # before the title: a long (wrapped) label then grows the image, not shrinks the matrix
+    ax.set_title(f"CNN task accuracy (%), mean of {len(mats)} seed(s)\n{_wrap(row.label, int(width * 11))}",
+                 fontsize=9)
+    return fig
+
+
+def memory_figure(rows: list[Row]):
+    """The memory.png figure: exemplars per class and mean exemplar cost per phase, legend below."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4
+    styles = ["-", "--", ":", "-."]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
     for i, row in enumerate(rows):
         n = min(len(r.results["phases"]) for r in row.runs)
         c, ls = colors[i % len(colors)], styles[(i // 10) % len(styles)]
         per_class = [np.mean([r.results["phases"][k]["memory"]["exemplars"] / r.results["phases"][k]["classes"][1]
                               for r in row.runs]) for k in range(n)]
-        cost = [np.mean([r.results["phases"][k]["memory"]["mean_cost"] or math.nan for r in row.runs])
+        cost = [np.mean([r.results["phases"][k]["memory"].get("mean_cost") or math.nan for r in row.runs])
                 for k in range(n)]
         a1.plot(range(n), per_class, ls, marker="o", color=c, label=row.label)
         a2.plot(range(n), cost, ls, marker="o", color=c, label=row.label)
@@ -374,12 +676,32 @@ def plot_all(rows: list[Row], out: Path) -> list[Path]:
         a.grid(alpha=0.3)
         a.xaxis.get_major_locator().set_params(integer=True)
     a2.set_ylim(bottom=0)
+    fig.tight_layout()
     handles, labels = a1.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.045 * math.ceil(len(labels) / 3), 1, 1))
-    fig.savefig(out / "memory.png")
-    plt.close(fig)
-    written.append(out / "memory.png")
+    if handles:
+        _legend_below(fig, handles, labels, 150, (0.5, 0.0))
+    return fig
+
+
+def plot_all(rows: list[Row], out: Path) -> list[Path]:
+    """Write accuracy_curve.png, one accuracy_matrix_<row>.png per row (distinct names) and memory.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if all(r_.results.get("phases") for r_ in r.runs)]
+    figures = [("accuracy_curve.png", accuracy_curve_figure(rows))]
+    figures += [(f"accuracy_matrix_{name}.png", matrix_figure(row))
+                for row, name in zip(rows, unique_names([r.label for r in rows]))]
+    figures.append(("memory.png", memory_figure(rows)))
+    written = []
+    for name, fig in figures:
+        if fig is None:
+            continue
+        fig.savefig(out / name, bbox_inches="tight", pad_inches=0.15)
+        plt.close(fig)
+        written.append(out / name)
     return written
 
 
@@ -388,27 +710,40 @@ def export_tensorboard(rows: list[Row], out: Path) -> str:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # noqa: BLE001 - optional: tensorboard not installed
         return "tensorboard not installed: no TensorBoard export"
-    for row in rows:
-        for r in row.runs:
-            path = r.folder / "metrics.jsonl"
-            if not path.exists():
+    pairs = [(row, r) for row in rows for r in row.runs]
+    names = unique_names([f"{row.label}__seed{r.results['config'].get('seed')}" for row, r in pairs])
+    for (row, r), name in zip(pairs, names):
+        path = r.folder / "metrics.jsonl"
+        if not path.exists():
+            continue
+        writer = SummaryWriter(str(out / "tensorboard" / name))
+        step = 0
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
                 continue
-            writer = SummaryWriter(str(out / "tensorboard" / _slug(f"{row.label}__seed{r.results['config'].get('seed')}")))
-            step = 0
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                step += 1
-                for k, v in rec.get("losses", {}).items():
-                    writer.add_scalar(f"loss/{k}", v, step)
-                writer.add_scalar("train_acc", rec.get("train_acc", 0), step)
-                writer.add_scalar("lr", rec.get("lr", 0), step)
-            for p in r.results.get("phases", []):
-                writer.add_scalar("test/cnn_top1", p["cnn"]["top1"], p["classes"][1])
-            writer.close()
+            step += 1
+            for k, v in rec.get("losses", {}).items():
+                writer.add_scalar(f"loss/{k}", v, step)
+            writer.add_scalar("train_acc", rec.get("train_acc", 0), step)
+            writer.add_scalar("lr", rec.get("lr", 0), step)
+        for p in r.results.get("phases", []):
+            writer.add_scalar("test/cnn_top1", p["cnn"]["top1"], p["classes"][1])
+        writer.close()
     return f"TensorBoard scalars in {out / 'tensorboard'}"
+
+
+def prepare_output(out: Path) -> None:
+    """Create the report folder ``out``; BadInput naming it if it is a file or cannot be made or written."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--output {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BadInput(f"cannot create the report folder {out}: {err.strerror or err}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write into the report folder {out}: permission denied")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,14 +753,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensorboard", action="store_true", help="also export metrics.jsonl as TensorBoard scalars")
     args = p.parse_args(argv)
     paths = [Path(x) for x in args.paths]
-    runs, notes = collect(paths)
+    try:
+        runs, notes = collect(paths)
+    except BadInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if not runs:
         print("error: no results.json in " + ", ".join(map(str, paths)) + "; " + "; ".join(notes), file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    rows = group(runs, notes)
+    if not rows:
+        print("error: no finished run in " + ", ".join(map(str, paths)) + "; " + "; ".join(notes), file=sys.stderr)
+        return EXIT_USER_ERROR
     default = paths[0] / "report" if len(paths) == 1 and (paths[0] / "sweep.json").is_file() else Path("logs/report")
     out = Path(args.output) if args.output else default
-    out.mkdir(parents=True, exist_ok=True)
-    rows = group(runs, notes)
+    try:
+        prepare_output(out)
+    except BadInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     title = "Report: " + ", ".join(str(x) for x in paths)
     write_tables(rows, out, notes, title)
     written = plot_all(rows, out)

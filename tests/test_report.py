@@ -8,6 +8,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, tiny_config
 
 sys.path.insert(0, str(REPO / "exps"))
@@ -122,3 +124,215 @@ def test_foster_student_columns_when_the_teacher_is_deployed(tmp_path, capsys):
     row = next(csv.DictReader(open(out / "report.csv")))
     assert row["student avg"] == "71.00" and row["student last"] == "66.00"
     assert row["CNN forgetting (PyCIL)"] == "6.00" and "teacher avg" not in row
+
+
+# ---- bad-input sweep findings (FINDINGS.md #1, #4, #5, #6, #9, #10, #11) --------------------------------
+def _tiny_results(seed=1, top1=(60.0, 50.0, 40.0), plan_known=True, **overrides) -> dict:
+    """A results dict of a tiny config (6 classes, 3 planned phases) with ``len(top1)`` phases done;
+    with ``plan_known`` it holds the class order a run writes (so the plan is known)."""
+    cfg = resolve_config(tiny_config(seed=seed, **overrides))
+    res = _results(cfg, list(top1), sum(top1) / len(top1), top1[-1], 5.0)
+    if plan_known:
+        res["class_order"] = list(range(6))
+    return res
+
+
+def _sweep(root: Path, runs: dict, spec_name="myspec", grid=None) -> Path:
+    """A sweep root as exps/sweep.py leaves it: ``runs`` maps a run name to (variant, results)."""
+    for name, (_, res) in runs.items():
+        _write(root / name, res)
+    (root / "sweep.json").write_text(json.dumps({
+        "spec": {"base": "tiny.json", "grid": grid or {"seed": [1, 2]}}, "spec_path": f"/somewhere/{spec_name}.json",
+        "runs": [{"name": name, "variant": variant} for name, (variant, _) in runs.items()]}))
+    return root
+
+
+def _report_rows(args, out, capsys) -> dict:
+    assert report.main([str(a) for a in args] + ["--output", str(out)]) == 0
+    capsys.readouterr()
+    return {r["configuration"]: r for r in csv.DictReader(open(out / "report.csv"))}
+
+
+def _table(args, notes=None) -> dict:
+    """The report table of ``args`` as {label: {column: cell}}, without writing files or plots."""
+    runs, found_notes = report.collect([Path(a) for a in args])
+    header, body = report.table(report.group(runs, found_notes if notes is None else notes))
+    return {line[0]: dict(zip(header, line)) for line in body}
+
+
+def test_a_run_folder_reached_twice_counts_once(tmp_path, capsys):
+    root = _sweep(tmp_path / "sw", {"seed=1": (None, _tiny_results(1, (60.0, 50.0, 40.0))),
+                                    "seed=2": (None, _tiny_results(2, (60.0, 52.0, 44.0)))})
+    for args in ([root, root], [root, root / "seed=1"], [root / "seed=1", root], [root, tmp_path]):
+        rows = _table(args)
+        assert [(r["seeds"], r["CNN last"]) for r in rows.values()] == [("2", "42.00 ± 2.83")], args
+
+
+def test_a_copied_run_is_not_a_second_seed(tmp_path, capsys):
+    root = tmp_path / "copies"
+    _write(root / "run1", _tiny_results(1, (60.0, 50.0, 40.0)))
+    _write(root / "run1_backup", _tiny_results(1, (60.0, 50.0, 30.0)))    # same config and seed
+    _write(root / "run2", _tiny_results(2, (60.0, 52.0, 44.0)))
+    rows = _report_rows([root], tmp_path / "rep", capsys)
+    (row,) = rows.values()
+    assert row["seeds"] == "2" and row["CNN last"] == "42.00 ± 2.83"        # run1 kept (first in path order)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"- {root / 'run1_backup'}: same configuration and seed 1 as {root / 'run1'}" in md
+
+
+def test_runs_short_of_their_plan_are_left_out(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed in (1, 2):   # memory 60: both seeds stopped after phase 0 of 3
+        _write(root / f"m60-s{seed}", _tiny_results(seed, (50.0,)))
+        _write(root / f"m40-s{seed}", _tiny_results(seed, (60.0, 50.0, 40.0), memory_size=40))
+    rows = _report_rows([root], tmp_path / "rep", capsys)
+    assert [(r["seeds"], r["phases"]) for r in rows.values()] == [("2", "3")]     # the memory 40 row only
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"- {root / 'm60-s1'}: 1 of 3 phases (partial, left out)" in md
+    # nothing finished: no table of phase-0 numbers, exit 2 with the notes
+    assert report.main([str(root / "m60-s1"), str(root / "m60-s2"), "--output", str(tmp_path / "rep2")]) == 2
+    err = capsys.readouterr().err
+    assert "no finished run" in err and "1 of 3 phases (partial, left out)" in err
+    # plan unknown (no class order): as before, a lone 1-phase run stands as its row
+    _write(tmp_path / "old" / "s1", _tiny_results(1, (50.0,), plan_known=False))
+    assert _table([tmp_path / "old"])["s1"]["phases"] == "1"
+
+
+def test_published_numbers_need_the_backbone_and_memory():
+    raw, _ = load_config_file("icarl-cifar100")                 # ResNet-32, 2000 exemplars, B0 10 x 10
+
+    def source(name_or_raw, phases=10, **over):
+        base = load_config_file(name_or_raw)[0] if isinstance(name_or_raw, str) else name_or_raw
+        ref = report.published_for(resolve_config({**base, **over}), phases)
+        return ref and ref["source"]
+
+    assert source(raw) == "SPEC §5 CIFAR-100 toolbox B0 Inc10 (±0.5)"
+    assert source(raw, epochs=1) == source(raw)                                  # epochs are not compared
+    assert source(raw, fixed_memory=True, memory_per_class=20) == source(raw)    # 20 x 100 classes = 2000
+    assert source(raw, convnet_type="resnet18") is None
+    assert source(raw, fixed_memory=True, memory_per_class=5) is None           # 500 exemplars
+    assert source(raw, memory_size=1000) is None
+    assert source("cim-food101") == "SPEC §5 LFS N=10"                            # FOSTER N=10: 2020 (SPEC §3.3)
+    assert source("cim-food101", memory_size=200) is None
+    assert source("cim-food101", fixed_memory=True, memory_per_class=1) is None
+    assert source("cim-food101", convnet_type="resnet32") is None
+    assert source("cim-imagenet1000", memory_size=5000) == "SPEC §5 ImageNet-1000 5k"
+    assert source("cim-imagenet1000", memory_size=6000) is None
+
+
+BAD_RESULTS = {
+    "truncated": lambda good: json.dumps(good)[:300].encode(),
+    "not_json": lambda good: b"hello\n",
+    "not_utf8": lambda good: b'{"x": "\xe9"}',
+    "a_list": lambda good: b"[1, 2]",
+    "no_config": lambda good: json.dumps({k: v for k, v in good.items() if k != "config"}).encode(),
+    "no_phases": lambda good: json.dumps({k: v for k, v in good.items() if k != "phases"}).encode(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RESULTS))
+def test_an_unusable_results_json_given_directly_is_exit_2(tmp_path, capsys, kind):
+    (tmp_path / kind).mkdir()
+    (tmp_path / kind / "results.json").write_bytes(BAD_RESULTS[kind](_tiny_results()))
+    assert report.main([str(tmp_path / kind), "--output", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / kind / 'results.json'} ")
+
+
+def test_an_unusable_results_json_found_in_a_folder_is_left_out(tmp_path, capsys):
+    root = tmp_path / "runs"
+    _write(root / "good", _tiny_results())
+    for kind, content in BAD_RESULTS.items():
+        (root / kind).mkdir()
+        (root / kind / "results.json").write_bytes(content(_tiny_results()))
+    broken_sweep = root / "sweep"                   # a sweep whose run list names a broken results.json
+    _sweep(broken_sweep, {"seed=1": (None, _tiny_results())})
+    (broken_sweep / "seed=1" / "results.json").write_text("[")
+    assert report.main([str(root), "--output", str(tmp_path / "rep")]) == 0
+    capsys.readouterr()
+    left_out = [line for line in (tmp_path / "rep" / "report.md").read_text().splitlines() if line.startswith("- ")]
+    assert len(left_out) == len(BAD_RESULTS) + 1
+    assert all(str(root) in line and "results.json" in line and line.endswith("(left out)") for line in left_out)
+    assert report.main([str(broken_sweep), "--output", str(tmp_path / "rep2")]) == 2    # its only run: nothing
+    assert "is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ['{"spec": {', '{"spec": {}}', "[]", '{"runs": [5]}'])
+def test_an_unusable_sweep_json_is_exit_2(tmp_path, capsys, content):
+    root = _sweep(tmp_path / "sw", {"seed=1": (None, _tiny_results())})
+    (root / "sweep.json").write_text(content)
+    assert report.main([str(root), "--output", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {root / 'sweep.json'} ")
+    # a run folder below it, given itself, still reports (the sweep.json only orders and names rows)
+    assert len(_table([root / "seed=1"])) == 1
+
+
+def test_an_unusable_output_folder_is_exit_2(tmp_path, capsys):
+    run = _write(tmp_path / "run", _tiny_results())
+    (tmp_path / "afile").write_text("x")
+    for out, says in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "sub", "cannot create")):
+        assert report.main([str(run), "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(out) in err and says in err
+
+
+def test_a_missing_path_says_it_does_not_exist(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: does not exist" in capsys.readouterr().err
+
+
+def test_matrix_file_names_are_distinct(tmp_path, capsys):
+    long = "longvariantname" * 9           # two labels that agree in their first 120 characters
+    root = _sweep(tmp_path / "lv", {f"{long}_a/seed=1": (f"{long}_a", _tiny_results()),
+                                    f"{long}_b/seed=1": (f"{long}_b", _tiny_results(memory_size=30))})
+    rows = _report_rows([root], tmp_path / "rep", capsys)
+    assert len(rows) == 2
+    assert len(list((tmp_path / "rep").glob("accuracy_matrix_*.png"))) == 2
+    assert report.unique_names(["a b", "a?b", "a_b", "x" * 130, "x" * 125]) == [
+        "a_b", "a_b_2", "a_b_3", "x" * 120, "x" * 120 + "_2"]
+
+
+def test_row_labels_use_the_keys_every_row_has(tmp_path, capsys):
+    runs = {f"{m}/seed={s}": (m, _tiny_results(s, model_name=m)) for m in ("icarl", "lucir") for s in (1, 2)}
+    rows = _table([_sweep(tmp_path / "var", runs)])
+    assert set(rows) == {"icarl, model_name=icarl, weight_decay=0.0002", "lucir, model_name=lucir, weight_decay=0.0005"}
+    # memory_per_class varies but only takes effect with fixed_memory: shown only in that row
+    root = tmp_path / "mem"
+    _write(root / "a", _tiny_results(1))
+    _write(root / "b", _tiny_results(1, fixed_memory=True, memory_per_class=5))
+    rows = _table([root])
+    assert set(rows) == {"fixed_memory=false", "fixed_memory=true, memory_per_class=5"}
+
+
+def test_a_one_configuration_row_is_not_named_by_a_seed(tmp_path, capsys):
+    root = _sweep(tmp_path / "SEEDS", {f"seed={s}": (None, _tiny_results(s)) for s in (1, 2)}, spec_name="seeds")
+    assert list(_report_rows([root], tmp_path / "rep", capsys)) == ["seeds"]
+    assert (tmp_path / "rep" / "accuracy_matrix_seeds.png").is_file()
+    plain = tmp_path / "plain"                    # no sweep, no prefix: the folder holding the seeds
+    for s in (1, 2):
+        _write(plain / f"s{s}", _tiny_results(s))
+    assert list(_table([plain])) == ["plain"]
+    _write(tmp_path / "pre" / "s1", _tiny_results(1, prefix="mine"))
+    assert list(_table([tmp_path / "pre"])) == ["mine"]
+
+
+def test_long_labels_do_not_squeeze_the_plots(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [report.RunResult(tmp_path / f"r{i}", _tiny_results(1, memory_size=20 + 10 * i), f"variant{i}-" + "x" * 150)
+            for i in range(4)]
+    rows = report.group(runs)
+    assert all(len(r.label) > 150 for r in rows)
+    curve, matrix, memory = (report.accuracy_curve_figure(rows), report.matrix_figure(rows[0]),
+                             report.memory_figure(rows))
+    assert curve.axes[0].get_position().width > 0.75                 # the legend sits below the axes
+    assert matrix.axes[0].get_position().height > 0.7                # the wrapped title sits above it
+    assert all(ax.get_position().width > 0.35 for ax in memory.axes)
+    legend = curve.axes[0].get_legend()
+    assert all(max(map(len, t.get_text().split("\n"))) <= 110 for t in legend.get_texts())   # wrapped
+    for fig in (curve, matrix, memory):
+        plt.close(fig)
