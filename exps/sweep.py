@@ -5,18 +5,28 @@ SPEC.json is ``{"base": config name or path, "set": {fixed overrides}, "grid": {
 "variants": {name: {overrides, optionally its own "base"}}, "description": "..."}``; every key
 but ``base`` is optional. The runs are every variant (one unnamed variant if there are none) times
 every combination of the grid. A seed list in the resolved config (and no ``seed`` in the grid) is
-one more grid axis: each run has one seed.
+one more grid axis: each run has one seed. Two runs of one configuration and seed (a grid key that
+does not change the result, such as ``threads``, or values that resolve alike, such as 0 and 0.0)
+are refused: they would be the same run twice.
 
 Each run is a ``main.py`` subprocess writing into ``ROOT/<variant>/<key>=<value>/...`` (the varying
 keys, in the spec's order; default ROOT ``logs/sweeps/<spec name>``). Its state comes from its
 ``results.json``: *done* (every phase of the plan), *partial* (fewer phases, or a started folder:
 resumed with ``--resume``), *missing* (run from scratch), *stale* (written by another config: left
-alone, reported), *running* (another sweep holds its lock). A run folder's ``.sweep.lock`` is held
-(``flock``) while its subprocess runs, so two sweeps never run the same run.
+alone, reported), *unreadable* (a results.json that is not a results object: left alone, reported),
+*running* (another sweep holds its lock, or a ``main.py`` holds the run's own ``run.lock``). A run
+folder's ``.sweep.lock`` is held (``flock``) while its subprocess runs, so two sweeps never run the
+same run.
 
-Exit status: 0 all runs done; 1 some run failed or is stale/locked; 2 a bad spec (unknown
-top-level key, a grid value that is not a list, a config key or value refused by the schema) or,
-with ``--dry-run``, data missing on disk (the message names data_root) — nothing run.
+SIGTERM, SIGINT (Ctrl-C) or SIGHUP stop the sweep: each running ``main.py`` gets one SIGINT (it stops
+with its finished phases saved and exits 130), the runs not started yet are not started, and the
+sweep exits 130 with one "interrupted" line; a second signal, over a second later, terminates the
+subprocesses at once.
+
+Exit status: 0 all runs done; 1 some run failed or is stale/unreadable/locked; 2 a bad spec (unknown
+top-level key, a grid value that is not a list, a config key or value refused by the schema, a run
+folder name that is not usable) or a bad ``--output`` / ``--devices``, or data missing on disk (the
+message names data_root) — nothing run; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ import itertools
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -37,11 +48,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils.errors import ConfigError, UserError  # noqa: E402
+from utils.errors import ConfigError, DataError, UserError  # noqa: E402
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130   # as main.py
 SPEC_KEYS = ("base", "set", "grid", "variants", "description")
 LOCK_NAME = ".sweep.lock"
+NAME_MAX_FALLBACK = 255   # bytes of one file name, where the file system does not say
 
 
 @dataclass
@@ -77,12 +90,22 @@ def _label(value) -> str:
 
 
 def load_spec(path: Path) -> dict:
+    """The spec at ``path``, checked for its shape (top-level keys, grid lists, variant objects);
+    ConfigError naming the file for anything else: missing, a folder, unreadable, not UTF-8, not JSON."""
     try:
-        spec = json.loads(Path(path).read_text())
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"No sweep spec file {path}.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"Sweep spec {path} is a folder, not a file.") from None
+    except OSError as err:
+        raise ConfigError(f"Sweep spec {path} cannot be read: {err.strerror or err}.") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Sweep spec {path} is not UTF-8 text (JSON must be): {err}.") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"Sweep spec {path} is not valid JSON: {err}.") from None
+    except RecursionError:
+        raise ConfigError(f"Sweep spec {path} nests its JSON too deeply to be read.") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"Sweep spec {path} must hold a JSON object {{\"base\", \"set\", \"grid\", \"variants\"}}.")
     unknown = sorted(set(spec) - set(SPEC_KEYS))
@@ -106,15 +129,106 @@ def load_spec(path: Path) -> dict:
     return spec
 
 
+def name_max(root: Path) -> int:
+    """The longest file name (bytes) the file system of ``root`` (or of its nearest existing
+    folder above) allows; 255 where it does not say."""
+    folder = Path(os.path.abspath(root))
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, TypeError):
+        return NAME_MAX_FALLBACK
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def check_variant_label(vname: str, label: str) -> None:
+    """A variant's folder label must be a usable folder name of its own: not empty, not ``.`` /
+    ``..`` (or any name of dots only), which would put its runs in the sweep root or above it."""
+    if not label.strip("."):
+        raise ConfigError(f"Sweep variant name {json.dumps(vname)} is not a usable folder name (its folder would be "
+                          f"{json.dumps(label)}); give the variant a name with a letter or digit.")
+
+
+def check_name_length(run_name: str, part: str, key: str | None, vname: str | None, limit: int) -> None:
+    """One folder name of a run (``part``: the variant label, or ``key=value``) must fit the file
+    system's limit on a file name (``limit`` bytes); the message names the key or the variant."""
+    size = len(part.encode("utf-8"))
+    if size <= limit:
+        return
+    if key is None:
+        raise ConfigError(f"Sweep variant {json.dumps(_short(vname or ''))}: its folder name is {size} bytes, longer "
+                          f"than the file system allows ({limit} bytes); give the variant a shorter name.")
+    raise ConfigError(f"Sweep run '{_short(run_name, 80)}': the folder name for {_short(part)} is {size} bytes, longer "
+                      f"than the file system allows ({limit} bytes); give this value of '{key}' as a variant with a "
+                      f"short name instead of a grid value (\"variants\": {{\"short-name\": {{\"{key}\": ...}}}}).")
+
+
+def check_inside_root(run: Run, root: Path) -> None:
+    """A run's folder must lie inside the sweep root (compared as absolute paths with ``.`` and
+    ``..`` resolved, so a name can never write beside the root or elsewhere on disk)."""
+    top = os.path.normpath(os.path.abspath(root))
+    folder = os.path.normpath(os.path.abspath(run.folder))
+    if os.path.commonpath([top, folder]) != top or folder == top:
+        raise ConfigError(f"Sweep run '{run.name}': its folder {folder} is not inside the sweep root {top}; "
+                          f"rename the variant.")
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def same_run_differences(a: Run, b: Run) -> str:
+    """Why two runs of one (config hash, seed) differ at all: the keys whose resolved values differ
+    (none of them changes the result) and the keys given differently that resolve alike."""
+    reasons = []
+    for key in sorted(set(a.cfg) | set(b.cfg)):
+        if _json(a.cfg.get(key)) != _json(b.cfg.get(key)):
+            reasons.append(f"{key} ({_short(_json(a.cfg.get(key)))} vs {_short(_json(b.cfg.get(key)))}) does not "
+                           f"change the result (it is not part of a run's identity)")
+    for key in sorted(set(a.overrides) | set(b.overrides)):
+        va, vb = a.overrides.get(key, a.cfg.get(key)), b.overrides.get(key, b.cfg.get(key))
+        if _json(va) != _json(vb) and _json(a.cfg.get(key)) == _json(b.cfg.get(key)):
+            reasons.append(f"{key} ({_short(_json(va))} vs {_short(_json(vb))}) resolves to the same value "
+                           f"{_short(_json(a.cfg.get(key)))}")
+    if a.base != b.base:
+        reasons.append(f"their bases {a.base.name} and {b.base.name} resolve to the same config")
+    return "; ".join(reasons) or "they have the same config"
+
+
+def check_distinct_runs(runs: list[Run]) -> None:
+    """No two runs may share a (config hash, seed): they would train the same configuration with the
+    same seed twice, and a report would count the second as another seed. ConfigError naming both
+    runs and the keys whose values differ."""
+    from utils.config import config_hash, result_key_differences
+
+    seen: dict[tuple[str, str], Run] = {}
+    for run in runs:
+        key = (config_hash(run.cfg), _json(run.cfg["seed"]))
+        first = seen.setdefault(key, run)
+        if first is run or result_key_differences(first.cfg, run.cfg):
+            continue
+        raise ConfigError(f"Sweep runs '{first.name}' and '{run.name}' would be the same run twice (config hash "
+                          f"{key[0]}, seed {key[1]}): {same_run_differences(first, run)}. Vary only keys that change "
+                          f"the result; put the others in \"set\".")
+
+
 def expand(spec: dict, spec_path: Path, root: Path) -> list[Run]:
-    """Every run of ``spec``, resolved and validated (ConfigError naming the run and the key)."""
+    """Every run of ``spec``, resolved and validated (ConfigError naming the run and the key): its
+    folder names usable and inside ``root``, no folder shared, no configuration run twice."""
     from utils.config import load_config_file, resolve_config
 
     spec_dir = Path(spec_path).resolve().parent
     grid = spec.get("grid", {})
     variants = spec.get("variants") or {None: {}}
+    limit = name_max(root)
     runs = []
     for vname, vover in variants.items():
+        if vname is not None:
+            check_variant_label(vname, _label(vname))
         vover = dict(vover)
         base = _find_base(vover.pop("base", spec["base"]), spec_dir)
         raw_base, _ = load_config_file(str(base))
@@ -126,33 +240,40 @@ def expand(spec: dict, spec_path: Path, root: Path) -> list[Run]:
         for combo in itertools.product(*axes.values()):
             point = dict(zip(axes, combo))
             overrides = {**spec.get("set", {}), **vover, **point}
-            parts = ([_label(vname)] if vname is not None else []) + [f"{k}={_label(v)}" for k, v in point.items()]
-            name = "/".join(parts) or "run"
+            keyed = ([(None, _label(vname))] if vname is not None else []) + \
+                [(k, f"{k}={_label(v)}") for k, v in point.items()]
+            name = "/".join(part for _, part in keyed) or "run"
             try:
                 cfg = resolve_config({**raw_base, **overrides})
             except ConfigError as err:
-                raise ConfigError(f"Sweep run '{name}' (base {base.name}): {err}") from None
+                raise ConfigError(f"Sweep run '{_short(name, 200)}' (base {base.name}): {err}") from None
             if isinstance(cfg["seed"], list):
                 raise ConfigError(f"Sweep run '{name}': 'seed' is a list inside a grid value; give the seeds "
                                   f"as the grid's 'seed' list.")
-            runs.append(Run(name, base, overrides, cfg, vname, root / name))
+            for key, part in keyed:
+                check_name_length(name, part, key, vname, limit)
+            run = Run(name, base, overrides, cfg, vname, root / name)
+            check_inside_root(run, root)
+            runs.append(run)
     names = [r.name for r in runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"Sweep spec {spec_path}: two runs share the folder {dup[0]}; give the variants distinct names.")
+    check_distinct_runs(runs)
     return runs
 
 
 # ---- state of a run folder ---------------------------------------------------------------------
 class DataMissing(UserError):
-    pass
+    """The dataset of a run is not on disk as its config says (a DataError of the listing)."""
 
 
 _plan_cache: dict[str, int] = {}
 
 
 def planned_phases(cfg: dict) -> int:
-    """Number of phases of ``cfg``'s plan (needs the dataset's class count: its listing on disk)."""
+    """Number of phases of ``cfg``'s plan (needs the dataset's class count: its listing on disk).
+    DataMissing for data not on disk; a config the dataset refuses stays a ConfigError."""
     from utils.config import phase_plan
     from utils.datasets import describe_dataset
 
@@ -161,7 +282,7 @@ def planned_phases(cfg: dict) -> int:
         try:
             info = describe_dataset(cfg["dataset"], cfg["data_root"], class_list=cfg["class_list"],
                                     shapes=cfg["shapes"])
-        except UserError as err:
+        except DataError as err:
             raise DataMissing(f"dataset '{cfg['dataset']}' not usable at data_root={json.dumps(cfg['data_root'])} "
                               f"(set it in the spec's \"set\" or with the base config): {err}") from None
         _plan_cache[key] = info["num_classes"]
@@ -169,27 +290,72 @@ def planned_phases(cfg: dict) -> int:
 
 
 def is_locked(folder: Path) -> bool:
-    lock = RunLock(folder)
-    if not lock.acquire(create=False):
+    """Whether another sweep holds ``folder``'s ``.sweep.lock``. Only looks: the file is opened
+    read-only and never created or written (a dry run writes nothing)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # conflicts with a sweep's exclusive lock
+    except OSError:
         return True
-    lock.release()
+    finally:
+        os.close(fd)   # closing the only descriptor of this open file releases a lock it took
     return False
 
 
+def main_run_holder(folder: Path) -> str | None:
+    """Who holds main.py's own run lock in ``folder`` ("pid 123 on host h"; utils/run_lock.py), or
+    None when no run holds it (a lock file left by a killed run is free). Writes nothing."""
+    from utils.run_lock import holder_of
+
+    return holder_of(folder)
+
+
+def read_results(path: Path) -> tuple[dict | None, str]:
+    """A run's results.json as (results object, "") or (None, why it is not one): unreadable,
+    not UTF-8, not JSON, not an object, no "config" object, "phases" not a list."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        return None, f"cannot be read ({err.strerror or err})"
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON (truncated?): {err.msg} (line {err.lineno}, column {err.colno})"
+    except RecursionError:
+        return None, "its JSON nests too deeply"
+    if not isinstance(saved, dict):
+        return None, f"it holds a JSON {type(saved).__name__}, not a results object"
+    if not isinstance(saved.get("config"), dict):
+        return None, "it has no \"config\" object"
+    if not isinstance(saved.get("phases", []), list):
+        return None, "its \"phases\" is not a list"
+    return saved, ""
+
+
 def run_state(run: Run, num_phases: int | None) -> tuple[str, str]:
-    """(state, detail): done / partial / missing / stale / running."""
+    """(state, detail): done / partial / missing / stale / unreadable / running."""
     from utils.config import config_hash, resolve_saved_config
 
     folder = run.folder
-    if folder.exists() and is_locked(folder):
+    if folder.is_dir() and is_locked(folder):
         return "running", "locked by another sweep"
+    holder = main_run_holder(folder) if folder.is_dir() else None
+    if holder is not None:
+        return "running", f"main.py ({holder}) holds its lock {folder / 'run.lock'}"
     results = folder / "results.json"
     if results.exists():
+        saved, why = read_results(results)
+        if saved is None:
+            return "unreadable", f"results.json unreadable: {why}; delete it or the folder"
         try:
-            saved = json.loads(results.read_text())
             old, _ = resolve_saved_config(saved["config"])
             same = config_hash(old) == config_hash(run.cfg) and old["seed"] == run.cfg["seed"]
-        except (ValueError, KeyError, UserError):
+        except (ValueError, KeyError, TypeError, AttributeError, UserError):
             same = False
         if not same:
             return "stale", "results.json written by another config"
@@ -206,17 +372,17 @@ def run_state(run: Run, num_phases: int | None) -> tuple[str, str]:
 
 class RunLock:
     """An exclusive ``flock`` on ``<run folder>/.sweep.lock``, held while the run's subprocess runs
-    (released by the kernel if this process dies, so a killed sweep leaves no stale lock)."""
+    (released by the kernel if this process dies, so a killed sweep leaves no stale lock).
+    :func:`is_locked` checks it without taking it."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
         self.fd = None
 
-    def acquire(self, create: bool = True) -> bool:
+    def acquire(self) -> bool:
+        """Create the run folder and take the lock (writing this pid into it); False if held."""
         import fcntl
 
-        if not create and not self.path.exists():
-            return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -247,8 +413,105 @@ def command(run: Run, resume: bool) -> list[str]:
     return cmd + (["--resume"] if resume else [])
 
 
-def execute(run: Run, state: str, device: str | None, say) -> str:
-    """Run one configuration as a subprocess under its lock; returns its outcome."""
+def launch(cmd: list[str], log, env: dict) -> subprocess.Popen:
+    """Start one run's ``main.py`` writing stdout and stderr to ``log``, in a process group of its
+    own: a Ctrl-C on the terminal reaches only the sweep, which forwards exactly one SIGINT (stdin is
+    /dev/null: a background process group must not read the terminal)."""
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=Path.cwd(), process_group=0)
+
+
+class Children:
+    """The ``main.py`` subprocesses running now, and the signal that stopped the sweep (None while
+    it goes on). The first stop signal sends each child's process group one SIGINT (main.py then
+    exits 130 with its finished phases saved); one more, over ``ESCALATE_AFTER_S`` later, sends
+    SIGTERM (immediate end) — copies of the first that arrive at once (``timeout`` and a terminal
+    both deliver it) do not. A child started after the stop is signalled as it registers."""
+
+    ESCALATE_AFTER_S = 1.0
+
+    def __init__(self):
+        self.lock = threading.RLock()   # re-entrant: the signal handler may run while the main thread holds it
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.sent: dict[int, int] = {}     # pid -> signal sent to its group
+        self.stop_signal: int | None = None
+        self.first_stop = 0.0
+        self.escalated = False
+
+    def _send(self, proc, sig: int) -> None:
+        if proc.pid <= 0 or self.sent.get(proc.pid) == sig or proc.poll() is not None:
+            return
+        self.sent[proc.pid] = sig
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _signal_for_now(self) -> int:
+        return signal.SIGTERM if self.escalated else signal.SIGINT
+
+    def add(self, proc) -> None:
+        with self.lock:
+            self.procs[proc.pid] = proc
+            if self.stop_signal is not None:
+                self._send(proc, self._signal_for_now())
+
+    def remove(self, proc) -> None:
+        with self.lock:
+            self.procs.pop(proc.pid, None)
+
+    def stop(self, signum: int) -> None:
+        """Called from the signal handler (main thread): stop every child, start no more."""
+        with self.lock:
+            if self.stop_signal is None:
+                self.stop_signal, self.first_stop = signum, time.monotonic()
+            elif time.monotonic() - self.first_stop > self.ESCALATE_AFTER_S:
+                self.escalated = True
+            for proc in list(self.procs.values()):
+                self._send(proc, self._signal_for_now())
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_signal is not None
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+class StopHandler:
+    """While installed (``with StopHandler(children):``, main thread only), SIGINT / SIGTERM / SIGHUP
+    raise KeyboardInterrupt until ``running`` is set (no run started yet: nothing to stop), then stop
+    the children instead (:meth:`Children.stop`); the previous handlers come back on exit."""
+
+    def __init__(self, children: Children):
+        self.children = children
+        self.running = False
+        self.old: dict[int, object] = {}
+
+    def handle(self, signum, frame) -> None:
+        if not self.running:
+            raise KeyboardInterrupt
+        self.children.stop(signum)
+
+    def __enter__(self) -> "StopHandler":
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self.old[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+
+def execute(run: Run, state: str, device: str | None, say, children: Children | None = None) -> str:
+    """Run one configuration as a subprocess under its lock; returns its outcome: finished, failed,
+    locked, interrupted (the child was stopped by a signal) or cancelled (the sweep was stopped first)."""
+    children = children or Children()
+    if children.stopped:
+        return "cancelled"
     lock = RunLock(run.folder)
     if not lock.acquire():
         say(f"{run.name}: locked by another sweep, skipped")
@@ -261,9 +524,17 @@ def execute(run: Run, state: str, device: str | None, say) -> str:
         say(f"{run.name}: {'resume' if state == 'partial' else 'start'}"
             f"{'' if device is None else f' on CUDA device {device}'}")
         with open(run.folder / "sweep_output.txt", "a") as out:
-            code = subprocess.run(command(run, state == "partial"), stdout=out, stderr=subprocess.STDOUT,
-                                  env=env, cwd=Path.cwd()).returncode
+            proc = launch(command(run, state == "partial"), out, env)
+            children.add(proc)
+            try:
+                code = proc.wait()
+            finally:
+                children.remove(proc)
         took = time.time() - start
+        if code != 0 and (children.stopped or code == EXIT_INTERRUPTED):
+            say(f"{run.name}: interrupted (exit {code}) after {took:.0f} s; its finished phases are saved, "
+                f"a rerun resumes it")
+            return "interrupted"
         if code != 0:
             say(f"{run.name}: FAILED (exit {code}) after {took:.0f} s; see {run.folder / 'sweep_output.txt'}")
             return "failed"
@@ -286,25 +557,98 @@ def write_sweep_json(root: Path, spec: dict, spec_path: Path, runs: list[Run]) -
                   "config_hash": config_hash(r.cfg), "seed": r.cfg["seed"]} for r in runs]})
 
 
+def parse_devices(text: str | None) -> list[str]:
+    """``--devices`` as a list of CUDA device ids (integers ≥ 0) or GPU UUIDs (``GPU-…``, ``MIG-…``);
+    UserError naming the first bad entry, or the empty list. None (no option) is no pinning: []."""
+    if text is None:
+        return []
+    entries = [d.strip() for d in text.split(",")]
+    if not any(entries):
+        raise UserError(f"--devices {json.dumps(text)} lists no device; give CUDA device ids such as 0,1 "
+                        f"(or GPU UUIDs), or leave --devices out.")
+    for i, entry in enumerate(entries):
+        if not entry:
+            raise UserError(f"--devices {json.dumps(text)}: entry {i + 1} is empty; give comma-separated CUDA "
+                            f"device ids such as 0,1.")
+        is_id = entry.isascii() and entry.isdigit()
+        is_uuid = entry.startswith(("GPU-", "MIG-")) and len(entry) > 4
+        if not (is_id or is_uuid):
+            raise UserError(f"--devices {json.dumps(text)}: {json.dumps(entry)} is not a CUDA device id (an integer "
+                            f"≥ 0) or a GPU UUID (GPU-… or MIG-…, as nvidia-smi -L prints).")
+    return entries
+
+
+def _not_a_folder(path: Path) -> Path | None:
+    """The first of ``path`` and the folders above it that exists and is not a folder, else None."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            return None if p.is_dir() else p
+    return None
+
+
+def output_problem(root: Path, runs: list[Run]) -> str | None:
+    """Why the sweep root ``root`` cannot hold the runs' folders (a file at its place or above it,
+    or at a run folder's place), without writing anything; None if it can."""
+    bad = _not_a_folder(root)
+    if bad is not None:
+        return (f"--output {root} is a file, not a folder" if bad == root
+                else f"--output {root} lies under {bad}, which is a file, not a folder")
+    for run in runs:
+        bad = _not_a_folder(run.folder)
+        if bad is not None and bad != root and root in bad.parents:
+            return f"run '{run.name}': {bad} is a file where the sweep needs a folder; move it away"
+    return None
+
+
+def skip_message(state: str, detail: str) -> str | None:
+    """What the sweep prints for a run it leaves alone in ``state`` (None: a state it runs)."""
+    if state == "done":
+        return f"done, skipped ({detail})"
+    if state == "stale":
+        return "STALE (results.json of another config), left alone: delete it or use another --output"
+    if state == "running":
+        return f"{detail}, skipped"
+    if state == "unreadable":
+        return f"{detail}; left alone"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring); returns the exit status. A stop signal before
+    any run started ends it with "interrupted" and 130, as one during the runs does."""
+    children = Children()
+    with StopHandler(children) as stopper:
+        try:
+            return _main(argv, children, stopper)
+        except KeyboardInterrupt:
+            print("interrupted: nothing was run.", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None, children: Children, stopper: StopHandler) -> int:
     p = argparse.ArgumentParser(description="Run a grid of configurations (see the module docstring).")
     p.add_argument("spec", help="sweep spec JSON: {base, set, grid, variants}")
     p.add_argument("--output", help="sweep root folder (default logs/sweeps/<spec name>)")
     p.add_argument("--dry-run", action="store_true", help="list every run with its folder and state; run nothing")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
-    p.add_argument("--devices", help="comma-separated CUDA device ids; each job slot is pinned to one, round-robin")
+    p.add_argument("--devices", help="comma-separated CUDA device ids or GPU UUIDs; each job slot is pinned to one, "
+                                     "round-robin")
     args = p.parse_args(argv)
     if args.jobs < 1:
         print("error: --jobs must be ≥ 1.", file=sys.stderr)
         return EXIT_USER_ERROR
-    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else []
     spec_path = Path(args.spec)
     root = Path(args.output) if args.output else Path("logs") / "sweeps" / spec_path.stem
     try:
+        devices = parse_devices(args.devices)
         spec = load_spec(spec_path)
         runs = expand(spec, spec_path, root)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    problem = output_problem(root, runs)
+    if problem is not None:
+        print(f"error: {problem}.", file=sys.stderr)
         return EXIT_USER_ERROR
 
     missing_data = None
@@ -314,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             n = planned_phases(run.cfg)
         except DataMissing as err:
             missing_data, n = missing_data or err, None
-        except UserError as err:   # the protocol does not fit the dataset
+        except UserError as err:   # a config the dataset refuses, or a protocol that does not fit it
             print(f"error: sweep run '{run.name}': {err}", file=sys.stderr)
             return EXIT_USER_ERROR
         states.append(run_state(run, n))
@@ -333,6 +677,13 @@ def main(argv: list[str] | None = None) -> int:
     if missing_data is not None:
         print(f"error: data missing, nothing run: {missing_data}", file=sys.stderr)
         return EXIT_USER_ERROR
+    try:
+        from utils.io import check_writable_dir
+
+        check_writable_dir(root, "--output")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
     write_sweep_json(root, spec, spec_path, runs)
     start = time.time()
@@ -340,10 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     todo = []
     for i, (run, (state, detail)) in enumerate(zip(runs, states)):
         tag = f"[{i + 1}/{len(runs)}]"
-        if state in ("done", "stale", "running"):
-            why = {"done": "done, skipped", "running": "locked by another sweep, skipped",
-                   "stale": "STALE (results.json of another config), left alone: delete it or use another --output"}
-            print(f"{tag} {run.name}: {why[state]}" + (f" ({detail})" if state == "done" else ""), flush=True)
+        why = skip_message(state, detail)
+        if why is not None:
+            print(f"{tag} {run.name}: {why}", flush=True)
         else:
             todo.append((tag, run, state))
     slots: queue.Queue = queue.Queue()
@@ -357,16 +707,23 @@ def main(argv: list[str] | None = None) -> int:
             def say(msg):
                 with lock:
                     print(f"{tag} {msg}", flush=True)
-            return execute(run, state, devices[slot % len(devices)] if devices else None, say)
+            return execute(run, state, devices[slot % len(devices)] if devices else None, say, children)
         finally:
             slots.put(slot)
 
+    stopper.running = True   # from here a stop signal stops the children instead of raising
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         outcomes = list(pool.map(work, todo))
     took = time.time() - start
-    bad = outcomes.count("failed") + outcomes.count("locked") + sum(s in ("stale", "running") for s, _ in states)
+    if children.stopped:
+        print(f"interrupted ({signal.Signals(children.stop_signal).name}): {outcomes.count('interrupted')} running "
+              f"run(s) stopped (their finished phases are saved), {outcomes.count('cancelled')} not started; rerun "
+              f"the same command to resume.", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    bad = (outcomes.count("failed") + outcomes.count("locked") + outcomes.count("interrupted")
+           + sum(s in ("stale", "running", "unreadable") for s, _ in states))
     print(f"sweep {spec_path.stem}: {outcomes.count('finished')} run, {sum(s == 'done' for s, _ in states)} "
-          f"already done, {bad} failed/stale/locked; {took:.0f} s; results under {root}", flush=True)
+          f"already done, {bad} failed/stale/unreadable/locked; {took:.0f} s; results under {root}", flush=True)
     return 1 if bad else 0
 
 

@@ -55,11 +55,11 @@ def test_sweep_runs_skips_resumes_and_locks(tmp_path, capsys):
     # Second invocation: everything is done, nothing runs.
     def no_run(*a, **k):
         pytest.fail("a finished run was run again")
-    real_run, sweep.subprocess.run = sweep.subprocess.run, no_run
+    real_launch, sweep.launch = sweep.launch, no_run
     try:
         code, out, _ = _sweep(capsys, spec, "--output", root)
     finally:
-        sweep.subprocess.run = real_run
+        sweep.launch = real_launch
     assert code == 0
     assert out.count("done, skipped") == 4 and "0 run, 4 already done" in out
 
@@ -125,14 +125,27 @@ def test_dry_run_with_missing_data_names_data_root(tmp_path, capsys):
     assert code == 2 and "data_root" in err and not (tmp_path / "root").exists()
 
 
+class FakeChild:
+    """Stands for a main.py subprocess that has already exited with ``code``."""
+
+    def __init__(self, code=0):
+        self.pid, self.returncode = -1, code
+
+    def wait(self):
+        return self.returncode
+
+    def poll(self):
+        return self.returncode
+
+
 def test_jobs_pin_devices_round_robin(tmp_path, capsys, monkeypatch):
     seen = []
 
-    def fake_run(cmd, stdout, stderr, env, cwd):
+    def fake_launch(cmd, log, env):
         seen.append((env.get("CUDA_VISIBLE_DEVICES"), cmd))
-        return subprocess.CompletedProcess(cmd, 0)
+        return FakeChild(0)
 
-    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    monkeypatch.setattr(sweep, "launch", fake_launch)
     spec = _spec(tmp_path, {"seed": [1, 2, 3, 4]})
     code, out, _ = _sweep(capsys, spec, "--output", tmp_path / "root", "--jobs", "2", "--devices", "0,1")
     assert code == 0 and len(seen) == 4
@@ -164,3 +177,288 @@ def test_paper_spec_dry_run_in_a_subprocess_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     if proc.returncode == 2:
         assert "data_root" in proc.stderr
+
+
+# ---- bad input: refused before anything runs (exit 2, one line, nothing written) ------------------
+def _refused(capsys, spec, root, *extra):
+    """Run the sweep (with ``--dry-run`` and without): exit 2, one error line, no traceback, nothing written."""
+    errs = []
+    for dry in (["--dry-run"], []):
+        code, out, err = _sweep(capsys, spec, "--output", root, *extra, *dry)
+        assert code == 2, (out, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        errs.append(err)
+    assert not Path(root).exists() or Path(root).is_file()
+    return errs[0]
+
+
+def _no_launch(*a, **k):
+    pytest.fail("a run was started")
+
+
+def test_a_key_outside_the_runs_identity_or_equal_values_are_the_same_run_twice(tmp_path, capsys, monkeypatch):
+    """Two runs of one (config hash, seed) would train the same thing twice; a report would count the
+    second as another seed. Refused naming both runs and the key."""
+    monkeypatch.setattr(sweep, "launch", _no_launch)
+    root = tmp_path / "root"
+    err = _refused(capsys, _spec(tmp_path, {"threads": [1, 2], "seed": [1]}), root)
+    assert "'threads=1/seed=1' and 'threads=2/seed=1'" in err and "same run twice" in err
+    assert "threads (1 vs 2) does not change the result" in err
+    err = _refused(capsys, _spec(tmp_path, {"num_workers": [0, 2]}), root)
+    assert "num_workers (0 vs 2) does not change the result" in err
+    err = _refused(capsys, _spec(tmp_path, {"color_jitter": [0, 0.0]}), root)
+    assert "'color_jitter=0' and 'color_jitter=0.0'" in err and "color_jitter (0 vs 0.0) resolves to the same value" in err
+    err = _refused(capsys, _spec(tmp_path, {"seed": [1]}, variants={"a": {"memory_size": 60}, "b": {}}), root)
+    assert "'a/seed=1' and 'b/seed=1'" in err   # the base's memory_size is 60 already
+    # A grid key that does change the result, with one key that does not in "set", is fine.
+    spec = _spec(tmp_path, {"memory_size": [40, 60], "seed": [1, 2]}, set={"threads": 1})
+    assert len(sweep.expand(sweep.load_spec(spec), spec, root)) == 4
+
+
+@pytest.mark.parametrize("vname", ["", ".", "..", "..."])
+def test_a_variant_name_that_is_no_folder_name_is_refused(tmp_path, capsys, vname):
+    root = tmp_path / "root"
+    err = _refused(capsys, _spec(tmp_path, {"seed": [1]}, variants={vname: {}}), root)
+    assert f"variant name {json.dumps(vname)}" in err and "not a usable folder name" in err
+    assert not (tmp_path / "seed=1").exists()
+
+
+def test_every_run_folder_lies_inside_the_root(tmp_path):
+    spec = _spec(tmp_path, {"seed": [1]})
+    run = sweep.expand(sweep.load_spec(spec), spec, tmp_path / "root")[0]
+    sweep.check_inside_root(run, tmp_path / "root")
+    for name in ("../seed=1", "/seed=1", "a/../../x", "."):
+        escaped = sweep.Run(name, run.base, run.overrides, run.cfg, None, tmp_path / "root" / name)
+        with pytest.raises(sweep.ConfigError, match="not inside the sweep root"):
+            sweep.check_inside_root(escaped, tmp_path / "root")
+
+
+def test_spec_that_is_not_text_or_a_folder_is_refused(tmp_path, capsys):
+    base = write_config(tmp_path / "base.json", tiny_config(**FAST))
+    spec = tmp_path / "latin1.json"
+    spec.write_bytes(b'{"base": "' + str(base).encode() + b'", "description": "caf\xe9"}')
+    assert "is not UTF-8 text" in _refused(capsys, spec, tmp_path / "root")
+    (tmp_path / "adir.json").mkdir()
+    assert f"Sweep spec {tmp_path / 'adir.json'} is a folder" in _refused(capsys, tmp_path / "adir.json", tmp_path / "root")
+
+
+def test_a_folder_name_longer_than_the_file_system_allows_is_refused_by_the_dry_run(tmp_path, capsys):
+    long = "x" * 300
+    err = _refused(capsys, _spec(tmp_path, {"prefix": [long]}), tmp_path / "root")
+    assert "the folder name for prefix=xxx" in err and "longer than the file system allows (255 bytes)" in err
+    assert "give this value of 'prefix' as a variant" in err
+    err = _refused(capsys, _spec(tmp_path, {"seed": [1]}, variants={long: {}}), tmp_path / "root")
+    assert "give the variant a shorter name" in err
+    # A value near the limit passes (one name of 255 bytes).
+    ok = "y" * (255 - len("prefix="))
+    spec = _spec(tmp_path, {"prefix": [ok]})
+    assert sweep.expand(sweep.load_spec(spec), spec, tmp_path / "root")[0].folder.name == f"prefix={ok}"
+
+
+def test_output_that_is_a_file_is_refused_by_the_dry_run(tmp_path, capsys):
+    spec = _spec(tmp_path, {"seed": [1]})
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert f"--output {afile} is a file, not a folder" in _refused(capsys, spec, afile)
+    err = _refused(capsys, spec, afile / "sub")
+    assert f"--output {afile / 'sub'} lies under {afile}, which is a file" in err
+    assert afile.read_text() == "keep"
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "seed=1").write_text("")   # a file where the run's folder goes
+    code, _, err = _sweep(capsys, spec, "--output", root, "--dry-run")
+    assert code == 2 and "seed=1 is a file where the sweep needs a folder" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("devices, needle", [
+    ("x,,y", '"x" is not a CUDA device id'), (",", "lists no device"), ("", "lists no device"),
+    ("0,,1", "entry 2 is empty"), ("-1", '"-1" is not a CUDA device id'), ("cuda:0", '"cuda:0"'),
+    ("GPU-", '"GPU-"')])
+def test_bad_devices_are_refused(tmp_path, capsys, monkeypatch, devices, needle):
+    monkeypatch.setattr(sweep, "launch", _no_launch)
+    spec = _spec(tmp_path, {"seed": [1]})
+    err = _refused(capsys, spec, tmp_path / "root", "--devices", devices)
+    assert "--devices" in err and needle in err
+
+
+def test_device_ids_and_gpu_uuids_are_accepted(tmp_path, capsys, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sweep, "launch", lambda cmd, log, env: seen.append(env["CUDA_VISIBLE_DEVICES"]) or FakeChild(0))
+    spec = _spec(tmp_path, {"seed": [1, 2, 3]})
+    code, _, err = _sweep(capsys, spec, "--output", tmp_path / "root", "--devices", "1, GPU-5d8e-aa,MIG-1f2e")
+    assert code == 0, err
+    assert seen == ["1", "1", "1"]   # --jobs 1: one slot, pinned to the first device
+
+
+def test_a_config_error_of_the_dataset_is_not_reported_as_data_missing(tmp_path, capsys):
+    spec = _spec(tmp_path, {"seed": [1]}, set={"dataset": "folder", "data_root": str(tmp_path / "nope")})
+    err = _refused(capsys, spec, tmp_path / "root")
+    assert "The 'shapes' options only apply to dataset 'shapes'" in err and "data missing" not in err
+
+
+# ---- state of a run folder -----------------------------------------------------------------------
+def _one_run(tmp_path):
+    spec = _spec(tmp_path, {"seed": [1]})
+    run = sweep.expand(sweep.load_spec(spec), spec, tmp_path / "root")[0]
+    run.folder.mkdir(parents=True)
+    return spec, run
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"[1, 2]", "it holds a JSON list, not a results object"),
+    (b'{"config": {"memory_size": 6', "not valid JSON (truncated?)"),
+    (b"hello", "not valid JSON"),
+    (b'{"phases": []}', 'no "config" object'),
+    (b'{"config": [1], "phases": []}', 'no "config" object'),
+    (b'{"config": {}, "phases": 3}', '"phases" is not a list'),
+    (b'{"x": "\xe9"}', "not UTF-8 text"),
+])
+def test_an_unreadable_results_json_has_its_own_state_and_is_left_alone(tmp_path, capsys, monkeypatch, content, why):
+    spec, run = _one_run(tmp_path)
+    (run.folder / "results.json").write_bytes(content)
+    state, detail = sweep.run_state(run, 3)
+    assert state == "unreadable" and detail.startswith("results.json unreadable: ") and why in detail, detail
+    assert "delete it or the folder" in detail and "another config" not in detail
+    monkeypatch.setattr(sweep, "launch", _no_launch)
+    code, out, err = _sweep(capsys, spec, "--output", tmp_path / "root")
+    assert code == 1 and "Traceback" not in err
+    assert "seed=1: results.json unreadable: " in out and "left alone" in out
+    assert (run.folder / "results.json").read_bytes() == content
+
+
+def test_a_results_json_of_another_config_is_still_stale(tmp_path):
+    from utils.config import resolve_config
+
+    _, run = _one_run(tmp_path)
+    other = resolve_config({**tiny_config(**FAST), "seed": 1, "memory_size": 40})
+    (run.folder / "results.json").write_text(json.dumps({"config": other, "phases": [{}]}))
+    assert sweep.run_state(run, 2) == ("stale", "results.json written by another config")
+    (run.folder / "results.json").write_text(json.dumps({"config": run.cfg, "phases": [{}]}))
+    assert sweep.run_state(run, 2) == ("partial", "1/2 phases")
+
+
+def test_a_run_whose_main_py_holds_its_run_lock_is_running(tmp_path, capsys, monkeypatch):
+    """A main.py left running (its sweep killed) holds the run folder's run.lock: the run is
+    "running", not "partial" (a resume would fail on that lock)."""
+    spec, run = _one_run(tmp_path)
+    (run.folder / "config.json").write_text("{}")   # a started run
+    assert sweep.run_state(run, 2)[0] == "partial"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from utils.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+                               "print('held', flush=True); sys.stdin.read()", str(run.folder)],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        state, detail = sweep.run_state(run, 2)
+        assert state == "running" and f"main.py (pid {holder.pid} on host " in detail and "holds its lock" in detail
+        monkeypatch.setattr(sweep, "launch", _no_launch)
+        code, out, _ = _sweep(capsys, spec, "--output", tmp_path / "root")
+        assert code == 1 and f"seed=1: main.py (pid {holder.pid} on host " in out and "skipped" in out
+    finally:
+        holder.communicate("", timeout=30)
+    assert sweep.run_state(run, 2)[0] == "partial"   # released (the lock file is removed)
+    (run.folder / "run.lock").write_text("999999999 elsewhere\n")   # left by a killed run: free, main.py takes it over
+    assert sweep.run_state(run, 2)[0] == "partial"
+
+
+def test_dry_run_leaves_sweep_locks_untouched(tmp_path, capsys):
+    import os
+
+    spec, run = _one_run(tmp_path)
+    lock = run.folder / ".sweep.lock"
+    lock.write_text("12345\n")
+    os.utime(lock, (1_000_000, 1_000_000))
+    code, out, _ = _sweep(capsys, spec, "--output", tmp_path / "root", "--dry-run")
+    assert code == 0 and "seed=1  missing" in out
+    assert lock.read_text() == "12345\n" and lock.stat().st_mtime == 1_000_000
+    held = sweep.RunLock(run.folder)
+    assert held.acquire()
+    try:
+        assert sweep.is_locked(run.folder) and lock.read_text() == f"{os.getpid()}\n"
+    finally:
+        held.release()
+    assert not sweep.is_locked(run.folder)
+
+
+# ---- stopping the sweep --------------------------------------------------------------------------
+# A stand-in for main.py: on SIGINT it takes a moment to save (a second signal then must not kill it), exits 130.
+SLEEPER = ("import sys, time\nprint('ready', flush=True)\ntry:\n    time.sleep(10)\n"
+           "except KeyboardInterrupt:\n    print('got SIGINT', flush=True)\n    time.sleep(0.5)\n    sys.exit(130)\n")
+
+
+def test_sigint_stops_the_running_child_and_starts_no_more(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: the running child gets one SIGINT (its own process group, so a terminal's Ctrl-C is
+    not delivered twice), the next run is not started, exit 130 with one line and no traceback."""
+    import os
+    import signal
+    import threading
+    import time
+
+    monkeypatch.setattr(sweep, "command", lambda run, resume: [sys.executable, "-c", SLEEPER])
+    spec = _spec(tmp_path, {"seed": [1, 2]})
+    log = tmp_path / "root" / "seed=1" / "sweep_output.txt"
+
+    def interrupt():
+        for _ in range(300):
+            if log.exists() and "ready" in log.read_text():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)   # a second copy at once (timeout, a terminal) does not escalate
+
+    class StrayInterrupt(Exception):
+        pass
+
+    def stray(signum, frame):   # a SIGINT the sweep does not handle fails this test, not the session
+        raise StrayInterrupt
+
+    before = signal.signal(signal.SIGINT, stray)
+    try:
+        threading.Thread(target=interrupt, daemon=True).start()
+        code, out, err = _sweep(capsys, spec, "--output", tmp_path / "root")
+        assert signal.getsignal(signal.SIGINT) is stray   # the sweep's handler is gone
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip() == ("interrupted (SIGINT): 1 running run(s) stopped (their finished phases are saved), "
+                           "1 not started; rerun the same command to resume.")
+    assert "seed=1: interrupted (exit 130)" in out and "seed=2" not in out
+    assert log.read_text().splitlines() == ["ready", "got SIGINT"]
+    assert not (tmp_path / "root" / "seed=2").exists()
+
+
+def test_sigterm_stops_a_real_sweep_and_its_training(tmp_path):
+    """SIGTERM to the sweep (not its process group): its main.py child is stopped too (no orphan
+    training on), exit 130 with an "interrupted" line; the run is then partial and resumable."""
+    import os
+    import signal
+    import time
+    from utils.run_lock import pid_alive
+
+    base = write_config(tmp_path / "base.json", tiny_config(init_epochs=1, epochs=200))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"base": str(base), "grid": {"seed": [1]}}))
+    root = tmp_path / "root"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "exps" / "sweep.py"), str(spec), "--output", str(root)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        results, lock = root / "seed=1" / "results.json", root / "seed=1" / "run.lock"
+        deadline = time.time() + 60
+        while not results.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert results.exists(), proc.communicate(timeout=30)
+        child = int(lock.read_text().split()[0])
+        assert pid_alive(child)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and err.startswith("interrupted (SIGTERM): 1 running run(s) stopped")
+    assert not pid_alive(child) and not lock.exists()   # main.py stopped cleanly, its lock released
+    assert "seed=1: interrupted (exit 130)" in out
+    run = sweep.expand(sweep.load_spec(spec), spec, root)[0]
+    assert sweep.run_state(run, 3) == ("partial", "1/3 phases")
