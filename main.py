@@ -100,10 +100,9 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["python", "main.py", *args])
 
 
-def exit_status(err: BaseException) -> int:
-    from utils.errors import Terminated
-
-    return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+def interrupted_status(how: str) -> int:
+    """The exit status of a run interrupted by ``how`` ("SIGTERM" or "Ctrl-C")."""
+    return EXIT_TERMINATED if how == "SIGTERM" else EXIT_INTERRUPTED
 
 
 def stop_on_sigterm() -> None:
@@ -130,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         # the phases an earlier attempt (or an earlier seed of this command) saved there.
         from utils.errors import interruption_name
 
-        print(f"interrupted ({interruption_name(err)}) before training started; the run folder was not changed "
-              f"(phases saved earlier stay saved); continue with: {resume_command(argv)}", file=sys.stderr)
-        return exit_status(err)
+        how = interruption_name(err)
+        print(f"interrupted ({how}) before training started; the run folder was not changed (phases saved earlier "
+              f"stay saved); continue with: {resume_command(argv)}", file=sys.stderr)
+        return interrupted_status(how)
 
 
 def _main(args, argv: list[str]) -> int:
@@ -198,7 +198,7 @@ def _main(args, argv: list[str]) -> int:
                     how = resume_command(argv) if world == 1 else "the same torchrun command with --resume"
                     if rank == 0:
                         print(f"interrupted ({err.how}): {saved}; resume with: {how}", file=sys.stderr)
-                    return EXIT_TERMINATED if err.how == "SIGTERM" else EXIT_INTERRUPTED
+                    return interrupted_status(err.how)
         finally:
             distributed.shutdown()
         return 0

@@ -133,8 +133,9 @@ def earlier_run_files(out: Path) -> list[Path]:
     exemplar figures), by name; what a fresh run removes."""
     out = Path(out)
     figures = [p for p in out.glob("exemplars_phase_*.png") if FIGURE_NAME.fullmatch(p.name)]
+    checkpoints = saved_checkpoints(out)
     return ([p for p in map(out.joinpath, RUN_FILES) if p.is_file()] + sorted(figures)
-            + [saved_checkpoints(out)[k] for k in sorted(saved_checkpoints(out))])
+            + [checkpoints[k] for k in sorted(checkpoints)])
 
 
 def is_run_config(saved: dict) -> bool:
