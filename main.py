@@ -109,11 +109,18 @@ def stop_on_sigterm() -> None:
     """Make SIGTERM (a scheduler's preemption, a sweep stopping its runs) end a run as Ctrl-C does:
     the finished phases stay saved, the lock is released, one line says how to resume. Installed
     by the command line only (a program that calls :func:`main` keeps its own handlers)."""
+    import os
     import signal
 
     from utils.errors import Terminated
 
+    owner = os.getpid()
+
     def terminated(signum, frame):
+        if os.getpid() != owner:   # a forked helper (a decode pool's worker): die as SIGTERM would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise Terminated()
 
     signal.signal(signal.SIGTERM, terminated)
@@ -125,13 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args, argv)
     except KeyboardInterrupt as err:
-        # Before a run's training started (checks, data loading): its folder is as it was, and so are
-        # the phases an earlier attempt (or an earlier seed of this command) saved there.
+        # Not during a run's phases (those end in RunInterrupted): in the checks or the data loading,
+        # where nothing of the folder's saved phases (an earlier attempt's, an earlier seed's) is touched.
+        from utils import distributed
         from utils.errors import interruption_name
 
         how = interruption_name(err)
-        print(f"interrupted ({how}) before training started; the run folder was not changed (phases saved earlier "
-              f"stay saved); continue with: {resume_command(argv)}", file=sys.stderr)
+        rank, world, _ = distributed.env_world()
+        if rank == 0:
+            again = resume_command(argv) if world == 1 else "the same torchrun command with --resume"
+            print(f"interrupted ({how}) before training started; the phases saved earlier stay saved; continue "
+                  f"with: {again}", file=sys.stderr)
         return interrupted_status(how)
 
 

@@ -110,7 +110,7 @@ def reduce_epoch_sums(sums: dict, correct: torch.Tensor, seen: int) -> tuple[dic
     return {k: total[i] for i, k in enumerate(keys)}, total[-2], int(round(float(total[-1])))
 
 
-CHECKPOINT_NAME = re.compile(r"phase_(\d+)\.pt")
+CHECKPOINT_NAME = re.compile(r"phase_(0|[1-9][0-9]*)\.pt")   # not phase_01.pt: one name per phase
 # What a run writes in its folder besides config.json (and run.lock): a fresh run removes these of
 # an earlier run, and nothing else (a file a user or another tool put there stays).
 RUN_FILES = ("results.json", "metrics.jsonl", "log.txt")
@@ -625,19 +625,20 @@ class Trainer:
                         f"Restore the data as it was, or use another --output folder.")
 
     def _finished_results(self) -> dict | None:
-        """The folder's results.json when it is this run's, finished (every phase of the plan, the same
-        identifying keys, seed and classes); else None."""
+        """The folder's results.json when it is this run's and finished (the same identifying keys and
+        seed, every phase of the plan); else None. Its classes must be today's (UserError otherwise,
+        as for a checkpoint)."""
         try:
             results = json.loads((self.out / "results.json").read_bytes())
             old, _ = resolve_saved_config(results["config"])
+            order = results["class_order"]
         except (OSError, ValueError, KeyError, TypeError, UserError):
             return None
-        if result_key_differences(old, self.cfg) or results.get("class_order") != self.order:
-            return None
         phases = results.get("phases")
-        if not isinstance(phases, list) or [p.get("classes") if isinstance(p, dict) else None for p in phases] \
-                != [list(r) for r in self.plan]:
+        if result_key_differences(old, self.cfg) or not isinstance(phases, list) or \
+                [p.get("classes") if isinstance(p, dict) else None for p in phases] != [list(r) for r in self.plan]:
             return None
+        self.same_classes(order, results.get("class_names"), f"Cannot resume in {self.out}")
         return results
 
     def apply_checkpoint(self, found: tuple[dict, Path] | None) -> int:
@@ -767,14 +768,22 @@ class Trainer:
                             f"remove or mix with that folder's files. Use another --output folder, or delete "
                             f"{cfg_path}.")
         if not resume:
-            # A fresh run never reuses an earlier run's checkpoints, results or figures; it removes them
-            # by name and leaves anything else in the folder alone.
+            # A fresh run never reuses an earlier run's checkpoints, results or figures: it removes them by
+            # name, and leaves anything else in the folder alone. Only where a config.json says they are
+            # a run's: files of these names without one may be someone's own.
             removed = earlier_run_files(self.out)
+            if removed and old is None:
+                raise UserError(f"Output folder {self.out} holds {', '.join(str(p.relative_to(self.out)) for p in removed[:4])}"
+                                f"{' …' if len(removed) > 4 else ''} but no config.json, so whose they are is unknown; "
+                                f"a fresh run would remove them. Use another --output folder, or delete them (or "
+                                f"continue that run with --resume).")
             for path in removed:
                 path.unlink(missing_ok=True)
             if removed:
                 notes.append(f"note: a fresh run (no --resume): removed {len(removed)} file(s) of an earlier run "
                              f"in this folder: {', '.join(str(p.relative_to(self.out)) for p in removed)}")
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(cfg_path, self.cfg)   # at once: the files written next are this config's
         self.out.mkdir(parents=True, exist_ok=True)
         self.log.open()   # before reading the checkpoint, so that log.txt records the resumption
         for note in notes:
@@ -787,7 +796,8 @@ class Trainer:
         except BaseException:
             self.log.close()
             raise
-        write_json(cfg_path, self.cfg)   # after the checks: a refused resume leaves the folder as it was
+        if resume:
+            write_json(cfg_path, self.cfg)   # after the checks: a refused resume leaves the folder as it was
         return found
 
     def saved_phase(self) -> int | None:

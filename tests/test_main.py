@@ -149,8 +149,8 @@ def test_ctrl_c_while_loading_data_keeps_the_saved_phases_and_says_how_to_contin
     assert main.main(["--config", "tiny", "--output", str(out), "--resume"]) == 130
     err = capsys.readouterr().err
     assert "nothing was saved" not in err and "Traceback" not in err
-    assert ("interrupted (Ctrl-C) before training started; the run folder was not changed (phases saved earlier "
-            f"stay saved); continue with: python main.py --config tiny --output {out} --resume") in err
+    assert ("interrupted (Ctrl-C) before training started; the phases saved earlier stay saved; continue with: "
+            f"python main.py --config tiny --output {out} --resume") in err
     assert (out / "checkpoints" / "phase_0.pt").exists()
 
 
@@ -295,10 +295,34 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     deadline = time.time() + 120
     while not (out / "checkpoints" / "phase_0.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=60)[1]
+    try:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
     assert proc.returncode == 143, err
     assert "Traceback" not in err
     assert f"interrupted (SIGTERM): phase 0 is saved in {out}; resume with: " in err
     assert not (out / "run.lock").exists()
     assert "interrupted (SIGTERM)" in (out / "log.txt").read_text()
+
+
+def test_forked_decode_workers_end_quietly_under_the_sigterm_handler(tmp_path):
+    """A decode pool ends its forked workers with SIGTERM: with main.py's handler inherited, each
+    printed a Terminated traceback after every parallel decode of a file-based dataset."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO
+
+    for i in range(32):
+        Image.new("RGB", (20, 12), (i * 8, 0, 0)).save(tmp_path / f"{i}.png")
+    code = ("import sys, glob; import main; from utils import image_cache; main.stop_on_sigterm(); "
+            "images = image_cache.decode_images(sorted(glob.glob(sys.argv[1] + '/*.png')), 8, workers=2, "
+            "chunk_size=8, progress=False)[0]; print(images.shape)")   # 4 chunks: a pool of 2 workers
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "(32, 3, 8, 8)", done.stderr
+    assert "Traceback" not in done.stderr and "Terminated" not in done.stderr, done.stderr

@@ -641,21 +641,31 @@ def test_resume_refuses_when_the_dataset_gained_or_lost_classes(tmp_path):
     with pytest.raises(UserError, match=r"4 classes .* then, 3 now"):
         run(raw, out, resume=True)
 
+    # A finished run without checkpoints: a renamed class folder is another class too.
+    data = aspect_folder(tmp_path / "data2", train_per_class=6, test_per_class=2)
+    raw = {**raw, "data_root": str(data), "checkpoints": "none"}
+    run(raw, tmp_path / "finished")
+    for split in ("train", "val"):
+        (data / split / "class3").rename(data / split / "class7")
+    with pytest.raises(UserError, match=r"Cannot resume in .*finished: the dataset's classes differ"):
+        run(raw, tmp_path / "finished", resume=True)
+
 
 def test_a_fresh_run_removes_the_earlier_runs_files_and_nothing_else(tmp_path, tiny_reference):
-    """Without config.json an earlier run's checkpoints stayed (a later --resume picked the wrong
-    one) and its metrics were appended to; with a config.json of another tool, its whole
-    checkpoints/ folder and log went. Now: our files by name, with a note; a foreign config refused."""
+    """A fresh run used to rmtree checkpoints/ (a file of another tool in it too) when any config.json
+    was there, and to keep (append to) an earlier run's files when none was. Now: the files a run
+    writes, by name, with a note, where config.json says they are a run's; without config.json, or
+    with another tool's, the folder is refused and nothing is removed."""
     ref_out, _ = tiny_reference
     out = tmp_path / "run"
     shutil.copytree(ref_out, out)
-    (out / "config.json").unlink()
     (out / "exemplars_phase_1.png").write_bytes(b"png")
     (out / "checkpoints" / "best_model.pt").write_bytes(b"mine")
+    (out / "checkpoints" / "phase_01.pt").write_bytes(b"a copy")
     (out / "notes.txt").write_text("mine")
     raw = tiny_config(**FAST)
     run(raw, out, stop_after_phase=0)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best_model.pt", "phase_0.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best_model.pt", "phase_0.pt", "phase_01.pt"]
     assert (out / "notes.txt").read_text() == "mine" and not (out / "exemplars_phase_1.png").exists()
     assert {m["phase"] for m in read_metrics(out)} == {0}
     log = (out / "log.txt").read_text()
@@ -663,13 +673,21 @@ def test_a_fresh_run_removes_the_earlier_runs_files_and_nothing_else(tmp_path, t
             "metrics.jsonl, log.txt, exemplars_phase_1.png, checkpoints/phase_0.pt") in log
     assert [p["phase"] for p in run(raw, out, resume=True)["phases"]] == [0, 1]
 
+    (out / "config.json").unlink()
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(UserError, match=r"holds results.json, metrics.jsonl, log.txt, checkpoints/phase_0.pt … but no "
+                                        r"config.json"):
+        run(raw, out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
     foreign = tmp_path / "foreign"
     (foreign / "checkpoints").mkdir(parents=True)
     (foreign / "config.json").write_text('{"lr": 0.01, "project": "mine"}')
     (foreign / "checkpoints" / "best_model.pt").write_bytes(b"mine")
+    (foreign / "log.txt").write_text("my notes")
     with pytest.raises(UserError, match=r"holds a config.json that is not a config of this framework"):
         run(raw, foreign)
-    assert sorted(p.name for p in foreign.rglob("*")) == ["best_model.pt", "checkpoints", "config.json"]
+    assert sorted(p.name for p in foreign.rglob("*")) == ["best_model.pt", "checkpoints", "config.json", "log.txt"]
 
 
 def test_only_checkpoint_names_of_the_form_phase_k_count(tmp_path):
@@ -679,7 +697,7 @@ def test_only_checkpoint_names_of_the_form_phase_k_count(tmp_path):
 
     ckpts = tmp_path / "checkpoints"
     (ckpts / "phase_3.pt").mkdir(parents=True)
-    for name in ("phase_1 copy.pt", "phase_0_backup.pt", "phase_2.pt", "phase_.pt", "phase_2.pt.bak"):
+    for name in ("phase_1 copy.pt", "phase_0_backup.pt", "phase_2.pt", "phase_.pt", "phase_2.pt.bak", "phase_02.pt"):
         (ckpts / name).write_bytes(b"x")
     assert saved_checkpoints(tmp_path) == {2: ckpts / "phase_2.pt"}
 
