@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -47,16 +48,17 @@ def test_a_lock_held_where_its_pid_cannot_be_seen_is_still_refused(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists() and holder_of(tmp_path) is None
 
 
-def _race(folder, delay, start, results):
+def _race(folder, delay, start, refused, results):
     lock = RunLock(folder, notice=lambda message: time.sleep(delay))
     start.wait()
     try:
         lock.acquire()
         results.put("held")
-        time.sleep(1.5)
+        refused.wait(30)      # hold it until the other one has tried (a bug: both hold, for 30 s)
         lock.release()
     except UserError:
         results.put("refused")
+        refused.set()
 
 
 def test_two_runs_finding_a_stale_lock_at_once_do_not_both_take_it(tmp_path):
@@ -64,8 +66,8 @@ def test_two_runs_finding_a_stale_lock_at_once_do_not_both_take_it(tmp_path):
     the unlink (here: in its notice)."""
     (tmp_path / LOCK_NAME).write_text("999999\n")
     spawn = mp.get_context("spawn")
-    results, start = spawn.Queue(), spawn.Barrier(2)
-    procs = [spawn.Process(target=_race, args=(tmp_path, delay, start, results)) for delay in (0.5, 0.0)]
+    results, start, refused = spawn.Queue(), spawn.Barrier(2), spawn.Event()
+    procs = [spawn.Process(target=_race, args=(tmp_path, delay, start, refused, results)) for delay in (0.5, 0.0)]
     for p in procs:
         p.start()
     for p in procs:
@@ -82,5 +84,43 @@ def test_checking_a_lock_writes_nothing_and_a_folder_in_the_way_is_named(tmp_pat
     assert (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
     lock.release()
     (tmp_path / LOCK_NAME).mkdir()
-    with pytest.raises(UserError, match=rf"{tmp_path / LOCK_NAME} cannot be opened \(Is a directory\)"):
+    with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path / LOCK_NAME))} cannot be opened \(Is a directory\)"):
         RunLock(tmp_path).acquire()
+
+
+def test_without_file_locks_the_lock_falls_back_to_the_pid_and_host_in_the_file(tmp_path, monkeypatch):
+    """NFS without lockd, Lustre without -o flock: flock fails with ENOLCK / ENOSYS. The lock used to
+    be a pid file that worked there; flock alone gave a traceback."""
+    import errno
+
+    import utils.run_lock as run_lock
+
+    real = run_lock.fcntl.flock
+
+    def no_locks(fd, op):
+        if op & (run_lock.fcntl.LOCK_EX | run_lock.fcntl.LOCK_SH):
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real(fd, op)
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    path = tmp_path / LOCK_NAME
+    try:
+        for left, refused in ((f"{sleeper.pid} {socket.gethostname()}\n", f"pid {sleeper.pid} on host"),
+                              ("123 another-node\n", "pid 123 on host another-node.*delete")):
+            path.write_text(left)
+            with pytest.raises(UserError, match=rf"in use by another run \({refused}"):
+                RunLock(tmp_path, notice=lambda m: None).acquire()
+            assert path.read_text() == left and holder_of(tmp_path) is not None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    path.write_text(f"{sleeper.pid} {socket.gethostname()}\n")      # its process is gone: stale
+    assert holder_of(tmp_path) is None
+    notes = []
+    lock = RunLock(tmp_path, notice=notes.append)
+    lock.acquire()
+    assert "has no file locks (No locks available)" in notes[0] and "taking over the stale lock" in notes[1]
+    assert path.read_text() == f"{os.getpid()} {socket.gethostname()}\n" and lock.held
+    lock.release()
+    assert not path.exists()

@@ -9,9 +9,16 @@ are coherent (NFSv4, Lustre, GPFS) — and two runs that find a lock free at onc
 
 A releasing run unlinks the file before it unlocks; a run that locked the file just as it was
 unlinked finds its path gone or holding another file, and tries again.
+
+Where the file system has no locks (NFS without lockd, Lustre mounted without ``flock``: flock fails
+with ENOLCK, ENOSYS, EOPNOTSUPP or EINVAL), the lock falls back to the file's contents, with a note:
+a file naming a live process of this machine, or any process of another machine, holds the folder
+(the message says to delete the file once that run is gone); two runs starting in the same instant
+are told apart by reading the file back.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -22,6 +29,7 @@ from typing import Callable
 from utils.errors import UserError
 
 LOCK_NAME = "run.lock"
+NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}   # flock unsupported here
 
 
 def pid_alive(pid: int) -> bool:
@@ -47,6 +55,17 @@ def _describe(text: str) -> str:
     return f"pid {parts[0]}" + (f" on host {parts[1]}" if len(parts) > 1 else "")
 
 
+def _live_holder(text: str) -> bool:
+    """Whether a lock file's ``<pid> <host>`` names a run that may be alive (without file locks): a
+    live process of this machine, or any process of another machine (which cannot be checked)."""
+    parts = text.split()
+    if not parts or not parts[0].isdigit():
+        return False
+    if len(parts) > 1 and parts[1] != socket.gethostname():
+        return True
+    return int(parts[0]) != os.getpid() and pid_alive(int(parts[0]))
+
+
 def holder_of(folder: str | Path) -> str | None:
     """Who holds ``folder``'s run lock ("pid 123 on host h"), or None when no run holds it. Writes
     nothing: the file is opened read-only and only tested with a shared lock."""
@@ -56,10 +75,15 @@ def holder_of(folder: str | Path) -> str | None:
     except OSError:
         return None
     try:
+        text = os.pread(fd, 256, 0).decode("utf-8", "replace")
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _describe(os.pread(fd, 256, 0).decode("utf-8", "replace"))
+            return _describe(text)
+        except OSError as err:
+            if err.errno in NO_LOCKS:
+                return _describe(text) if _live_holder(text) else None
+            return None
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
@@ -74,10 +98,11 @@ class RunLock:
         self.path = Path(folder) / LOCK_NAME
         self.notice = notice
         self.fd: int | None = None
+        self.by_contents = False   # held through the file's contents (no file locks here)
 
     @property
     def held(self) -> bool:
-        return self.fd is not None
+        return self.fd is not None or self.by_contents
 
     def acquire(self) -> None:
         for attempt in range(20):
@@ -88,7 +113,13 @@ class RunLock:
                                 f"({err.strerror}); move it, or use another --output folder.") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    if err.errno in NO_LOCKS:
+                        return self._acquire_by_contents(err)
+                    raise UserError(f"Cannot lock the output folder {self.path.parent}: flock on {self.path} failed "
+                                    f"({err.strerror}); use another --output folder.") from None
                 holder = os.pread(fd, 256, 0).decode("utf-8", "replace")
                 os.close(fd)
                 if attempt < 3:   # perhaps a moment's shared lock of a check (holder_of): look again
@@ -110,6 +141,32 @@ class RunLock:
             return
         raise UserError(f"Could not take the lock {self.path}; another run may be starting in that folder.")
 
+    def _acquire_by_contents(self, err: OSError) -> None:
+        """The lock where the file system has no file locks (see the module docstring)."""
+        self.notice(f"note: the file system of {self.path.parent} has no file locks ({err.strerror}); the run lock "
+                    f"is the pid and host in {self.path}")
+        mine = f"{os.getpid()} {socket.gethostname()}\n"
+        left = self._contents()
+        if _live_holder(left):
+            raise UserError(f"Output folder {self.path.parent} is in use by another run ({_describe(left)}, lock file "
+                            f"{self.path}). Wait for it to finish, or use another --output folder; if that run is "
+                            f"gone (its machine cannot be asked), delete {self.path}.")
+        if left.strip():
+            self.notice(f"note: taking over the stale lock {self.path} (of {_describe(left)}, which is no longer "
+                        f"running)")
+        self.path.write_text(mine)
+        time.sleep(0.1)   # a run that wrote in the same instant: one of the two reads the other's back
+        if self._contents() != mine:
+            raise UserError(f"Output folder {self.path.parent} is being locked by another run (lock file "
+                            f"{self.path}); use another --output folder.")
+        self.by_contents = True
+
+    def _contents(self) -> str:
+        try:
+            return self.path.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def _still_at_path(self, fd: int) -> bool:
         try:
             here, there = os.fstat(fd), os.stat(self.path)
@@ -118,6 +175,10 @@ class RunLock:
         return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
     def release(self) -> None:
+        if self.by_contents:
+            if self._contents() == f"{os.getpid()} {socket.gethostname()}\n":
+                self.path.unlink(missing_ok=True)
+            self.by_contents = False
         if self.fd is not None:
             if self._still_at_path(self.fd):
                 self.path.unlink(missing_ok=True)   # before unlocking: see the module docstring
