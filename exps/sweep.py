@@ -20,8 +20,9 @@ same run.
 
 SIGTERM, SIGINT (Ctrl-C) or SIGHUP stop the sweep: each running ``main.py`` gets one SIGINT (it stops
 with its finished phases saved and exits 130), the runs not started yet are not started, and the
-sweep exits 130 with one "interrupted" line; a second signal, over a second later, terminates the
-subprocesses at once.
+sweep exits 130 with one "interrupted" line; a second signal, over a second later, kills the
+subprocesses (SIGKILL: main.py handles SIGTERM as it does Ctrl-C; its writes are atomic, so a kill
+loses at most the phase it was in).
 
 Exit status: 0 all runs done; 1 some run failed or is stale/unreadable/locked; 2 a bad spec (unknown
 top-level key, a grid value that is not a list, a config key or value refused by the schema, a run
@@ -51,7 +52,7 @@ if str(REPO) not in sys.path:
 from utils.errors import ConfigError, DataError, UserError  # noqa: E402
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130   # as main.py
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143   # main.py's, after Ctrl-C and after SIGTERM
 SPEC_KEYS = ("base", "set", "grid", "variants", "description")
 LOCK_NAME = ".sweep.lock"
 NAME_MAX_FALLBACK = 255   # bytes of one file name, where the file system does not say
@@ -290,21 +291,21 @@ def planned_phases(cfg: dict) -> int:
 
 
 def is_locked(folder: Path) -> bool:
-    """Whether another sweep holds ``folder``'s ``.sweep.lock``. Only looks: the file is opened
-    read-only and never created or written (a dry run writes nothing)."""
-    import fcntl
+    """Whether another sweep holds ``folder``'s ``.sweep.lock``. Only looks: nothing is created or
+    written (a dry run writes nothing)."""
+    from utils.run_lock import holder_of
 
-    try:
-        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # conflicts with a sweep's exclusive lock
-    except OSError:
-        return True
-    finally:
-        os.close(fd)   # closing the only descriptor of this open file releases a lock it took
-    return False
+    return holder_of(folder, LOCK_NAME) is not None
+
+
+def sweep_lock(folder: Path):
+    """The ``.sweep.lock`` of a run folder (created here), to hold (``acquire()``; UserError if another
+    sweep holds it) while the run's subprocess runs: utils/run_lock.py's lock under another name, so
+    the kernel releases it if the sweep dies, and it falls back likewise where files cannot be locked."""
+    from utils.run_lock import RunLock
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return RunLock(folder, notice=lambda message: None, name=LOCK_NAME)
 
 
 def main_run_holder(folder: Path) -> str | None:
@@ -370,40 +371,6 @@ def run_state(run: Run, num_phases: int | None) -> tuple[str, str]:
     return "missing", ""
 
 
-class RunLock:
-    """An exclusive ``flock`` on ``<run folder>/.sweep.lock``, held while the run's subprocess runs
-    (released by the kernel if this process dies, so a killed sweep leaves no stale lock).
-    :func:`is_locked` checks it without taking it."""
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK_NAME
-        self.fd = None
-
-    def acquire(self) -> bool:
-        """Create the run folder and take the lock (writing this pid into it); False if held."""
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        import fcntl
-
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
 # ---- running -----------------------------------------------------------------------------------
 def command(run: Run, resume: bool) -> list[str]:
     cmd = [sys.executable, str(REPO / "main.py"), "--config", str(run.base)]
@@ -414,19 +381,20 @@ def command(run: Run, resume: bool) -> list[str]:
 
 
 def launch(cmd: list[str], log, env: dict) -> subprocess.Popen:
-    """Start one run's ``main.py`` writing stdout and stderr to ``log``, in a process group of its
-    own: a Ctrl-C on the terminal reaches only the sweep, which forwards exactly one SIGINT (stdin is
-    /dev/null: a background process group must not read the terminal)."""
+    """Start one run's ``main.py`` writing stdout and stderr to ``log``, in a session (and process
+    group) of its own: a Ctrl-C on the terminal reaches only the sweep, which forwards exactly one
+    SIGINT (stdin is /dev/null: it has no terminal to read)."""
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=Path.cwd(), process_group=0)
+                            cwd=Path.cwd(), start_new_session=True)
 
 
 class Children:
     """The ``main.py`` subprocesses running now, and the signal that stopped the sweep (None while
     it goes on). The first stop signal sends each child's process group one SIGINT (main.py then
     exits 130 with its finished phases saved); one more, over ``ESCALATE_AFTER_S`` later, sends
-    SIGTERM (immediate end) — copies of the first that arrive at once (``timeout`` and a terminal
-    both deliver it) do not. A child started after the stop is signalled as it registers."""
+    SIGKILL (a child that did not stop, e.g. stuck in a collective) — copies of the first that arrive
+    at once (``timeout`` and a terminal both deliver it) do not. A child started after the stop is
+    signalled as it registers."""
 
     ESCALATE_AFTER_S = 1.0
 
@@ -448,7 +416,7 @@ class Children:
             pass
 
     def _signal_for_now(self) -> int:
-        return signal.SIGTERM if self.escalated else signal.SIGINT
+        return signal.SIGKILL if self.escalated else signal.SIGINT
 
     def add(self, proc) -> None:
         with self.lock:
@@ -512,8 +480,10 @@ def execute(run: Run, state: str, device: str | None, say, children: Children | 
     children = children or Children()
     if children.stopped:
         return "cancelled"
-    lock = RunLock(run.folder)
-    if not lock.acquire():
+    lock = sweep_lock(run.folder)
+    try:
+        lock.acquire()
+    except UserError:
         say(f"{run.name}: locked by another sweep, skipped")
         return "locked"
     try:
@@ -531,7 +501,7 @@ def execute(run: Run, state: str, device: str | None, say, children: Children | 
             finally:
                 children.remove(proc)
         took = time.time() - start
-        if code != 0 and (children.stopped or code == EXIT_INTERRUPTED):
+        if code != 0 and (children.stopped or code in (EXIT_INTERRUPTED, EXIT_TERMINATED)):
             say(f"{run.name}: interrupted (exit {code}) after {took:.0f} s; its finished phases are saved, "
                 f"a rerun resumes it")
             return "interrupted"

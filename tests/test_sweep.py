@@ -74,8 +74,8 @@ def test_sweep_runs_skips_resumes_and_locks(tmp_path, capsys):
     assert "memory_size=40/seed=1   done     2/2 phases" in out
     assert "4 done, 1 partial, 3 missing" in out
 
-    held = sweep.RunLock(root / "memory_size=100/seed=2")
-    assert held.acquire()
+    held = sweep.sweep_lock(root / "memory_size=100/seed=2")
+    held.acquire()
     try:
         code, out, _ = _sweep(capsys, spec, "--output", root, "--dry-run")
         assert "memory_size=100/seed=2  running  locked by another sweep" in out
@@ -371,10 +371,10 @@ def test_dry_run_leaves_sweep_locks_untouched(tmp_path, capsys):
     code, out, _ = _sweep(capsys, spec, "--output", tmp_path / "root", "--dry-run")
     assert code == 0 and "seed=1  missing" in out
     assert lock.read_text() == "12345\n" and lock.stat().st_mtime == 1_000_000
-    held = sweep.RunLock(run.folder)
-    assert held.acquire()
+    held = sweep.sweep_lock(run.folder)
+    held.acquire()
     try:
-        assert sweep.is_locked(run.folder) and lock.read_text() == f"{os.getpid()}\n"
+        assert sweep.is_locked(run.folder) and lock.read_text().split()[0] == str(os.getpid())
     finally:
         held.release()
     assert not sweep.is_locked(run.folder)
@@ -395,6 +395,7 @@ def test_sigint_stops_the_running_child_and_starts_no_more(tmp_path, capsys, mon
     import time
 
     monkeypatch.setattr(sweep, "command", lambda run, resume: [sys.executable, "-c", SLEEPER])
+    monkeypatch.setattr(sweep.Children, "ESCALATE_AFTER_S", 30.0)   # a loaded machine may delay the copy
     spec = _spec(tmp_path, {"seed": [1, 2]})
     log = tmp_path / "root" / "seed=1" / "sweep_output.txt"
 
@@ -443,6 +444,7 @@ def test_sigterm_stops_a_real_sweep_and_its_training(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO / "exps" / "sweep.py"), str(spec), "--output", str(root)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = None
     try:
         results, lock = root / "seed=1" / "results.json", root / "seed=1" / "run.lock"
         deadline = time.time() + 60
@@ -456,9 +458,20 @@ def test_sigterm_stops_a_real_sweep_and_its_training(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+        if child is not None and pid_alive(child):   # a failed test leaves no training behind
+            os.killpg(child, signal.SIGKILL)
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and err.startswith("interrupted (SIGTERM): 1 running run(s) stopped")
     assert not pid_alive(child) and not lock.exists()   # main.py stopped cleanly, its lock released
     assert "seed=1: interrupted (exit 130)" in out
     run = sweep.expand(sweep.load_spec(spec), spec, root)[0]
     assert sweep.run_state(run, 3) == ("partial", "1/3 phases")
+
+
+def test_a_run_ended_by_sigterm_is_interrupted_not_failed(tmp_path, capsys, monkeypatch):
+    """main.py exits 143 after SIGTERM (a scheduler's preemption) with its phases saved: a rerun
+    resumes it, so the sweep says interrupted, not FAILED."""
+    monkeypatch.setattr(sweep, "command", lambda run, resume: [sys.executable, "-c", "import sys; sys.exit(143)"])
+    spec = _spec(tmp_path, {"seed": [1]})
+    code, out, _ = _sweep(capsys, spec, "--output", tmp_path / "root")
+    assert code == 1 and "seed=1: interrupted (exit 143)" in out and "FAILED" not in out

@@ -32,7 +32,7 @@ def path_problem(path: str, want: str = "file") -> str:
     if os.path.islink(path) and not os.path.exists(path):
         return "is a broken symbolic link"
     if os.path.exists(path):
-        return f"is not a regular {want}"
+        return "is not a regular file" if want == "file" else "is not a folder"
     return "does not exist"
 
 
@@ -50,10 +50,14 @@ def disk_error(path: Path, err: OSError) -> UserError | None:
 
 
 def _file_mode() -> int:
-    """The mode a plain ``open()`` gives a new file under this process's umask (0o666 & ~umask).
-    Read once at import, while no other thread creates files: reading the umask means setting it."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    """The mode a plain ``open()`` gives a new file under this process's umask (0o666 & ~umask),
+    read once at import: from /proc/self/status on Linux, else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
 
 

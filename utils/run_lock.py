@@ -66,10 +66,11 @@ def _live_holder(text: str) -> bool:
     return int(parts[0]) != os.getpid() and pid_alive(int(parts[0]))
 
 
-def holder_of(folder: str | Path) -> str | None:
-    """Who holds ``folder``'s run lock ("pid 123 on host h"), or None when no run holds it. Writes
-    nothing: the file is opened read-only and only tested with a shared lock."""
-    path = Path(folder) / LOCK_NAME
+def holder_of(folder: str | Path, name: str = LOCK_NAME) -> str | None:
+    """Who holds ``folder``'s run lock (``name``: exps/sweep.py keeps its own beside main.py's) as
+    "pid 123 on host h", or None when no process holds it. Writes nothing: the file is opened
+    read-only and only tested with a shared lock."""
+    path = Path(folder) / name
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -94,8 +95,8 @@ class RunLock:
     """``with RunLock(folder):`` — or ``acquire()`` / ``release()``. ``notice`` prints the note about
     a lock file left by a run that ended without releasing it."""
 
-    def __init__(self, folder: str | Path, notice: Callable[[str], None] = print):
-        self.path = Path(folder) / LOCK_NAME
+    def __init__(self, folder: str | Path, notice: Callable[[str], None] = print, name: str = LOCK_NAME):
+        self.path = Path(folder) / name
         self.notice = notice
         self.fd: int | None = None
         self.by_contents = False   # held through the file's contents (no file locks here)
