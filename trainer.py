@@ -272,6 +272,7 @@ class Trainer:
 
     def run_stage(self, phase: Phase, stage: Stage, generator: torch.Generator) -> None:
         if stage.epochs == 0:
+            self.log.info(f"  stage {stage.name}: 0 epochs, not trained")
             return
         data = self.stage_data(phase, stage.data)
         if len(data) < 2:
@@ -464,6 +465,7 @@ class Trainer:
                 self.run_stage(phase, stage, generator)
         learner.end_training(phase)
         self.sync_modules()
+        self.check_outputs_finite(phase, [s.name for s in stages if not s.after_memory])
         if learner.uses_memory:
             self.update_memory(phase)
         memory_hash = self.check_memory()
@@ -472,6 +474,7 @@ class Trainer:
             self.run_stage(phase, stage, generator)
         if stages_after:
             self.sync_modules()
+            self.check_outputs_finite(phase, [s.name for s in stages_after])
         for plugin in self.plugins:
             plugin.after_phase(phase)
         if not self.is_main:   # rank 0 evaluates and reports (on the same weights as every rank)
@@ -483,6 +486,29 @@ class Trainer:
                   **{k: v for p in self.plugins for k, v in p.phase_report(phase).items()},
                   "seconds": round(time.time() - start, 3)}
         return record
+
+    def check_outputs_finite(self, phase: Phase, stages: list[str], probe: int = 16) -> None:
+        """TrainingDiverged unless the network's outputs on ``probe`` of the phase's training images
+        are finite. The loss check sees each step's loss before the step, so a last step that breaks
+        the weights (or leaves them so large that activations overflow) would otherwise be evaluated,
+        herded and saved as a finished phase. Every rank holds the same weights and probes the same
+        images, so every rank decides alike. An eval-mode forward: no weight, statistic or random
+        number changes."""
+        new = ((self.train_labels >= phase.first) & (self.train_labels < phase.last)).nonzero().flatten()[:probe]
+        for m in self.learner.modules().values():
+            if m is not None:
+                m.eval()
+        finite = True
+        with torch.no_grad():
+            for (imgs,) in batching.in_order(batching.select(self.train_images, new), batch_size=probe, num_workers=0):
+                with self.ctx.autocast():
+                    out = self.learner.inference(self.ctx.to_input(imgs, self.ctx.orig_hw(new)))
+                finite = finite and bool(torch.isfinite(out["logits"]).all() and torch.isfinite(out["features"]).all())
+        if not finite:
+            raise TrainingDiverged(
+                f"Training diverged in phase {phase.index}: after stage(s) {', '.join(map(repr, stages))} the "
+                f"network's outputs are not finite (the last steps broke the weights; the losses seen before them "
+                f"were finite). Results of the earlier phases are kept in {self.out}. Try a lower learning rate.")
 
     def update_memory(self, phase: Phase) -> None:
         """End-of-phase memory update (herding, compression). With several processes every rank

@@ -191,6 +191,14 @@ class ExemplarCompression(Plugin):
             raise ConfigError(f"Config key 'compress_ratio' is {cfg['compress_ratio']}; with image_size {size} it "
                               f"must be at most {size * size} (each side is divided by √η: beyond that the "
                               f"downsampled image is smaller than one pixel).")
+        # Values that leave every box empty make the policy 'full' without a word.
+        if cfg["compression"] in ("cam", "cim") and cfg["mask_threshold"] >= 1.0:
+            raise ConfigError(f"Config key 'mask_threshold' is {cfg['mask_threshold']}; it must be below 1: a CAM is "
+                              f"scaled to [0, 1] and the box keeps the pixels above τ, so at 1 every box is empty "
+                              f"(that is compression 'full').")
+        if cfg["compression"] in ("random", "center") and cfg["box_area"] == 0:
+            raise ConfigError(f"Config key 'box_area' is 0 with compression '{cfg['compression']}': every box would be "
+                              f"empty (that is compression 'full'); give an area fraction above 0.")
 
     def __init__(self, cfg: dict, ctx):
         super().__init__(cfg, ctx)

@@ -159,6 +159,10 @@ class SyntheticReplay(Plugin):
         if s["ratio"] == 0:
             raise ConfigError("Config key 'synthetic_replay.ratio' is 0: use null (join the epoch) or a positive "
                               "ratio, or turn synthetic replay off with source 'none'.")
+        if s["ratio"] is not None and round(s["ratio"] * cfg["batch_size"]) == 0:
+            raise ConfigError(f"Config key 'synthetic_replay.ratio' is {s['ratio']}: round({s['ratio']} × batch_size "
+                              f"{cfg['batch_size']}) = 0 synthetic images a batch, so nothing would be replayed; use "
+                              f"a ratio above {0.5 / cfg['batch_size']:.4g}, or null.")
 
     @classmethod
     def check_inputs(cls, cfg: dict, class_ids: list[str], plan: list[tuple[int, int]]) -> None:

@@ -85,6 +85,11 @@ def _one_paragraph(err):
     ({"in_memory": False}, ["'in_memory'", "'shapes'", "no image files to stream"]),
     ({"compression": "full", "compress_ratio": 1e9}, ["'compress_ratio'", "image_size 16", "at most 256",
                                                       "smaller than one pixel"]),
+    # a sweep of edge values of 2026-11-27 (second): accepted, then silently another setting
+    ({"compression": "cam", "mask_threshold": 1.0}, ["'mask_threshold'", "below 1", "compression 'full'"]),
+    ({"compression": "center", "box_area": 0.0}, ["'box_area'", "every box would be empty"]),
+    ({"synthetic_replay": {"source": "folder", "path": ".", "ratio": 0.01}},
+     ["'synthetic_replay.ratio'", "round(0.01 × batch_size 32) = 0", "above 0.01562"]),
 ], ids=lambda v: None if isinstance(v, list) else "-".join(f"{k}={v[k]}" for k in v)[:40])
 def test_config_errors_exit_2_with_a_message(tmp_path, monkeypatch, capsys, overrides, needles):
     code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(**overrides))

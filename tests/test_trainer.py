@@ -744,3 +744,20 @@ def test_a_resume_with_other_settings_says_so(tmp_path, tiny_reference):
     run(tiny_config(eval_batch_size=128), out, resume=True)   # (not threads: it would stay set for the suite)
     assert ("note: resuming with other settings than the saved run's (not part of its identity): eval_batch_size "
             "256 → 128.") in (out / "log.txt").read_text()
+
+
+def test_a_last_step_that_breaks_the_network_stops_the_phase_before_it_is_saved(tmp_path):
+    """One batch per epoch and a huge lr: the only step of phase 0 leaves weights whose outputs
+    overflow, after a finite loss. The phase used to be evaluated (a constant argmax looks like 50 %),
+    herded, saved and checkpointed; the run stopped only in phase 1."""
+    out = tmp_path / "run"
+    raw = tiny_config(**FAST, batch_size=1000, init_lr=1e30, lr=1e30)
+    with pytest.raises(TrainingDiverged, match=r"phase 0: after stage\(s\) 'train' the network's outputs are not finite"):
+        Trainer(resolve_config(raw), out, "tiny").run()
+    assert not (out / "results.json").exists() and not (out / "checkpoints" / "phase_0.pt").exists()
+
+
+def test_a_stage_of_0_epochs_says_so(tmp_path):
+    out = tmp_path / "run"
+    run(tiny_config(**{**FAST, "epochs": 0}), out)
+    assert "  stage train: 0 epochs, not trained" in (out / "log.txt").read_text()
