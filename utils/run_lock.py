@@ -5,7 +5,8 @@ and host, written in the file). The kernel drops the lock when its holder exits,
 so a lock left by a killed run is simply free: the next run takes it (with a note naming the run
 that left it). Unlike a pid in a file, the lock holds across processes that cannot see each other's
 pids — another container on the same machine, or another node of a shared file system whose locks
-are coherent (NFSv4, Lustre, GPFS) — and two runs that find a lock free at once cannot both take it.
+are coherent (NFSv4, Lustre mounted with ``flock``, GPFS) — and two runs that find a lock free at
+once cannot both take it.
 
 A releasing run unlinks the file before it unlocks; a run that locked the file just as it was
 unlinked finds its path gone or holding another file, and tries again.
