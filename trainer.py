@@ -38,6 +38,7 @@ from utils.errors import UserError, interruption_name
 from utils.io import check_entry_kinds, remove_stale_tmp, save_torch, write_json
 from utils.memory import Candidates, ExemplarMemory, candidate_share
 from utils.metrics import accuracy_report, summarize
+from utils.results_file import load_results
 from utils.nme import class_means, nme_logits
 from utils.run_lock import RunLock
 from utils.run_log import RunLog
@@ -654,15 +655,13 @@ class Trainer:
         """The folder's results.json when it is this run's and finished (the same identifying keys and
         seed, every phase of the plan); else None. Its classes must be today's (UserError otherwise,
         as for a checkpoint)."""
+        results, _ = load_results(self.out / "results.json")   # None if absent or unusable
         try:
-            results = json.loads((self.out / "results.json").read_bytes())
             old, _ = resolve_saved_config(results["config"])
-            order = results["class_order"]
-        except (OSError, ValueError, KeyError, TypeError, UserError):
+            order = list(results["class_order"])
+        except (KeyError, TypeError, UserError):   # no (usable) results.json, or of another schema
             return None
-        phases = results.get("phases")
-        if result_key_differences(old, self.cfg) or not isinstance(phases, list) or \
-                [p.get("classes") if isinstance(p, dict) else None for p in phases] != [list(r) for r in self.plan]:
+        if result_key_differences(old, self.cfg) or [p["classes"] for p in results["phases"]] != [list(r) for r in self.plan]:
             return None
         self.same_classes(order, results.get("class_names"), f"Cannot resume in {self.out}")
         return results

@@ -49,6 +49,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from utils.errors import UserError  # noqa: E402
+from utils.results_file import read_json_file, read_results  # noqa: E402
+
 EXIT_USER_ERROR = 2
 
 # SPEC.md §5, average incremental accuracy (and last-phase accuracy where published). Each row also
@@ -140,11 +143,6 @@ def published_for(cfg: dict, phases: int) -> dict | None:
 
 
 # ---- collecting runs ---------------------------------------------------------------------------
-class BadInput(Exception):
-    """A file or folder that report.py cannot use; the message names it. Given as an argument: exit 2;
-    found while searching a folder or in a sweep's run list: that run is left out with the message."""
-
-
 @dataclass
 class RunResult:
     folder: Path
@@ -176,55 +174,12 @@ def _identity(cfg: dict) -> str:
         return json.dumps({k: v for k, v in cfg.items() if k not in _NOT_HASHED}, sort_keys=True)
 
 
-def read_json(path: Path):
-    """The JSON value in ``path``; BadInput naming the file if it cannot be read, is not UTF-8 or not JSON."""
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as err:
-        raise BadInput(f"{path} cannot be read: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise BadInput(f"{path} is not UTF-8 text") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        hint = "; truncated?" if err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated") else ""
-        raise BadInput(f"{path} is not valid JSON (line {err.lineno}: {err.msg}{hint})") from None
-    except RecursionError:
-        raise BadInput(f"{path} nests its JSON too deeply to be read") from None
-
-
-def _results_problem(data) -> str | None:
-    """What keeps ``data`` from being a results.json of a run (None: usable)."""
-    if not isinstance(data, dict):
-        return f"does not hold a results object (a JSON {type(data).__name__})"
-    if not isinstance(data.get("config"), dict):
-        return 'has no "config" object'
-    if not isinstance(data.get("phases"), list):
-        return 'has no "phases" list'
-    if not isinstance(data.get("summary", {}), dict):
-        return '"summary" is not an object'
-    for k, phase in enumerate(data["phases"]):
-        if not (isinstance(phase, dict) and isinstance(phase.get("classes"), list) and len(phase["classes"]) == 2
-                and isinstance(phase.get("memory"), dict) and "exemplars" in phase["memory"]):
-            return f'phase {k} lacks its "classes" range or "memory"'
-    return None
-
-
-def read_results(path: Path) -> dict:
-    """The results dict of ``path`` (a run's results.json); BadInput naming the file if unusable."""
-    data = read_json(path)
-    problem = _results_problem(data)
-    if problem:
-        raise BadInput(f"{path} {problem}")
-    return data
-
-
 def read_sweep(path: Path) -> dict:
-    """The sweep.json at ``path`` (written by exps/sweep.py); BadInput naming the file if unusable."""
-    data = read_json(path)
+    """The sweep.json at ``path`` (written by exps/sweep.py); UserError naming the file if unusable."""
+    data = read_json_file(path)
     runs = data.get("runs") if isinstance(data, dict) else None
     if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in runs):
-        raise BadInput(f'{path} is not a sweep.json of exps/sweep.py (no "runs" list of named runs)')
+        raise UserError(f'{path} is not a sweep.json of exps/sweep.py (no "runs" list of named runs)')
     return data
 
 
@@ -255,13 +210,13 @@ def _searched_runs(path: Path, notes: list[str]) -> list[RunResult]:
     for f in files:
         try:
             runs.append(_run_of(f.parent, read_results(f)))
-        except BadInput as err:
+        except UserError as err:
             notes.append(f"{err} (left out)")
     return runs
 
 
 def _sweep_runs(path: Path, notes: list[str]) -> list[RunResult]:
-    """The runs listed by the sweep root ``path``'s sweep.json (BadInput if it is unusable)."""
+    """The runs listed by the sweep root ``path``'s sweep.json (UserError if it is unusable)."""
     runs = []
     for entry in read_sweep(path / "sweep.json")["runs"]:
         folder = path / entry["name"]
@@ -270,14 +225,14 @@ def _sweep_runs(path: Path, notes: list[str]) -> list[RunResult]:
             continue
         try:
             runs.append(_run_of(folder, read_results(folder / "results.json"), entry.get("variant")))
-        except BadInput as err:
+        except UserError as err:
             notes.append(f"{err} (left out)")
     return runs
 
 
 def collect(paths: list[Path]) -> tuple[list[RunResult], list[str]]:
     """The runs of ``paths`` (each run folder once, by its resolved path) and notes on what was left
-    out. BadInput for a results.json or sweep.json given directly that cannot be used."""
+    out. UserError for a results.json or sweep.json given directly that cannot be used."""
     found: dict[Path, RunResult] = {}
     notes: list[str] = []
     for path in map(Path, paths):
@@ -428,8 +383,8 @@ def _sweep_above(folder: Path) -> tuple[Path, dict] | None:
     for parent in [folder, *folder.parents][:6]:
         if (parent / "sweep.json").is_file():
             try:
-                data = read_json(parent / "sweep.json")
-            except BadInput:
+                data = read_json_file(parent / "sweep.json")
+            except UserError:
                 return None
             return (parent, data) if isinstance(data, dict) else None
     return None
@@ -735,15 +690,15 @@ def export_tensorboard(rows: list[Row], out: Path) -> str:
 
 
 def prepare_output(out: Path) -> None:
-    """Create the report folder ``out``; BadInput naming it if it is a file or cannot be made or written."""
+    """Create the report folder ``out``; UserError naming it if it is a file or cannot be made or written."""
     if out.exists() and not out.is_dir():
-        raise BadInput(f"--output {out} is a file, not a folder")
+        raise UserError(f"--output {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise BadInput(f"cannot create the report folder {out}: {err.strerror or err}") from None
+        raise UserError(f"cannot create the report folder {out}: {err.strerror or err}") from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise BadInput(f"cannot write into the report folder {out}: permission denied")
+        raise UserError(f"cannot write into the report folder {out}: permission denied")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -755,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = [Path(x) for x in args.paths]
     try:
         runs, notes = collect(paths)
-    except BadInput as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     if not runs:
@@ -769,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output) if args.output else default
     try:
         prepare_output(out)
-    except BadInput as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     title = "Report: " + ", ".join(str(x) for x in paths)

@@ -50,6 +50,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.errors import ConfigError, DataError, UserError  # noqa: E402
+from utils.results_file import load_results  # noqa: E402
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143   # main.py's, after Ctrl-C and after SIGTERM
@@ -308,51 +309,22 @@ def sweep_lock(folder: Path):
     return RunLock(folder, notice=lambda message: None, name=LOCK_NAME)
 
 
-def main_run_holder(folder: Path) -> str | None:
-    """Who holds main.py's own run lock in ``folder`` ("pid 123 on host h"; utils/run_lock.py), or
-    None when no run holds it (a lock file left by a killed run is free). Writes nothing."""
-    from utils.run_lock import holder_of
-
-    return holder_of(folder)
-
-
-def read_results(path: Path) -> tuple[dict | None, str]:
-    """A run's results.json as (results object, "") or (None, why it is not one): unreadable,
-    not UTF-8, not JSON, not an object, no "config" object, "phases" not a list."""
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        return None, f"cannot be read ({err.strerror or err})"
-    except UnicodeDecodeError:
-        return None, "not UTF-8 text"
-    except json.JSONDecodeError as err:
-        return None, f"not valid JSON (truncated?): {err.msg} (line {err.lineno}, column {err.colno})"
-    except RecursionError:
-        return None, "its JSON nests too deeply"
-    if not isinstance(saved, dict):
-        return None, f"it holds a JSON {type(saved).__name__}, not a results object"
-    if not isinstance(saved.get("config"), dict):
-        return None, "it has no \"config\" object"
-    if not isinstance(saved.get("phases", []), list):
-        return None, "its \"phases\" is not a list"
-    return saved, ""
-
-
 def run_state(run: Run, num_phases: int | None) -> tuple[str, str]:
     """(state, detail): done / partial / missing / stale / unreadable / running."""
     from utils.config import config_hash, resolve_saved_config
+    from utils.run_lock import holder_of
 
     folder = run.folder
     if folder.is_dir() and is_locked(folder):
         return "running", "locked by another sweep"
-    holder = main_run_holder(folder) if folder.is_dir() else None
+    holder = holder_of(folder) if folder.is_dir() else None   # main.py's own run.lock (utils/run_lock.py)
     if holder is not None:
         return "running", f"main.py ({holder}) holds its lock {folder / 'run.lock'}"
     results = folder / "results.json"
     if results.exists():
-        saved, why = read_results(results)
-        if saved is None:
-            return "unreadable", f"results.json unreadable: {why}; delete it or the folder"
+        saved, why = load_results(results)
+        if why:
+            return "unreadable", f"results.json {why}; delete it or the folder"
         try:
             old, _ = resolve_saved_config(saved["config"])
             same = config_hash(old) == config_hash(run.cfg) and old["seed"] == run.cfg["seed"]

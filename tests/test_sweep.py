@@ -304,25 +304,25 @@ def _one_run(tmp_path):
     return spec, run
 
 
-@pytest.mark.parametrize("content, why", [
-    (b"[1, 2]", "it holds a JSON list, not a results object"),
-    (b'{"config": {"memory_size": 6', "not valid JSON (truncated?)"),
-    (b"hello", "not valid JSON"),
-    (b'{"phases": []}', 'no "config" object'),
-    (b'{"config": [1], "phases": []}', 'no "config" object'),
-    (b'{"config": {}, "phases": 3}', '"phases" is not a list'),
-    (b'{"x": "\xe9"}', "not UTF-8 text"),
+@pytest.mark.parametrize("content, why", [   # (the wording of utils/results_file.py, shared with report.py)
+    (b"[1, 2]", "does not hold a results object (a JSON list)"),
+    (b'{"config": {"memory_size": 6', "truncated?)"),
+    (b"hello", "is not valid JSON"),
+    (b'{"phases": []}', 'has no "config" object'),
+    (b'{"config": [1], "phases": []}', 'has no "config" object'),
+    (b'{"config": {}, "phases": 3}', 'has no "phases" list'),
+    (b'{"x": "\xe9"}', "is not UTF-8 text"),
 ])
 def test_an_unreadable_results_json_has_its_own_state_and_is_left_alone(tmp_path, capsys, monkeypatch, content, why):
     spec, run = _one_run(tmp_path)
     (run.folder / "results.json").write_bytes(content)
     state, detail = sweep.run_state(run, 3)
-    assert state == "unreadable" and detail.startswith("results.json unreadable: ") and why in detail, detail
+    assert state == "unreadable" and detail.startswith("results.json ") and why in detail, detail
     assert "delete it or the folder" in detail and "another config" not in detail
     monkeypatch.setattr(sweep, "launch", _no_launch)
     code, out, err = _sweep(capsys, spec, "--output", tmp_path / "root")
     assert code == 1 and "Traceback" not in err
-    assert "seed=1: results.json unreadable: " in out and "left alone" in out
+    assert "seed=1: results.json " in out and why in out and "left alone" in out
     assert (run.folder / "results.json").read_bytes() == content
 
 
@@ -331,9 +331,10 @@ def test_a_results_json_of_another_config_is_still_stale(tmp_path):
 
     _, run = _one_run(tmp_path)
     other = resolve_config({**tiny_config(**FAST), "seed": 1, "memory_size": 40})
-    (run.folder / "results.json").write_text(json.dumps({"config": other, "phases": [{}]}))
+    phase = {"classes": [0, 2], "memory": {"exemplars": 40}}
+    (run.folder / "results.json").write_text(json.dumps({"config": other, "phases": [phase]}))
     assert sweep.run_state(run, 2) == ("stale", "results.json written by another config")
-    (run.folder / "results.json").write_text(json.dumps({"config": run.cfg, "phases": [{}]}))
+    (run.folder / "results.json").write_text(json.dumps({"config": run.cfg, "phases": [phase]}))
     assert sweep.run_state(run, 2) == ("partial", "1/2 phases")
 
 
