@@ -411,9 +411,7 @@ class Trainer:
         models = {"cnn": self.learner.inference, **self.learner.extra_evaluations()}
         logits = {name: [] for name in models}
         feats = []
-        for m in self.learner.modules().values():
-            if m is not None:
-                m.eval()
+        self.learner.eval_mode()
         for (imgs,) in batching.in_order(images, batch_size=self.cfg["eval_batch_size"], num_workers=self.cfg["num_workers"]):
             x = self.ctx.to_input(imgs)
             with self.ctx.autocast():
@@ -496,9 +494,7 @@ class Trainer:
         images, so every rank decides alike. An eval-mode forward: no weight, statistic or random
         number changes."""
         new = ((self.train_labels >= phase.first) & (self.train_labels < phase.last)).nonzero().flatten()[:probe]
-        for m in self.learner.modules().values():
-            if m is not None:
-                m.eval()
+        self.learner.eval_mode()
         finite = True
         with torch.no_grad():
             for (imgs,) in batching.in_order(batching.select(self.train_images, new), batch_size=probe, num_workers=0):

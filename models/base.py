@@ -163,6 +163,12 @@ class Learner:
         """Every module whose state must be checkpointed, by name."""
         return {"net": self.net}
 
+    def eval_mode(self) -> None:
+        """Every module of :meth:`modules` in eval mode (evaluation, feature extraction, probes)."""
+        for m in self.modules().values():
+            if m is not None:
+                m.eval()
+
     # ---- helpers for subclasses --------------------------------------------------------
     def snapshot_old_net(self) -> None:
         """Frozen copy of the current network, the teacher of distillation losses."""

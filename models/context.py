@@ -129,9 +129,7 @@ class RunContext:
                     batching.select(images, torch.arange(len(images))[rows])
                 return self.embed(part, fn, flip, None if orig_hw is None else orig_hw[rows])
             return distributed.map_shards(share, len(images))
-        for m in self.learner.modules().values():
-            if m is not None:
-                m.eval()
+        self.learner.eval_mode()
         outs = []
         extras = () if orig_hw is None else (orig_hw.cpu(),)
         for imgs, *hw in batching.in_order(images, *extras, batch_size=self.cfg["eval_batch_size"],
