@@ -24,7 +24,7 @@ operators). ``--pau_kernels autograd fused`` gives the two rows for each PAU ker
 from the same state, and ``saved_for_backward_mb``: the memory one iteration keeps for its
 backward passes with the row's kernel. Each ``--precision`` gives the two rows with the step's
 forward passes in float32 (``bilevel_autocast`` false, the default) and, for bf16, two more under bf16 autocast
-(``bilevel_autocast`` true). It also reports the time of a training step of the same run
+(``bilevel_autocast`` true; ``--no_autocast_step`` leaves those out). It also reports the time of a training step of the same run
 (``train_ms_per_step``, batch ``batch_size``) and, from the two, the bilevel step's share of an
 epoch of the config's data (``bilevel_share``: the iterations' time over the epoch's steps' and
 the iterations' time).
@@ -216,6 +216,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="profile one more bilevel epoch per row")
     p.add_argument("--pau_kernels", nargs="+", default=None, choices=KERNELS,
                    help="eager and graphed rows for each PAU kernel (default: the config's pau_kernel)")
+    p.add_argument("--no_autocast_step", action="store_true",
+                   help="leave out the bf16 rows' second variant, the step under bf16 autocast")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.threads:
@@ -226,7 +228,7 @@ def main() -> None:
     for precision in args.precision or [None]:
         base = {**raw, **(PRECISION[precision] if precision else {})}
         variants = [("float32 step", False)]
-        if precision == "bf16" or (precision is None and base.get("amp", True)):
+        if not args.no_autocast_step and (precision == "bf16" or (precision is None and base.get("amp", True))):
             variants.append(("autocast step", True))
         for step_name, autocast in variants:
             try:
