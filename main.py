@@ -112,7 +112,7 @@ def stop_on_sigterm() -> None:
     import os
     import signal
 
-    from utils.errors import Terminated
+    from utils.errors import TERMINATION, Terminated, noise_of_termination
 
     owner = os.getpid()
 
@@ -121,9 +121,17 @@ def stop_on_sigterm() -> None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        TERMINATION.set()   # for where the exception below is lost or overtaken (utils.errors)
         raise Terminated()
 
+    previous_hook = sys.unraisablehook
+
+    def unraisable(report):   # a finalizer's exception, which Python prints and ignores
+        if not noise_of_termination(report.exc_value):
+            previous_hook(report)
+
     signal.signal(signal.SIGTERM, terminated)
+    sys.unraisablehook = unraisable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _main(args, argv)
-    except KeyboardInterrupt as err:
+    except (KeyboardInterrupt, Exception) as err:
         # Not during a run's phases (those end in RunInterrupted): in the checks or the data loading,
         # where nothing of the folder's saved phases (an earlier attempt's, an earlier seed's) is touched.
         from utils import distributed
-        from utils.errors import interruption_name
+        from utils.errors import interruption_of
 
-        how = interruption_name(err)
+        how = interruption_of(err)
+        if how is None:   # an error of its own (after SIGTERM, any error is taken for it)
+            raise
         rank, world, _ = distributed.env_world()
         if rank == 0:
             again = resume_command(argv) if world == 1 else "the same torchrun command with --resume"

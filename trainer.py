@@ -34,7 +34,7 @@ from utils import batching, distributed
 from utils.augment import BatchShard, TrainAugment
 from utils.config import config_hash, hashed_keys, phase_plan, resolve_saved_config, result_key_differences, run_notes
 from utils.datasets import DATASETS, load_dataset
-from utils.errors import UserError, interruption_name
+from utils.errors import UserError, interruption_of, raise_if_terminated
 from utils.io import check_entry_kinds, remove_stale_tmp, save_torch, write_json
 from utils.memory import Candidates, ExemplarMemory, candidate_share
 from utils.metrics import accuracy_report, summarize
@@ -315,6 +315,7 @@ class Trainer:
             correct = torch.zeros((), device=self.device)
             seen = 0
             for raw in data.batches(batch_size, generator, mix_generator, self.device, self.cfg["num_workers"], shard):
+                raise_if_terminated()   # a SIGTERM whose exception a finalizer swallowed (utils.errors)
                 imgs, y = raw.images, raw.labels
                 for plugin in self.plugins:
                     imgs = plugin.before_augment(imgs, raw, stage, epoch)
@@ -840,8 +841,10 @@ class Trainer:
         distributed.on_main(lambda: lock.acquire())
         try:
             return self._run_locked(resume)
-        except KeyboardInterrupt as err:
-            how = interruption_name(err)
+        except (KeyboardInterrupt, Exception) as err:
+            how = interruption_of(err)   # after SIGTERM, any error is taken for it (utils.errors.TERMINATION)
+            if how is None or isinstance(err, RunInterrupted):
+                raise
             self.log.info(f"interrupted ({how})")
             raise RunInterrupted(self.out, self.saved_phase(), self.cfg["checkpoints"], how) from None
         finally:
@@ -869,6 +872,7 @@ class Trainer:
             self.log.info(f"distributed: {self.world} processes ({distributed.backend()}); rank 0 decides the "
                           f"memory, evaluates and writes {self.out}")
         for phase in self.phases()[first:]:
+            raise_if_terminated()
             record = self.run_phase(phase)
             if self.is_main:
                 self.results["phases"].append(record)

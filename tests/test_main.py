@@ -326,3 +326,144 @@ def test_forked_decode_workers_end_quietly_under_the_sigterm_handler(tmp_path):
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "(32, 3, 8, 8)", done.stderr
     assert "Traceback" not in done.stderr and "Terminated" not in done.stderr, done.stderr
+
+
+def test_sigterm_to_the_process_group_stops_a_streamed_run_as_ctrl_c_does(tmp_path):
+    """`timeout`, a scheduler or a terminal signals the whole process group, so a streamed run's
+    loader workers get SIGTERM too. The run used to end in a traceback ("DataLoader worker ... is
+    killed by signal: Terminated" replacing the interruption), or (on an H200 under `timeout`) went on
+    training: the handler's exception, raised inside a loader's ``__del__``, was printed and ignored,
+    until SIGKILL. Now: exit 143 with the one line, whichever arrives first."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, aspect_folder
+
+    root = aspect_folder(tmp_path / "data", train_per_class=24, test_per_class=2, sizes=((24, 24), (30, 24)))
+    write_config(tmp_path / "streamed.json", tiny_config(
+        dataset="folder", data_root=str(root), shapes={}, image_size=24, input_size=20, in_memory=False,
+        num_workers=2, batch_size=4, num_phases=2, init_epochs=1, epochs=400, threads=1, stored_form="crop"))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), "--config", str(tmp_path / "streamed.json"),
+                             "--output", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "phase_0.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)   # phase 1's epochs, each with its loader's workers
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert f"interrupted (SIGTERM): phase 0 is saved in {out}; resume with: " in err
+    assert not (out / "run.lock").exists()
+
+
+@pytest.fixture
+def termination_flag():
+    from utils.errors import TERMINATION
+
+    TERMINATION.clear()
+    yield TERMINATION
+    TERMINATION.clear()
+
+
+def test_a_sigterm_lost_in_a_finalizer_stops_the_run_at_the_next_step(tmp_path, monkeypatch, capsys, termination_flag):
+    """SIGTERM's exception raised inside a finalizer (a loader's __del__) is printed and ignored by
+    Python; the handler's flag alone then stops the run at its next training step, as SIGTERM."""
+    from utils.augment import TrainAugment
+
+    augment = TrainAugment.__call__
+    steps = []
+
+    def augment_then_lose_a_sigterm(self, *args):
+        steps.append(1)
+        if len(steps) == 2:             # the handler ran, and its exception was lost
+            termination_flag.set()
+        return augment(self, *args)
+
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**FAST))
+    monkeypatch.setattr(TrainAugment, "__call__", augment_then_lose_a_sigterm)
+    out = tmp_path / "out"
+    assert main.main(["--config", "tiny", "--output", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert f"interrupted (SIGTERM): no phase was finished yet in {out}" in err and "Traceback" not in err
+    assert len(steps) == 2   # not one step more (phase 0 has 3 at batch 32)
+    assert not (out / "run.lock").exists()
+
+
+def test_an_error_after_sigterm_is_taken_for_the_interruption(tmp_path, monkeypatch, capsys, termination_flag):
+    """A process-group SIGTERM also ends a streamed loader's workers, and the loader's RuntimeError
+    can overtake the handler's exception. Once SIGTERM has arrived any error ends the run as SIGTERM
+    (exit 143, one line), during training and while the data load; without it an error is a bug."""
+    import trainer
+
+    def worker_killed(*args, **kwargs):
+        termination_flag.set()
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**FAST))
+    monkeypatch.setattr(trainer.Trainer, "run_phase", _raise_in(trainer.Trainer.run_phase, 1, worker_killed))
+    out = tmp_path / "out"
+    assert main.main(["--config", "tiny", "--output", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert f"interrupted (SIGTERM): phase 0 is saved in {out}; resume with: " in err and "Traceback" not in err
+    assert "interrupted (SIGTERM)" in (out / "log.txt").read_text()
+    monkeypatch.setattr(trainer, "load_dataset", worker_killed)
+    termination_flag.clear()
+    assert main.main(["--config", "tiny", "--output", str(out), "--resume"]) == 143
+    assert "interrupted (SIGTERM) before training started" in capsys.readouterr().err
+    termination_flag.clear()
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(trainer, "load_dataset", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main.main(["--config", "tiny", "--output", str(out), "--resume"])
+
+
+def _raise_in(run_phase, index, fail):
+    def run(self, phase):
+        if phase.index == index:
+            fail()
+        return run_phase(self, phase)
+    return run
+
+
+def test_finalizer_errors_are_kept_quiet_only_after_sigterm(termination_flag):
+    """main.py's hook for exceptions Python could not raise drops them once SIGTERM has arrived
+    (the run is being torn down, and they are its consequences) and passes them on otherwise."""
+    import signal
+    import sys
+
+    previous = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    passed_on = []
+    try:
+        sys.unraisablehook = lambda report: passed_on.append(report.exc_value)
+        main.stop_on_sigterm()
+
+        class Finalizer:
+            def __del__(self):
+                raise RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated.")
+
+        Finalizer()
+        assert [str(e) for e in passed_on] == ["DataLoader worker (pid 7) is killed by signal: Terminated."]
+        termination_flag.set()
+        Finalizer()
+        assert len(passed_on) == 1
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        sys.unraisablehook = previous[1]

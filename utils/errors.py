@@ -1,8 +1,9 @@
-"""Errors caused by the user's input (config, data on disk, CLI).
+"""Errors caused by the user's input (config, data on disk, CLI), and how a run is interrupted.
 
 ``main.py`` turns any :class:`UserError` into a one-paragraph message and exit status 2;
 anything else is a bug and exits 1 with a traceback.
 """
+import threading
 
 
 class UserError(Exception):
@@ -22,6 +23,39 @@ class Terminated(KeyboardInterrupt):
     KeyboardInterrupt would be, so the run stops the same way: finished phases saved, lock released."""
 
 
+# Set by main.py's SIGTERM handler before it raises Terminated. The exception alone is not enough:
+# raised while the main thread runs a finalizer (a DataLoader iterator's __del__ joining its
+# workers), Python prints it and carries on; and a signal sent to the whole process group (by
+# `timeout`, a terminal, a scheduler) also ends the loader's workers, whose death the loader reports
+# as its own RuntimeError, which can arrive first. So the run also stops wherever it next looks at
+# this flag (every training step: raise_if_terminated), and an error raised once it is set is taken
+# for the interruption.
+TERMINATION = threading.Event()
+
+
+def raise_if_terminated() -> None:
+    """Raise Terminated if SIGTERM arrived and its exception was lost in a finalizer."""
+    if TERMINATION.is_set():
+        raise Terminated()
+
+
 def interruption_name(err: BaseException) -> str:
-    """How a run was interrupted, for its messages: "SIGTERM" or "Ctrl-C"."""
-    return "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
+    """How a run was interrupted, for its messages: "SIGTERM" or "Ctrl-C". Any error raised after
+    SIGTERM arrived counts as SIGTERM's (see TERMINATION)."""
+    return "SIGTERM" if isinstance(err, Terminated) or TERMINATION.is_set() else "Ctrl-C"
+
+
+def interruption_of(err: BaseException) -> str | None:
+    """"SIGTERM" or "Ctrl-C" if ``err`` ends a run as an interruption (KeyboardInterrupt, or any
+    error once SIGTERM has arrived); None for an error of its own."""
+    if isinstance(err, KeyboardInterrupt) or TERMINATION.is_set():
+        return interruption_name(err)
+    return None
+
+
+def noise_of_termination(err: BaseException) -> bool:
+    """Whether an exception that Python could not raise (in a finalizer) is left behind by SIGTERM:
+    any, once SIGTERM has arrived. The run is being torn down then, and what its finalizers meet
+    (the handler's own Terminated, a DataLoader reporting that its workers were ended by the same
+    signal, their queues closed under them) is a consequence; main.py keeps these off stderr."""
+    return TERMINATION.is_set()
