@@ -164,7 +164,7 @@ def time_bilevel(raw: dict, epochs: int, profile: bool = False,
         lr = trainer.cfg["init_lr"]
         start_state = snapshot(cim)
         rows, phis = [], []
-        kernels = pau_kernels or [cim.cfg["pau_kernel"]]
+        kernels = pau_kernels or [cim.pau_kernel()]
         for kernel, name, graphed in [(k, n, g) for k in kernels for n, g in (("eager", False), ("graphed", True))]:
             restore(cim, start_state)
             cim.use_pau_kernel(kernel)
