@@ -11,8 +11,8 @@
 #      each profiled, and every row's φ against the first row's (the bf16 autocast step saved no
 #      device time in the last lease: B1_ARGS without --no_autocast_step brings its rows back);
 #   2. exps/bench_throughput.py, bf16 (the GPU default): plain loop, framework without CIM, with
-#      CIM (graphed bilevel step, the default), with the eager step (bilevel_cuda_graph false) and
-#      with the graphed step on the fused PAU kernels (pau_kernel fused);
+#      CIM as by default (graphed bilevel step, fused PAU kernels: pau_kernel auto), with autograd's
+#      PAUs (pau_kernel autograd) and with the eager step (bilevel_cuda_graph false);
 #   3. DER and FOSTER with cim, tiny-imagenet-50 at 32 px, two phases of two epochs: phase 0's graph
 #      records after the trainer drops the last step's graph (it failed there in the last lease),
 #      and phase 1's holds the old backbones;
@@ -57,10 +57,10 @@ for r in rows:
           "| replays", r.get("graph_replays"), r.get("graph_fallback") or "", r.get("error", ""))
 PYEOF
 grep -h "Traceback\|Error" $R/bench-bilevel.out | head -3
-say "2. a training phase with CIM, bf16: graphed vs eager bilevel step, autograd vs fused PAU kernels"
+say "2. a training phase with CIM, bf16: the default (graphed, fused PAU kernels) vs autograd PAUs vs eager"
 timeout -k 10 $(limit 140) $PY exps/bench_throughput.py $I224 --set init_cls=10 --set compression=none $B2_ARGS \
-    --compare cim:compression=cim --compare cim-eager:compression=cim,bilevel_cuda_graph=false \
-    --compare cim-fused:compression=cim,pau_kernel=fused \
+    --compare cim:compression=cim --compare cim-autograd:compression=cim,pau_kernel=autograd \
+    --compare cim-eager:compression=cim,bilevel_cuda_graph=false \
     --out $R/bench-cim-rows-bf16.json > $R/bench-cim-rows-bf16.out 2>&1; say "2 rc $?"; pack
 grep -A8 "^| row" $R/bench-cim-rows-bf16.out
 say "3. DER and FOSTER with cim, two phases at 32 px"
