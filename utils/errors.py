@@ -3,6 +3,8 @@
 ``main.py`` turns any :class:`UserError` into a one-paragraph message and exit status 2;
 anything else is a bug and exits 1 with a traceback.
 """
+from __future__ import annotations
+
 import threading
 
 
@@ -39,18 +41,13 @@ def raise_if_terminated() -> None:
         raise Terminated()
 
 
-def interruption_name(err: BaseException) -> str:
-    """How a run was interrupted, for its messages: "SIGTERM" or "Ctrl-C". Any error raised after
-    SIGTERM arrived counts as SIGTERM's (see TERMINATION)."""
-    return "SIGTERM" if isinstance(err, Terminated) or TERMINATION.is_set() else "Ctrl-C"
-
-
 def interruption_of(err: BaseException) -> str | None:
-    """"SIGTERM" or "Ctrl-C" if ``err`` ends a run as an interruption (KeyboardInterrupt, or any
-    error once SIGTERM has arrived); None for an error of its own."""
-    if isinstance(err, KeyboardInterrupt) or TERMINATION.is_set():
-        return interruption_name(err)
-    return None
+    """How ``err`` interrupts a run, for its messages and exit status: "SIGTERM" (Terminated, or any
+    error once SIGTERM has arrived: see TERMINATION), "Ctrl-C" (KeyboardInterrupt), or None for an
+    error of its own."""
+    if isinstance(err, Terminated) or TERMINATION.is_set():
+        return "SIGTERM"
+    return "Ctrl-C" if isinstance(err, KeyboardInterrupt) else None
 
 
 def noise_of_termination(err: BaseException) -> bool:
