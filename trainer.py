@@ -584,8 +584,10 @@ class Trainer:
                  "plugins": [p.state_dict() for p in self.plugins], "results": self.results,
                  "rng": rng_states()}
         save_torch(self._checkpoint_path(phase.index), state)
-        if policy == "last" and phase.index > 0:
-            self._checkpoint_path(phase.index - 1).unlink(missing_ok=True)
+        if policy == "last":   # every older one: a resume may have switched from "all" to "last"
+            for index, path in saved_checkpoints(self.out).items():
+                if index < phase.index:
+                    path.unlink(missing_ok=True)
 
     def restore(self) -> int:
         """Load the newest intact checkpoint; return the index of the first phase still to run (0 if none)."""

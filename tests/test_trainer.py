@@ -132,6 +132,16 @@ def test_fixed_memory_grows_with_the_classes_and_checkpoints_last(tmp_path):
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["phase_2.pt"]
 
 
+def test_checkpoints_last_on_a_resume_of_an_all_run_keeps_only_the_newest(tmp_path):
+    """`checkpoints: last` removed only the previous phase's file, so a resume that switched from
+    "all" left every older checkpoint of the first attempt behind."""
+    out = tmp_path / "run"
+    run(tiny_config(init_epochs=1, epochs=1, checkpoints="all"), out, stop_after_phase=1)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["phase_0.pt", "phase_1.pt"]
+    run(tiny_config(init_epochs=1, epochs=1, checkpoints="last"), out, resume=True)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["phase_2.pt"]
+
+
 # ---- determinism and resume ---------------------------------------------------------------------
 
 def test_two_cpu_runs_give_identical_results(tmp_path, tiny_reference):
