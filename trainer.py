@@ -663,7 +663,7 @@ class Trainer:
         if result_key_differences(old, self.cfg) or [p["classes"] for p in results["phases"]] != [list(r) for r in self.plan]:
             return None
         self.same_classes(order, results.get("class_names"), f"Cannot resume in {self.out}")
-        return results
+        return {**results, "config": old}   # the settings it ran with (today's schema), not this call's
 
     def apply_checkpoint(self, found: tuple[dict, Path] | None) -> int:
         """Load a checkpoint read by ``read_checkpoint`` (every rank); the first phase to run."""
@@ -672,8 +672,8 @@ class Trainer:
         state, path = found
         names = [self.data.class_names[c] for c in self.order]
         if "finished" in state:   # no checkpoint, a finished results.json (read_checkpoint)
-            self.results = {**state["finished"], "config": self.cfg, "config_hash": self.hash,
-                            "class_order": self.order, "class_names": names}
+            self.results = {**state["finished"], "config_hash": self.hash, "class_order": self.order,
+                            "class_names": names}
             return len(self.plan)
         last = self.load_state(state)
         self.results = {**state["results"], "config": self.cfg, "config_hash": self.hash,   # today's schema

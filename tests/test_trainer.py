@@ -618,6 +618,10 @@ def test_resume_of_a_finished_run_without_checkpoints_keeps_its_results(tmp_path
     assert "holds every phase of this run and no checkpoint is left; nothing to run" in (out / "log.txt").read_text()
     assert resumed["phases"][-1]["seconds"] == ref["phases"][-1]["seconds"]     # not trained again
     assert read_results(out) == ref and (out / "metrics.jsonl").read_text() == metrics
+    # Nothing ran, so the settings outside the run's identity stay those it ran with (it used to
+    # write this call's there).
+    run(tiny_config(threads=2), out, resume=True)
+    assert read_results(out) == ref
     # A results.json of fewer phases is not a finished run: that one starts over, as before.
     shutil.copytree(ref_out, tmp_path / "partial")
     shutil.rmtree(tmp_path / "partial" / "checkpoints")
