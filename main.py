@@ -61,7 +61,7 @@ def check_inputs(cfg: dict, seeds: list[int]) -> dict:
     return info
 
 
-def print_plan(cfg: dict, config_name: str, info: dict, outputs: list[Path]) -> None:
+def print_plan(cfg: dict, config_name: str, info: dict, outputs: list[Path], world: int = 1) -> None:
     from trainer import class_order
     from models.registry import get_learner_class
     from utils.config import phase_plan, run_notes
@@ -76,7 +76,7 @@ def print_plan(cfg: dict, config_name: str, info: dict, outputs: list[Path]) -> 
     for k, (lo, hi) in enumerate(plan):
         print(f"  phase {k}: classes [{lo}, {hi}) — {hi - lo} new; memory budget {memory.class_budget(hi)} "
               f"units per class ({memory.total_budget(hi)} total)")
-    for note in run_notes(cfg, plan, info["num_classes"], get_learner_class(cfg["model_name"]).uses_memory):
+    for note in run_notes(cfg, plan, info["num_classes"], get_learner_class(cfg["model_name"]).uses_memory, world):
         print(note)
     for out in outputs:
         print(f"output: {out}")
@@ -191,7 +191,7 @@ def _main(args, argv: list[str]) -> int:
 
             resolve_device(cfg["device"])   # a device this machine lacks fails here as in a run
             if rank == 0:
-                print_plan(cfg, config_name, info, [out for _, out in runs])
+                print_plan(cfg, config_name, info, [out for _, out in runs], world)
             return 0
         from trainer import RunInterrupted, Trainer, TrainingDiverged, resolve_device
 

@@ -864,7 +864,7 @@ class Trainer:
                       f"stored {self.image_size}px, input {self.input_size}px; output {self.out}")
         self.log.info(f"class order: {self.order}")
         self.log.info(f"phases: {[list(r) for r in self.plan]}")
-        for note in run_notes(self.cfg, self.plan, self.num_classes, self.learner.uses_memory):
+        for note in run_notes(self.cfg, self.plan, self.num_classes, self.learner.uses_memory, self.world):
             self.log.info(note)
         untested = sorted(set(range(self.plan[-1][1])) - set(self.test_labels.tolist()))
         if untested:

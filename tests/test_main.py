@@ -274,6 +274,23 @@ def test_settings_without_effect_are_noted_by_check_and_the_log(tmp_path, monkey
     assert note in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_sync_bn_in_one_process_is_noted(tmp_path, monkeypatch, capsys):
+    """sync_bn changes a run's identity but acts only under torchrun; in one process it said nothing."""
+    from utils.config import phase_plan, resolve_config, run_notes
+
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(**{**FAST, "sync_bn": True}))
+    assert main.main(["--config", "tiny", "--check"]) == 0
+    note = "note: sync_bn is true but this run has one process, so it has no effect here"
+    assert note in capsys.readouterr().out
+    assert main.main(["--config", "tiny", "--output", "run"]) == 0
+    assert note in (tmp_path / "run" / "log.txt").read_text()
+    cfg = resolve_config(tiny_config(**{**FAST, "sync_bn": True}))
+    plan = phase_plan(cfg, 6)
+    assert not any("sync_bn" in n for n in run_notes(cfg, plan, 6, True, world=2))
+    assert not any("sync_bn" in n for n in run_notes({**cfg, "sync_bn": False}, plan, 6, True))
+
+
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     """A scheduler's preemption (or a sweep stopping its runs) sends SIGTERM: the run used to die
     where it stood, its lock left behind and no word said. Now: exit 143, the saved phase and the

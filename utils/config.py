@@ -425,11 +425,15 @@ def phase_plan(cfg: Mapping[str, Any], num_classes: int) -> list[tuple[int, int]
     return [(0, init)] + [(init + inc * (k - 1), min(init + inc * k, num_classes)) for k in range(1, n)]
 
 
-def run_notes(cfg: Mapping[str, Any], plan: list[tuple[int, int]], num_classes: int, uses_memory: bool) -> list[str]:
+def run_notes(cfg: Mapping[str, Any], plan: list[tuple[int, int]], num_classes: int, uses_memory: bool,
+              world: int = 1) -> list[str]:
     """The notes ``--check`` prints and a run logs about its plan (:func:`plan_note`), for a
     learner with a memory about its memory (:func:`memory_note`), and about settings that have no
-    effect (:func:`settings_notes`)."""
+    effect (:func:`settings_notes`; ``sync_bn`` in a run of ``world`` = 1 process)."""
     notes = [plan_note(plan, cfg["increment"], num_classes), memory_note(cfg, plan) if uses_memory else None]
+    if world == 1 and cfg["sync_bn"]:
+        notes.append("note: sync_bn is true but this run has one process, so it has no effect here (it is "
+                     "part of the run's identity all the same: under torchrun it changes the BatchNorm statistics).")
     return [note for note in notes if note] + settings_notes(cfg)
 
 
