@@ -149,3 +149,21 @@ def test_worker_error_recovers_the_message_from_torchs_text():
         assert type(batching.worker_error(wrapped)) is DataError
     plain = DataError("Caught nothing")
     assert batching.worker_error(plain) is plain
+
+
+def test_loader_workers_leave_the_process_group():
+    """A signal to the process group (`timeout`, a terminal's Ctrl-C) must reach the training process
+    alone: workers that died under it raced its interruption (tests/test_main.py's process-group test)."""
+    import os
+
+    from torch.utils.data import Dataset
+
+    class GroupOfWorker(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.full((3, 1, 1), os.getpgid(0), dtype=torch.int64)
+
+    got = [imgs for imgs, in batching.iterate(GroupOfWorker(), batch_size=2, num_workers=2)]
+    assert len(got) == 2 and all(int(v) != os.getpgid(0) for imgs in got for v in imgs.flatten())

@@ -11,6 +11,7 @@ consumer of a source (training, evaluation, :func:`materialize`) goes through :f
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -135,6 +136,18 @@ def batch_finisher(images: Dataset) -> Callable[[list], torch.Tensor] | None:
     return None
 
 
+def _own_process_group(worker_id: int) -> None:
+    """A loader worker leaves its parent's process group, so that a signal to the group (`timeout`,
+    Ctrl-C in a terminal, ``kill -- -PGID``) reaches the training process alone, which then stops
+    its loaders in order. Otherwise the workers died under it, and their deaths raced the
+    interruption (the loader's RuntimeError, or a queue thread's traceback, in its place). A worker
+    still ends with its parent (torch's watchdog) and on the loader's own SIGTERM."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:   # not permitted here (a session leader): stay in the group
+        pass
+
+
 def _as_list(items: list) -> list:
     """collate_fn of a device-decoded source: the batch's items as a list, finished later (by the
     set's ``finish_batch``). Encoded files stay as they are (their bytes are numpy arrays). In a
@@ -247,12 +260,13 @@ def iterate(images: Images, *extras: torch.Tensor, batch_size: int, generator: t
     num_workers = min(num_workers, len(batches))   # a loader starts every worker, busy or not
     if finish is None:
         loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
-                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                            worker_init_fn=_own_process_group)
         for idx, imgs in zip(batches, _loaded(loader)):
             yield (imgs, *(e[idx] for e in extras))
         return
     # The workers read bytes; each batch is decoded on the device, in this process.
     loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
-                        collate_fn=_as_list, persistent_workers=False)
+                        collate_fn=_as_list, persistent_workers=False, worker_init_fn=_own_process_group)
     for idx, items in zip(batches, _loaded(loader)):
         yield (finish(items), *(e[idx] for e in extras))
