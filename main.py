@@ -232,6 +232,22 @@ def _main(args, argv: list[str]) -> int:
         raise
 
 
+def quiet_on_broken_pipe(run) -> int:
+    """``run()``'s exit status; when the reader of our output has gone (``main.py --keys | head``),
+    exit 1 without a traceback, as command-line tools do (Python's docs, "Note on SIGPIPE"). A run
+    whose log.info lines went to such a pipe stops there, its lock released and its finished phases
+    saved."""
+    import os
+
+    try:
+        code = run()
+        sys.stdout.flush()   # a broken pipe can show only here, in the last write
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit's own flush fails too
+        return 1
+
+
 if __name__ == "__main__":
     stop_on_sigterm()
-    sys.exit(main())
+    sys.exit(quiet_on_broken_pipe(main))

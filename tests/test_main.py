@@ -484,3 +484,19 @@ def test_finalizer_errors_are_kept_quiet_only_after_sigterm(termination_flag):
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         sys.unraisablehook = previous[1]
+
+
+def test_a_reader_that_goes_away_ends_the_output_without_a_traceback():
+    """`main.py --keys | head -1` (or --check): the closed pipe gave a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    for args in (["--keys"], ["--config", "smoke", "--check"]):
+        proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()   # the reader is gone before the first line
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
