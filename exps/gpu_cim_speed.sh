@@ -12,7 +12,11 @@
 #      device time in the last lease: B1_ARGS without --no_autocast_step brings its rows back);
 #   2. exps/bench_throughput.py, bf16 (the GPU default): plain loop, framework without CIM, with
 #      CIM as by default (graphed bilevel step, fused PAU kernels: pau_kernel auto), with autograd's
-#      PAUs (pau_kernel autograd) and with the eager step (bilevel_cuda_graph false);
+#      PAUs (pau_kernel autograd) and with the eager step (bilevel_cuda_graph false).
+#      Then the framework and CIM rows again on the subset with each training image 4 times
+#      (exps/tile_folder.py: 1200 images per class, near ImageNet's 1300): the bilevel step's cost
+#      per epoch follows the classes and the training's the images, so this is CIM's ratio at
+#      ImageNet's images per class (the fourth lease could only compute it: about 0.87×);
 #   3. DER and FOSTER with cim, tiny-imagenet-50 at 32 px, two phases of two epochs: phase 0's graph
 #      records after the trainer drops the last step's graph (it failed there in the last lease),
 #      and phase 1's holds the old backbones;
@@ -63,6 +67,11 @@ timeout -k 10 $(limit 140) $PY exps/bench_throughput.py $I224 --set init_cls=10 
     --compare cim-eager:compression=cim,bilevel_cuda_graph=false \
     --out $R/bench-cim-rows-bf16.json > $R/bench-cim-rows-bf16.out 2>&1; say "2 rc $?"; pack
 grep -A8 "^| row" $R/bench-cim-rows-bf16.out
+$PY exps/tile_folder.py $D/imagenette-sub $D/imagenette-x4 4
+timeout -k 10 $(limit 120) $PY exps/bench_throughput.py --config cim-lucir-imagenette-224 --set data_root=$D/imagenette-x4 \
+    --set device=$DEV --set init_cls=10 --set compression=none $B2_ARGS --compare cim:compression=cim \
+    --out $R/bench-cim-x4-bf16.json > $R/bench-cim-x4-bf16.out 2>&1; say "2 x4 rc $?"; pack
+grep -A6 "^| row" $R/bench-cim-x4-bf16.out
 say "3. DER and FOSTER with cim, two phases at 32 px"
 for m in der foster; do
     extra=""; [ $m = foster ] && extra="--set compression_epochs=2"

@@ -301,3 +301,21 @@ def test_bench_stream_decode_materialize_rows_compare_the_split_with_batches_of_
     assert [(r["images"], r["split_workers"], r["split_batch"]) for r in rows] == [(5, 0, 256), (40, 0, 256)]
     assert all(r["split_s"] > 0 and r["fixed_256_s"] > 0 and r["workers"] == 2 for r in rows)
     assert "vs batches of 256" in capsys.readouterr().out
+
+
+def test_tile_folder_gives_a_dataset_with_every_training_image_n_times(tmp_path):
+    """exps/tile_folder.py: a phase of N × the images per class for the GPU benches (links, not copies)."""
+    from conftest import aspect_folder
+    from tile_folder import tile
+    from utils.datasets import load_dataset
+
+    src = aspect_folder(tmp_path / "src", train_per_class=3, test_per_class=2, sizes=((12, 12),))
+    assert tile(src, tmp_path / "x3", 3) == 4 * 3 * 3
+    assert tile(src, tmp_path / "x3", 3) == 4 * 3 * 3          # again: the links are there already
+    one = load_dataset("folder", str(src), image_size=12, progress=False, num_workers=0)
+    three = load_dataset("folder", str(tmp_path / "x3"), image_size=12, progress=False, num_workers=0)
+    assert len(three.train.labels) == 3 * len(one.train.labels)
+    assert torch.equal(torch.bincount(three.train.labels), 3 * torch.bincount(one.train.labels))
+    assert torch.equal(three.test.labels, one.test.labels) and (tmp_path / "x3" / "val").is_symlink()
+    first = sorted((tmp_path / "x3" / "train" / "class0").iterdir())[0]
+    assert first.is_symlink() and first.resolve().parent == (src / "train" / "class0").resolve()
