@@ -93,9 +93,12 @@ def check_paths(cfg: dict, outputs: list[Path]) -> None:
         check_writable_dir(cfg["cache_dir"], "Config key 'cache_dir': the cache folder")
 
 
-def resume_command(argv: list[str]) -> str:
+def resume_command(argv: list[str], world: int = 1) -> str:
+    """The command that continues this one: itself with --resume (under torchrun, its own launch line)."""
     import shlex
 
+    if world > 1:
+        return "the same torchrun command with --resume"
     args = list(argv) + ([] if "--resume" in argv else ["--resume"])
     return shlex.join(["python", "main.py", *args])
 
@@ -112,7 +115,7 @@ def stop_on_sigterm() -> None:
     import os
     import signal
 
-    from utils.errors import TERMINATION, Terminated, noise_of_termination
+    from utils.errors import TERMINATION, Terminated
 
     owner = os.getpid()
 
@@ -127,7 +130,7 @@ def stop_on_sigterm() -> None:
     previous_hook = sys.unraisablehook
 
     def unraisable(report):   # a finalizer's exception, which Python prints and ignores
-        if not noise_of_termination(report.exc_value):
+        if not TERMINATION.is_set():   # after SIGTERM: a consequence of the teardown (utils.errors)
             previous_hook(report)
 
     signal.signal(signal.SIGTERM, terminated)
@@ -150,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         rank, world, _ = distributed.env_world()
         if rank == 0:
-            again = resume_command(argv) if world == 1 else "the same torchrun command with --resume"
             print(f"interrupted ({how}) before training started; the phases saved earlier stay saved; continue "
-                  f"with: {again}", file=sys.stderr)
+                  f"with: {resume_command(argv, world)}", file=sys.stderr)
         return interrupted_status(how)
 
 
@@ -216,9 +218,9 @@ def _main(args, argv: list[str]) -> int:
                         saved = f"nothing is saved (checkpoints: none) in {err.out}"
                     else:
                         saved = f"no phase was finished yet in {err.out}"
-                    how = resume_command(argv) if world == 1 else "the same torchrun command with --resume"
                     if rank == 0:
-                        print(f"interrupted ({err.how}): {saved}; resume with: {how}", file=sys.stderr)
+                        print(f"interrupted ({err.how}): {saved}; resume with: {resume_command(argv, world)}",
+                              file=sys.stderr)
                     return interrupted_status(err.how)
         finally:
             distributed.shutdown()

@@ -806,9 +806,9 @@ class Trainer:
             if removed:
                 notes.append(f"note: a fresh run (no --resume): removed {len(removed)} file(s) of an earlier run "
                              f"in this folder: {', '.join(str(p.relative_to(self.out)) for p in removed)}")
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(cfg_path, self.cfg)   # at once: the files written next are this config's
         self.out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_json(cfg_path, self.cfg)   # at once: the files written next are this config's
         self.log.open()   # before reading the checkpoint, so that log.txt records the resumption
         for note in notes:
             self.log.info(note)
@@ -845,7 +845,7 @@ class Trainer:
             return self._run_locked(resume)
         except (KeyboardInterrupt, Exception) as err:
             how = interruption_of(err)   # after SIGTERM, any error is taken for it (utils.errors.TERMINATION)
-            if how is None or isinstance(err, RunInterrupted):
+            if how is None:
                 raise
             self.log.info(f"interrupted ({how})")
             raise RunInterrupted(self.out, self.saved_phase(), self.cfg["checkpoints"], how) from None

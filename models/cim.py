@@ -258,10 +258,11 @@ class ExemplarCompression(Plugin):
     def after_grow(self, phase: Phase) -> None:
         if self.policy != "cim":
             return
+        kernel = self.pau_kernel()
         for site in self._activation_sites():
             if site.pau is None:
                 site.pau = PAU()
-            site.pau.kernel = self.pau_kernel()   # new units and those a DER backbone copied
+            site.pau.kernel = kernel   # new units and those a DER backbone copied
 
     def _activation_sites(self):
         """Every activation site of the learner's networks."""
@@ -275,11 +276,10 @@ class ExemplarCompression(Plugin):
         checked once per device), ``autograd`` elsewhere (on a CPU the closed-form torch ops are slower)."""
         if self.cfg["pau_kernel"] != "auto":
             return self.cfg["pau_kernel"]
-        device = torch.device(self.ctx.device)
-        if device.type != "cuda":
+        if self.ctx.device.type != "cuda":
             return "autograd"
         from convs import pau_triton
-        return "fused" if pau_triton.available(device) else "autograd"
+        return "fused" if pau_triton.available(self.ctx.device) else "autograd"
 
     def pau_kernels_run(self) -> str:
         """What ``pau_kernel: fused`` runs on this run's device ("Triton kernels", "torch ops"), and on
@@ -299,7 +299,7 @@ class ExemplarCompression(Plugin):
         kernel = self.pau_kernel()
         if kernel == "fused":
             return f"closed form, {self.pau_kernels_run()}"
-        if self.cfg["pau_kernel"] == "auto" and torch.device(self.ctx.device).type == "cuda":
+        if self.cfg["pau_kernel"] == "auto" and self.ctx.device.type == "cuda":
             from convs import pau_triton
             return f"autograd (pau_kernel auto: Triton kernels unavailable: {pau_triton.why_unavailable(self.ctx.device)})"
         return "autograd"

@@ -27,11 +27,11 @@ class Terminated(KeyboardInterrupt):
 
 # Set by main.py's SIGTERM handler before it raises Terminated. The exception alone is not enough:
 # raised while the main thread runs a finalizer (a DataLoader iterator's __del__ joining its
-# workers), Python prints it and carries on; and a signal sent to the whole process group (by
-# `timeout`, a terminal, a scheduler) also ends the loader's workers, whose death the loader reports
-# as its own RuntimeError, which can arrive first. So the run also stops wherever it next looks at
-# this flag (every training step: raise_if_terminated), and an error raised once it is set is taken
-# for the interruption.
+# workers), Python prints it and carries on; and a scheduler that signals every process (SLURM) also
+# ends the loader's workers, whose death the loader reports as its own RuntimeError, which can arrive
+# first. So the run also stops wherever it next looks at this flag (every training step:
+# raise_if_terminated), an error raised once it is set is taken for the interruption, and main.py
+# keeps the exceptions finalizers meet after it off stderr (the run is being torn down then).
 TERMINATION = threading.Event()
 
 
@@ -48,11 +48,3 @@ def interruption_of(err: BaseException) -> str | None:
     if isinstance(err, Terminated) or TERMINATION.is_set():
         return "SIGTERM"
     return "Ctrl-C" if isinstance(err, KeyboardInterrupt) else None
-
-
-def noise_of_termination(err: BaseException) -> bool:
-    """Whether an exception that Python could not raise (in a finalizer) is left behind by SIGTERM:
-    any, once SIGTERM has arrived. The run is being torn down then, and what its finalizers meet
-    (the handler's own Terminated, a DataLoader reporting that its workers were ended by the same
-    signal, their queues closed under them) is a consequence; main.py keeps these off stderr."""
-    return TERMINATION.is_set()

@@ -67,6 +67,11 @@ def _live_holder(text: str) -> bool:
     return int(parts[0]) != os.getpid() and pid_alive(int(parts[0]))
 
 
+def _owner_line() -> str:
+    """What a lock file holds while this process has it: ``<pid> <host>``."""
+    return f"{os.getpid()} {socket.gethostname()}\n"
+
+
 def holder_of(folder: str | Path, name: str = LOCK_NAME) -> str | None:
     """Who holds ``folder``'s run lock (``name``: exps/sweep.py keeps its own beside main.py's) as
     "pid 123 on host h", or None when no process holds it. Writes nothing: the file is opened
@@ -138,7 +143,7 @@ class RunLock:
                 self.notice(f"note: taking over the stale lock {self.path} (of {_describe(left)}, which is no "
                             f"longer running)")
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+            os.pwrite(fd, _owner_line().encode(), 0)
             self.fd = fd
             return
         raise UserError(f"Could not take the lock {self.path}; another run may be starting in that folder.")
@@ -147,7 +152,7 @@ class RunLock:
         """The lock where the file system has no file locks (see the module docstring)."""
         self.notice(f"note: the file system of {self.path.parent} has no file locks ({err.strerror}); the run lock "
                     f"is the pid and host in {self.path}")
-        mine = f"{os.getpid()} {socket.gethostname()}\n"
+        mine = _owner_line()
         left = self._contents()
         if _live_holder(left):
             raise UserError(f"Output folder {self.path.parent} is in use by another run ({_describe(left)}, lock file "
@@ -178,7 +183,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.by_contents:
-            if self._contents() == f"{os.getpid()} {socket.gethostname()}\n":
+            if self._contents() == _owner_line():
                 self.path.unlink(missing_ok=True)
             self.by_contents = False
         if self.fd is not None:
