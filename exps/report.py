@@ -539,19 +539,26 @@ def _curves(row: Row, key: str = "cnn"):
     return xs, ys
 
 
+def _line_style(i: int) -> tuple[str, str]:
+    """(colour, line style) of the figures' i-th row: the colour cycle, then the next line style
+    every 10 rows, so that rows stay apart past the cycle's colours."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return colors[i % len(colors)], ("-", "--", ":", "-.")[(i // 10) % 4]
+
+
 def accuracy_curve_figure(rows: list[Row]):
     """The accuracy_curve.png figure: top-1 vs classes seen per row, the legend under the axes."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4
-    styles = ["-", "--", ":", "-."]
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=110)
     for i, row in enumerate(rows):
         xs, ys = _curves(row)
         ys = np.array(ys)
         mean = np.nanmean(ys, axis=0)
-        c, ls = colors[i % len(colors)], styles[(i // 10) % len(styles)]
+        c, ls = _line_style(i)
         ax.plot(xs, mean, ls, marker="o", color=c, lw=2, ms=5, label=f"{row.label} (n={len(row.runs)})")
         if len(row.runs) > 1:
             ax.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=c, alpha=0.15, lw=0)
@@ -610,12 +617,10 @@ def memory_figure(rows: list[Row]):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4
-    styles = ["-", "--", ":", "-."]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
     for i, row in enumerate(rows):
         n = min(len(r.results["phases"]) for r in row.runs)
-        c, ls = colors[i % len(colors)], styles[(i // 10) % len(styles)]
+        c, ls = _line_style(i)
         per_class = [np.mean([r.results["phases"][k]["memory"]["exemplars"] / r.results["phases"][k]["classes"][1]
                               for r in row.runs]) for k in range(n)]
         cost = [np.mean([r.results["phases"][k]["memory"].get("mean_cost") or math.nan for r in row.runs])

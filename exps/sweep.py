@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.errors import ConfigError, DataError, UserError  # noqa: E402
-from utils.results_file import load_results  # noqa: E402
+from utils.results_file import load_results, read_json_file  # noqa: E402
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143   # main.py's, after Ctrl-C and after SIGTERM
@@ -95,19 +95,9 @@ def load_spec(path: Path) -> dict:
     """The spec at ``path``, checked for its shape (top-level keys, grid lists, variant objects);
     ConfigError naming the file for anything else: missing, a folder, unreadable, not UTF-8, not JSON."""
     try:
-        spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"No sweep spec file {path}.") from None
-    except IsADirectoryError:
-        raise ConfigError(f"Sweep spec {path} is a folder, not a file.") from None
-    except OSError as err:
-        raise ConfigError(f"Sweep spec {path} cannot be read: {err.strerror or err}.") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"Sweep spec {path} is not UTF-8 text (JSON must be): {err}.") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"Sweep spec {path} is not valid JSON: {err}.") from None
-    except RecursionError:
-        raise ConfigError(f"Sweep spec {path} nests its JSON too deeply to be read.") from None
+        spec = read_json_file(path)   # the wording every JSON file of ours gets (utils/results_file.py)
+    except DataError as err:
+        raise ConfigError(f"Sweep spec {err}.") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"Sweep spec {path} must hold a JSON object {{\"base\", \"set\", \"grid\", \"variants\"}}.")
     unknown = sorted(set(spec) - set(SPEC_KEYS))

@@ -19,6 +19,8 @@ def _parse(path: str | Path) -> tuple[Any, str | None]:
     """(the JSON value in ``path``, None), or (None, why it cannot be read: not UTF-8, not JSON, ...)."""
     try:
         text = Path(path).read_bytes().decode("utf-8")
+    except IsADirectoryError:
+        return None, "is a folder, not a file"
     except OSError as err:
         return None, f"cannot be read: {err.strerror or err}"
     except UnicodeDecodeError:
