@@ -119,12 +119,16 @@ _published_tables()
 
 
 def effective_memory(cfg: dict, num_classes: int) -> int | None:
-    """The memory in full-image units after the last of ``num_classes`` classes: memory_size, or
-    memory_per_class × classes with fixed_memory (None where the config does not say)."""
-    if cfg.get("fixed_memory"):
-        per_class = cfg.get("memory_per_class")
-        return per_class * num_classes if isinstance(per_class, int) else None
-    return cfg.get("memory_size")
+    """The memory in full-image units after the last of ``num_classes`` classes, as the run's
+    ``ExemplarMemory.total_budget`` gives it: memory_size, or memory_per_class × classes with
+    fixed_memory (None where the config does not say)."""
+    from utils.memory import ExemplarMemory
+
+    try:
+        total = ExemplarMemory(cfg["memory_size"], cfg["memory_per_class"], cfg["fixed_memory"]).total_budget(num_classes)
+    except (KeyError, TypeError):   # a config of another schema, or one without that key
+        return None
+    return total if isinstance(total, int) else None
 
 
 def published_for(cfg: dict, phases: int) -> dict | None:
@@ -143,12 +147,32 @@ def published_for(cfg: dict, phases: int) -> dict | None:
 
 
 # ---- collecting runs ---------------------------------------------------------------------------
+def resolve_saved(cfg: dict) -> dict | None:
+    """A run's saved config resolved with today's schema, or None for a config of another schema
+    (a key no longer known, a value refused)."""
+    from utils.config import resolve_saved_config
+
+    try:
+        return resolve_saved_config(cfg)[0]
+    except Exception:  # noqa: BLE001 - another schema: its keys are compared as saved
+        return None
+
+
 @dataclass
 class RunResult:
+    """One run's results.json, with what the report derives from its config, computed once:
+    ``resolved`` (today's schema; None for another schema), ``planned`` (phases of its plan: its
+    class order's length and its config; None if unknown), and the sweep that holds it."""
     folder: Path
     results: dict
     variant: str | None = None
-    planned: int | None = None       # phases of the plan, when known (results.json's class order + config)
+    sweep: tuple[Path, dict] | None = None    # (root, sweep.json) of the sweep holding the folder
+    resolved: dict | None = field(init=False, default=None)
+    planned: int | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        self.resolved = resolve_saved(self.results["config"])
+        self.planned = planned_phases(self.results, self.resolved)
 
 
 @dataclass
@@ -159,19 +183,23 @@ class Row:
 
     @property
     def cfg(self) -> dict:
+        """The config as its first run saved it (the labels show the values as written)."""
         return self.runs[0].results["config"]
 
+    @property
+    def resolved(self) -> dict:
+        """The config with today's schema's defaults, else as saved (another schema)."""
+        return self.runs[0].resolved or self.cfg
 
-def _identity(cfg: dict) -> str:
+
+def _identity(run: RunResult) -> str:
     """The configuration's hash with today's schema (seed and where-it-ran keys left out)."""
-    from utils.config import config_hash, resolve_saved_config
+    from utils.config import _NOT_HASHED, config_hash
 
-    try:
-        return config_hash(resolve_saved_config(cfg)[0])
-    except Exception:  # noqa: BLE001 - a config of another schema: compare its identifying keys as saved
-        from utils.config import _NOT_HASHED
-
-        return json.dumps({k: v for k, v in cfg.items() if k not in _NOT_HASHED}, sort_keys=True)
+    if run.resolved is not None:
+        return config_hash(run.resolved)
+    cfg = run.results["config"]   # another schema: compare its identifying keys as saved
+    return json.dumps({k: v for k, v in cfg.items() if k not in _NOT_HASHED}, sort_keys=True)
 
 
 def read_sweep(path: Path) -> dict:
@@ -183,71 +211,97 @@ def read_sweep(path: Path) -> dict:
     return data
 
 
-def planned_phases(results: dict) -> int | None:
-    """Phases of the run's plan, from its config and its class order's length (the dataset's class
-    count), as exps/sweep.py's planned_phases gives it without reading the dataset; None if unknown."""
-    from utils.config import phase_plan, resolve_saved_config
+def planned_phases(results: dict, resolved: dict | None) -> int | None:
+    """Phases of the run's plan, from its config (``resolved``: today's schema) and its class
+    order's length (the dataset's class count), as exps/sweep.py's planned_phases gives it without
+    reading the dataset; None if unknown."""
+    from utils.config import phase_plan
 
     order = results.get("class_order")
-    if not isinstance(order, list) or not order:
+    if resolved is None or not isinstance(order, list) or not order:
         return None
     try:
-        return len(phase_plan(resolve_saved_config(results["config"])[0], len(order)))
-    except Exception:  # noqa: BLE001 - a config of another schema or a plan that no longer fits: unknown
+        return len(phase_plan(resolved, len(order)))
+    except Exception:  # noqa: BLE001 - a plan that no longer fits: unknown
         return None
 
 
-def _run_of(folder: Path, results: dict, variant=None) -> RunResult:
-    return RunResult(folder, results, variant if isinstance(variant, str) else None, planned_phases(results))
+SweepFiles = dict   # resolved folder -> (root, sweep.json), None (unreadable) or False (none there)
 
 
-def _searched_runs(path: Path, notes: list[str]) -> list[RunResult]:
-    """The runs under a folder that is neither a run nor a sweep root; unusable results.json noted."""
-    files = sorted(f for f in path.rglob("results.json") if f.is_file())
-    if not files:
-        notes.append(f"{path}: no results.json found")
-    runs = []
-    for f in files:
-        try:
-            runs.append(_run_of(f.parent, read_results(f)))
-        except UserError as err:
-            notes.append(f"{err} (left out)")
-    return runs
+def _sweep_at(folder: Path, sweeps: SweepFiles):
+    """(folder, its sweep.json), None if it cannot be read, False if it has none; read once per
+    folder (``sweeps``: this report's answers so far)."""
+    key = folder.resolve()
+    if key not in sweeps:
+        if not (folder / "sweep.json").is_file():
+            sweeps[key] = False
+        else:
+            try:
+                data = read_json_file(folder / "sweep.json")
+            except UserError:
+                data = None
+            sweeps[key] = (folder, data) if isinstance(data, dict) else None
+    return sweeps[key]
 
 
-def _sweep_runs(path: Path, notes: list[str]) -> list[RunResult]:
-    """The runs listed by the sweep root ``path``'s sweep.json (UserError if it is unusable)."""
-    runs = []
-    for entry in read_sweep(path / "sweep.json")["runs"]:
-        folder = path / entry["name"]
-        if not (folder / "results.json").is_file():
-            notes.append(f"{folder}: no results.json yet (left out)")
-            continue
-        try:
-            runs.append(_run_of(folder, read_results(folder / "results.json"), entry.get("variant")))
-        except UserError as err:
-            notes.append(f"{err} (left out)")
-    return runs
+def _sweep_above(folder: Path, sweeps: SweepFiles) -> tuple[Path, dict] | None:
+    """(sweep root, its sweep.json) of the sweep holding ``folder`` (it or one of its 5 parents);
+    None if there is none or it cannot be read."""
+    for parent in [folder, *folder.parents][:6]:
+        found = _sweep_at(parent, sweeps)
+        if found is not False:
+            return found
+    return None
+
+
+def _run_folders(path: Path, notes: list[str], sweeps: SweepFiles):
+    """(folder, variant, given) of each run ``path`` names: itself (a run folder: ``given``, its
+    results.json must be usable), its sweep.json's runs, or the results.json files found under it.
+    UserError for a sweep.json given directly that cannot be used."""
+    if (path / "results.json").is_file():
+        return [(path, None, True)]
+    if (path / "sweep.json").is_file():
+        data = read_sweep(path / "sweep.json")
+        sweeps[path.resolve()] = (path, data)
+        out = []
+        for entry in data["runs"]:
+            folder = path / entry["name"]
+            if (folder / "results.json").is_file():
+                out.append((folder, entry.get("variant") if isinstance(entry.get("variant"), str) else None, False))
+            else:
+                notes.append(f"{folder}: no results.json yet (left out)")
+        return out
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("results.json") if f.is_file())
+        if not files:
+            notes.append(f"{path}: no results.json found")
+        return [(f.parent, None, False) for f in files]
+    notes.append(f"{path}: {'not a folder' if path.exists() else 'does not exist'}")
+    return []
 
 
 def collect(paths: list[Path]) -> tuple[list[RunResult], list[str]]:
-    """The runs of ``paths`` (each run folder once, by its resolved path) and notes on what was left
-    out. UserError for a results.json or sweep.json given directly that cannot be used."""
+    """The runs of ``paths`` and notes on what was left out. Each run folder is read once (by its
+    resolved path: a folder reached again only adds the variant its sweep gives it), and each
+    sweep.json once. UserError for a results.json or sweep.json given directly that cannot be used."""
     found: dict[Path, RunResult] = {}
     notes: list[str] = []
+    sweeps: SweepFiles = {}
     for path in map(Path, paths):
-        if (path / "results.json").is_file():
-            runs = [_run_of(path, read_results(path / "results.json"))]
-        elif (path / "sweep.json").is_file():
-            runs = _sweep_runs(path, notes)
-        elif path.is_dir():
-            runs = _searched_runs(path, notes)
-        else:
-            runs = []
-            notes.append(f"{path}: {'not a folder' if path.exists() else 'does not exist'}")
-        for run in runs:
-            seen = found.setdefault(run.folder.resolve(), run)
-            seen.variant = seen.variant or run.variant      # reached as a sweep's run: keep its variant
+        for folder, variant, given in _run_folders(path, notes, sweeps):
+            seen = found.get(folder.resolve())
+            if seen is not None:
+                seen.variant = seen.variant or variant      # reached as a sweep's run: keep its variant
+                continue
+            try:
+                results = read_results(folder / "results.json")
+            except UserError as err:
+                if given:
+                    raise
+                notes.append(f"{err} (left out)")
+                continue
+            found[folder.resolve()] = RunResult(folder, results, variant, _sweep_above(folder, sweeps))
     return list(found.values()), list(dict.fromkeys(notes))
 
 
@@ -302,7 +356,7 @@ def group(runs: list[RunResult], notes: list[str] | None = None) -> list[Row]:
     notes = [] if notes is None else notes
     rows: dict[str, Row] = {}
     for run in runs:
-        key = (run.variant or "") + "|" + _identity(run.results["config"])
+        key = (run.variant or "") + "|" + _identity(run)
         rows.setdefault(key, Row(key)).runs.append(run)
     for row in rows.values():
         row.runs = drop_partial(drop_repeated_seeds(row.runs, notes), notes)
@@ -312,23 +366,20 @@ def group(runs: list[RunResult], notes: list[str] | None = None) -> list[Row]:
 
 
 # ---- row labels --------------------------------------------------------------------------------
-def _label_keys(cfg: dict) -> tuple[set[str], set[str]]:
-    """(the keys that identify a run of ``cfg``, those of them that take effect in it): the config's
+def _label_keys(run: RunResult) -> tuple[set[str], set[str]]:
+    """(the keys that identify ``run``'s config as saved, those of them that take effect in it): its
     hashed keys (its learner's and its enabled plugins' among them), less keys read only with another
-    value of a switch (memory_per_class under fixed_memory false). A config of another schema: its
-    keys as saved, all taken as in effect."""
-    from utils.config import _NOT_HASHED, hashed_keys, options_for, resolve_saved_config
+    value of a switch (``Option.switched_off``: memory_per_class under fixed_memory false). A config
+    of another schema: its keys as saved, all taken as in effect."""
+    from utils.config import _NOT_HASHED, hashed_keys, options_for
 
-    try:
-        resolved = resolve_saved_config(cfg)[0]
-        keys = {k for k in hashed_keys(resolved) if k in cfg}
-        options = options_for(resolved["model_name"])
-    except Exception:  # noqa: BLE001 - another schema
+    cfg, resolved = run.results["config"], run.resolved
+    if resolved is None:
         keys = set(cfg) - set(_NOT_HASHED)
         return keys, keys
-    active = {k for k in keys if not (k in options and options[k].only_with
-                                      and resolved[options[k].only_with[0]] != options[k].only_with[1])}
-    return keys, active
+    keys = {k for k in hashed_keys(resolved) if k in cfg}
+    options = options_for(resolved["model_name"])
+    return keys, {k for k in keys if not (k in options and options[k].switched_off(resolved))}
 
 
 def _differing(keys, cfgs: list[dict]) -> list[str]:
@@ -343,7 +394,7 @@ def label_rows(rows: list[Row], runs: list[RunResult]) -> None:
     cfgs = [r.cfg for r in rows]
     order = _key_order(runs)
     sort = (lambda k: (order.index(k) if k in order else len(order), k))
-    both = [_label_keys(c) for c in cfgs]
+    both = [_label_keys(row.runs[0]) for row in rows]
     common = set.intersection(*(keys for keys, _ in both)) if both else set()
     varying = sorted(_differing(common, cfgs), key=sort)
     labels = [_label(row, [k for k in varying if k in active]) for row, (_, active) in zip(rows, both)]
@@ -367,9 +418,8 @@ def _fallback_label(row: Row) -> str:
     its run's folder (one run) or the folder holding its runs — never one seed's folder of several."""
     if row.cfg.get("prefix"):
         return str(row.cfg["prefix"])
-    found = _sweep_above(row.runs[0].folder)
-    if found is not None:
-        root, sweep = found
+    if row.runs[0].sweep is not None:
+        root, sweep = row.runs[0].sweep
         spec_path = sweep.get("spec_path")
         return Path(spec_path).stem if isinstance(spec_path, str) and spec_path else root.resolve().name
     if len(row.runs) == 1:
@@ -377,25 +427,11 @@ def _fallback_label(row: Row) -> str:
     return Path(os.path.commonpath([str(r.folder.resolve()) for r in row.runs])).name or "runs"
 
 
-def _sweep_above(folder: Path) -> tuple[Path, dict] | None:
-    """(sweep root, its sweep.json) of the sweep holding ``folder`` (it or one of its 5 parents);
-    None if there is none or it cannot be read."""
-    for parent in [folder, *folder.parents][:6]:
-        if (parent / "sweep.json").is_file():
-            try:
-                data = read_json_file(parent / "sweep.json")
-            except UserError:
-                return None
-            return (parent, data) if isinstance(data, dict) else None
-    return None
-
-
 def _key_order(runs) -> list[str]:
     """Grid keys in the order a sweep spec gave them (memory_size before compression, ...)."""
     order = []
     for run in runs:
-        found = _sweep_above(run.folder)
-        spec = found[1].get("spec") if found else None
+        spec = run.sweep[1].get("spec") if run.sweep else None
         grid = spec.get("grid") if isinstance(spec, dict) else None
         if isinstance(grid, dict):
             order += [k for k in grid if k not in order]
@@ -442,7 +478,7 @@ def row_stats(row: Row) -> dict:
     out["exemplars_per_class"] = mean_std([p["memory"]["exemplars"] / p["classes"][1] for p in last if p])
     out["memory_bytes"] = mean_std([p["memory"].get("bytes") for p in last if p])
     out["seconds"] = mean_std([sum(ph.get("seconds", 0) for ph in r.results.get("phases", [])) for r in row.runs])
-    out["published"] = published_for(row.cfg, max(out["phases_done"]) if out["phases_done"] else 0)
+    out["published"] = published_for(row.resolved, max(out["phases_done"]) if out["phases_done"] else 0)
     return out
 
 
@@ -695,15 +731,15 @@ def export_tensorboard(rows: list[Row], out: Path) -> str:
 
 
 def prepare_output(out: Path) -> None:
-    """Create the report folder ``out``; UserError naming it if it is a file or cannot be made or written."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file, not a folder")
+    """Create the report folder ``out``; UserError naming it if it is a file, lies under one, or
+    cannot be made or written (``utils.io.check_writable_dir``, as main.py checks its --output)."""
+    from utils.io import check_writable_dir
+
+    check_writable_dir(out, "--output")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create the report folder {out}: {err.strerror or err}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write into the report folder {out}: permission denied")
 
 
 def main(argv: list[str] | None = None) -> int:

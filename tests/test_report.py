@@ -168,6 +168,38 @@ def test_a_run_folder_reached_twice_counts_once(tmp_path, capsys):
         assert [(r["seeds"], r["CNN last"]) for r in rows.values()] == [("2", "42.00 ± 2.83")], args
 
 
+def test_each_file_is_read_and_each_config_resolved_once(tmp_path, capsys, monkeypatch):
+    """A run reached twice is read once, its sweep's sweep.json once, and each saved config is
+    resolved with today's schema once (the row key, the plan and the label keys all need it)."""
+    import utils.config
+
+    root = _sweep(tmp_path / "sw", {f"seed={s}": (None, _tiny_results(s, (60.0, 50.0, 40.0))) for s in (1, 2, 3)},
+                  grid={"memory_size": [60]})
+    calls = {"results": [], "sweep": 0, "resolve": 0}
+    read_results, read_json_file, resolve = report.read_results, report.read_json_file, \
+        utils.config.resolve_saved_config
+
+    def count_results(path):
+        calls["results"].append(Path(path).resolve())
+        return read_results(path)
+
+    def count_json(path):
+        calls["sweep"] += Path(path).name == "sweep.json"
+        return read_json_file(path)
+
+    def count_resolve(cfg):
+        calls["resolve"] += 1
+        return resolve(cfg)
+
+    monkeypatch.setattr(report, "read_results", count_results)
+    monkeypatch.setattr(report, "read_json_file", count_json)
+    monkeypatch.setattr(utils.config, "resolve_saved_config", count_resolve)
+    rows = _report_rows([root, root / "seed=1", tmp_path], tmp_path / "rep", capsys)
+    assert [r["seeds"] for r in rows.values()] == ["3"]
+    assert sorted(calls["results"]) == sorted((root / f"seed={s}" / "results.json").resolve() for s in (1, 2, 3))
+    assert calls["sweep"] == 1 and calls["resolve"] == 3
+
+
 def test_a_copied_run_is_not_a_second_seed(tmp_path, capsys):
     root = tmp_path / "copies"
     _write(root / "run1", _tiny_results(1, (60.0, 50.0, 40.0)))
@@ -271,7 +303,8 @@ def test_an_unusable_sweep_json_is_exit_2(tmp_path, capsys, content):
 def test_an_unusable_output_folder_is_exit_2(tmp_path, capsys):
     run = _write(tmp_path / "run", _tiny_results())
     (tmp_path / "afile").write_text("x")
-    for out, says in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "sub", "cannot create")):
+    for out, says in ((tmp_path / "afile", "is an existing file, not a folder"),
+                      (tmp_path / "afile" / "sub", f"cannot be created: {tmp_path / 'afile'} is a file")):
         assert report.main([str(run), "--output", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(out) in err and says in err

@@ -49,6 +49,11 @@ class Option:
     only_with: tuple | None = None      # (key, value): read only while that key has that value
     milestones_of: str | None = None    # epoch lists: the key of the stage's epochs they fall within
 
+    def switched_off(self, cfg: Mapping[str, Any]) -> bool:
+        """Whether a resolved ``cfg`` leaves this key unread: it is read only with a value of a
+        switch (``only_with``) that ``cfg`` does not have (memory_per_class under fixed_memory false)."""
+        return bool(self.only_with) and cfg[self.only_with[0]] != self.only_with[1]
+
 
 def _dataset_names() -> tuple:
     from utils.datasets import DATASETS
@@ -456,7 +461,7 @@ def settings_notes(cfg: Mapping[str, Any]) -> list[str]:
     options = {**COMMON_OPTIONS, **{k: o for cls in PLUGINS.values() if cls.enabled(cfg) for k, o in cls.options.items()},
                **get_learner_class(cfg["model_name"]).options}
     for key, opt in options.items():
-        if opt.only_with and cfg[opt.only_with[0]] != opt.only_with[1]:
+        if opt.switched_off(cfg):
             if cfg[key] != opt.default and cfg[key] not in ([], None):
                 notes.append(f"note: {key} {json.dumps(cfg[key])} has no effect: it applies only with "
                              f"{opt.only_with[0]} {json.dumps(opt.only_with[1])}, and {opt.only_with[0]} is "
