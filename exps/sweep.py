@@ -67,6 +67,12 @@ class Run:
     cfg: dict                 # resolved config (one seed)
     variant: str | None = None
     folder: Path = field(default=Path("."))
+    hash: str = field(init=False, default="")   # config_hash(cfg): the run's identity (seed aside)
+
+    def __post_init__(self):
+        from utils.config import config_hash
+
+        self.hash = config_hash(self.cfg)
 
 
 # ---- the spec ----------------------------------------------------------------------------------
@@ -195,11 +201,11 @@ def check_distinct_runs(runs: list[Run]) -> None:
     """No two runs may share a (config hash, seed): they would train the same configuration with the
     same seed twice, and a report would count the second as another seed. ConfigError naming both
     runs and the keys whose values differ."""
-    from utils.config import config_hash, result_key_differences
+    from utils.config import result_key_differences
 
     seen: dict[tuple[str, str], Run] = {}
     for run in runs:
-        key = (config_hash(run.cfg), _json(run.cfg["seed"]))
+        key = (run.hash, _json(run.cfg["seed"]))
         first = seen.setdefault(key, run)
         if first is run or result_key_differences(first.cfg, run.cfg):
             continue
@@ -317,7 +323,7 @@ def run_state(run: Run, num_phases: int | None) -> tuple[str, str]:
             return "unreadable", f"results.json {why}; delete it or the folder"
         try:
             old, _ = resolve_saved_config(saved["config"])
-            same = config_hash(old) == config_hash(run.cfg) and old["seed"] == run.cfg["seed"]
+            same = config_hash(old) == run.hash and old["seed"] == run.cfg["seed"]
         except (ValueError, KeyError, TypeError, AttributeError, UserError):
             same = False
         if not same:
@@ -477,7 +483,6 @@ def execute(run: Run, state: str, device: str | None, say, children: Children | 
 
 
 def write_sweep_json(root: Path, spec: dict, spec_path: Path, runs: list[Run]) -> None:
-    from utils.config import config_hash
     from utils.io import write_json
 
     root.mkdir(parents=True, exist_ok=True)
@@ -486,7 +491,7 @@ def write_sweep_json(root: Path, spec: dict, spec_path: Path, runs: list[Run]) -
         "varying": list(spec.get("grid", {})) + (["seed"] if runs and "seed" not in spec.get("grid", {})
                                                  and len({r.cfg["seed"] for r in runs}) > 1 else []),
         "runs": [{"name": r.name, "variant": r.variant, "base": str(r.base), "overrides": r.overrides,
-                  "config_hash": config_hash(r.cfg), "seed": r.cfg["seed"]} for r in runs]})
+                  "config_hash": r.hash, "seed": r.cfg["seed"]} for r in runs]})
 
 
 def parse_devices(text: str | None) -> list[str]:
@@ -510,23 +515,17 @@ def parse_devices(text: str | None) -> list[str]:
     return entries
 
 
-def _not_a_folder(path: Path) -> Path | None:
-    """The first of ``path`` and the folders above it that exists and is not a folder, else None."""
-    for p in (path, *path.parents):
-        if p.exists() or p.is_symlink():
-            return None if p.is_dir() else p
-    return None
-
-
 def output_problem(root: Path, runs: list[Run]) -> str | None:
     """Why the sweep root ``root`` cannot hold the runs' folders (a file at its place or above it,
     or at a run folder's place), without writing anything; None if it can."""
-    bad = _not_a_folder(root)
+    from utils.io import file_in_the_way
+
+    bad = file_in_the_way(root)
     if bad is not None:
         return (f"--output {root} is a file, not a folder" if bad == root
                 else f"--output {root} lies under {bad}, which is a file, not a folder")
     for run in runs:
-        bad = _not_a_folder(run.folder)
+        bad = file_in_the_way(run.folder)
         if bad is not None and bad != root and root in bad.parents:
             return f"run '{run.name}': {bad} is a file where the sweep needs a folder; move it away"
     return None

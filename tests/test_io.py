@@ -38,3 +38,28 @@ def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
     expect = os.stat(tmp_path / "plain.txt").st_mode & 0o777
     assert os.stat(tmp_path / "r.json").st_mode & 0o777 == expect
     assert os.stat(tmp_path / "c.pt").st_mode & 0o777 == expect
+
+
+def test_an_output_folder_blocked_by_a_file_or_a_broken_link_is_refused(tmp_path):
+    """check_writable_dir (main.py's and report.py's --output, sweep.py's root) names what is in the
+    way. A broken symbolic link at the path passed it before, and the run failed when it first wrote."""
+    import pytest
+
+    from utils.errors import UserError
+    from utils.io import check_writable_dir, file_in_the_way
+
+    (tmp_path / "afile").write_text("x")
+    os.symlink(tmp_path / "gone", tmp_path / "broken")
+    assert file_in_the_way(tmp_path / "new" / "deeper") is None
+    assert file_in_the_way(tmp_path / "afile" / "sub" / "x") == tmp_path / "afile"
+    assert file_in_the_way(tmp_path / "broken") == tmp_path / "broken"
+    cases = {tmp_path / "afile": f"--output {tmp_path / 'afile'} is a file, not a folder",
+             tmp_path / "afile" / "sub": f"cannot be created: {tmp_path / 'afile'} is a file, not a folder",
+             tmp_path / "broken": f"--output {tmp_path / 'broken'} is a broken symbolic link",
+             tmp_path / "broken" / "sub": f"cannot be created: {tmp_path / 'broken'} is a broken symbolic link"}
+    for path, says in cases.items():
+        with pytest.raises(UserError, match=None) as err:
+            check_writable_dir(path, "--output")
+        assert says in str(err.value)
+    check_writable_dir(tmp_path / "new" / "deeper", "--output")
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "broken"]

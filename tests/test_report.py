@@ -303,7 +303,7 @@ def test_an_unusable_sweep_json_is_exit_2(tmp_path, capsys, content):
 def test_an_unusable_output_folder_is_exit_2(tmp_path, capsys):
     run = _write(tmp_path / "run", _tiny_results())
     (tmp_path / "afile").write_text("x")
-    for out, says in ((tmp_path / "afile", "is an existing file, not a folder"),
+    for out, says in ((tmp_path / "afile", "is a file, not a folder"),
                       (tmp_path / "afile" / "sub", f"cannot be created: {tmp_path / 'afile'} is a file")):
         assert report.main([str(run), "--output", str(out)]) == 2
         err = capsys.readouterr().err

@@ -196,6 +196,22 @@ def _no_launch(*a, **k):
     pytest.fail("a run was started")
 
 
+def test_each_runs_config_hash_is_computed_once(tmp_path, monkeypatch):
+    """expand (its check for a run twice) and sweep.json share the hash each Run holds."""
+    import utils.config
+
+    calls = []
+    real = utils.config.config_hash
+    monkeypatch.setattr(utils.config, "config_hash", lambda cfg: calls.append(1) or real(cfg))
+    spec = _spec(tmp_path, {"memory_size": [40, 60], "seed": [1, 2]})
+    runs = sweep.expand(sweep.load_spec(spec), spec, tmp_path / "root")
+    sweep.write_sweep_json(tmp_path / "root", sweep.load_spec(spec), spec, runs)
+    assert len(calls) == len(runs) == 4
+    saved = json.loads((tmp_path / "root" / "sweep.json").read_text())["runs"]
+    assert [r["config_hash"] for r in saved] == [real(run.cfg) for run in runs]
+    assert len({r["config_hash"] for r in saved}) == 2   # the seed is not part of the hash
+
+
 def test_a_key_outside_the_runs_identity_or_equal_values_are_the_same_run_twice(tmp_path, capsys, monkeypatch):
     """Two runs of one (config hash, seed) would train the same thing twice; a report would count the
     second as another seed. Refused naming both runs and the key."""

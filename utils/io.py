@@ -121,20 +121,29 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
     return stale
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The nearest of ``path`` and the folders above it that exists (a broken symbolic link
+    counts), if it is not a folder: what stops ``path`` from being (made) a folder; else None.
+    Looks only: nothing is created."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists() or p.is_symlink():
+            return None if p.is_dir() else p
+    return None
+
+
 def check_writable_dir(path: str | Path, what: str) -> None:
     """Raise UserError naming ``path`` unless it is (or can be created as) a writable folder:
     an existing file, a path under a file, a read-only or permission-denied location are refused.
     Creates nothing (a probe file in the nearest existing folder is removed at once)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} is an existing file, not a folder; use another path.")
+    blocking = file_in_the_way(path)
+    if blocking == path:
+        raise UserError(f"{what} {path} {path_problem(str(path), 'folder')}; use another path.")
+    if blocking is not None:
+        raise UserError(f"{what} {path} cannot be created: {blocking} {path_problem(str(blocking), 'folder')}.")
     existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            break
+    while not existing.exists() and existing.parent != existing:
         existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise UserError(f"{what} {path} cannot be created: {existing} is a file, not a folder.")
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-", suffix=TMP_SUFFIX)
         os.close(fd)
