@@ -46,6 +46,14 @@ from utils.seeding import phase_seed, rng_states, seed_everything, set_rng_state
 from utils.stage_data import EXEMPLAR, NEW, SourceData, StageData
 
 
+def lower_lr_hint(stages: list[Stage], bf16: bool) -> str:
+    """What to change after ``stages`` diverged: their learning rates, each with the config key
+    that set it (``Stage.lr_key``), and bf16 autocast (``amp``) where it ran."""
+    rates = ", ".join(f"{s.lr:g}" + (f" (`{s.lr_key}`)" if s.lr_key else "") + f" in stage '{s.name}'" for s in stages)
+    return (f"Try a lower learning rate than {rates}" + (", or `amp: false` (it ran in bfloat16)" if bf16 else "")
+            + ".")
+
+
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite; the message names the phase, stage and epoch."""
 
@@ -360,7 +368,7 @@ class Trainer:
                 raise TrainingDiverged(
                     f"Training diverged in phase {phase.index}, stage '{stage.name}', epoch {epoch + 1}: "
                     f"losses {losses}. Results of the earlier phases are kept in {self.out}. "
-                    f"Try a lower learning rate.")
+                    f"{lower_lr_hint([stage], self.cfg['amp'] and self.device.type == 'cuda')}")
             for plugin in self.plugins:
                 plugin.after_epoch(phase, stage, epoch, lr)
             record = {"phase": phase.index, "stage": stage.name, "epoch": epoch + 1, "lr": lr,
@@ -465,7 +473,7 @@ class Trainer:
                 self.run_stage(phase, stage, generator)
         learner.end_training(phase)
         self.sync_modules()
-        self.check_outputs_finite(phase, [s.name for s in stages if not s.after_memory])
+        self.check_outputs_finite(phase, [s for s in stages if not s.after_memory])
         if learner.uses_memory:
             self.update_memory(phase)
         memory_hash = self.check_memory()
@@ -474,7 +482,7 @@ class Trainer:
             self.run_stage(phase, stage, generator)
         if stages_after:
             self.sync_modules()
-            self.check_outputs_finite(phase, [s.name for s in stages_after])
+            self.check_outputs_finite(phase, stages_after)
         for plugin in self.plugins:
             plugin.after_phase(phase)
         if not self.is_main:   # rank 0 evaluates and reports (on the same weights as every rank)
@@ -487,7 +495,7 @@ class Trainer:
                   "seconds": round(time.time() - start, 3)}
         return record
 
-    def check_outputs_finite(self, phase: Phase, stages: list[str], probe: int = 16) -> None:
+    def check_outputs_finite(self, phase: Phase, stages: list[Stage], probe: int = 16) -> None:
         """TrainingDiverged unless the network's outputs on ``probe`` of the phase's training images
         are finite. The loss check sees each step's loss before the step, so a last step that breaks
         the weights (or leaves them so large that activations overflow) would otherwise be evaluated,
@@ -504,9 +512,10 @@ class Trainer:
                 finite = finite and bool(torch.isfinite(out["logits"]).all() and torch.isfinite(out["features"]).all())
         if not finite:
             raise TrainingDiverged(
-                f"Training diverged in phase {phase.index}: after stage(s) {', '.join(map(repr, stages))} the "
+                f"Training diverged in phase {phase.index}: after stage(s) {', '.join(repr(s.name) for s in stages)} the "
                 f"network's outputs are not finite (the last steps broke the weights; the losses seen before them "
-                f"were finite). Results of the earlier phases are kept in {self.out}. Try a lower learning rate.")
+                f"were finite). Results of the earlier phases are kept in {self.out}. "
+                f"{lower_lr_hint(stages, self.cfg['amp'] and self.device.type == 'cuda')}")
 
     def update_memory(self, phase: Phase) -> None:
         """End-of-phase memory update (herding, compression). With several processes every rank

@@ -73,6 +73,7 @@ class Stage:
     evaluates it with fast weights through ``forward(x, net=...)``, a multi-process run with its
     DistributedDataParallel wrapper); None = not such a stage.
     ``find_unused_parameters``: tell DDP that some trained parameter may get no gradient in a step.
+    ``lr_key``: the config key that set ``lr`` (a diverged stage's message names it).
     """
 
     name: str
@@ -93,6 +94,7 @@ class Stage:
     on_end: Callable[[], None] | None = None
     model: nn.Module | None = None
     find_unused_parameters: bool = False   # DDP: a trained parameter may get no gradient in a step
+    lr_key: str | None = None
 
 
 class Learner:
@@ -180,10 +182,10 @@ class Learner:
         """The phase-0 or later-phase optimiser settings from the common schedule keys."""
         c = self.cfg
         if phase.index == 0:
-            return dict(epochs=c["init_epochs"], lr=c["init_lr"], weight_decay=c["init_weight_decay"],
+            return dict(epochs=c["init_epochs"], lr=c["init_lr"], lr_key="init_lr", weight_decay=c["init_weight_decay"],
                         milestones=tuple(c["init_milestones"]), scheduler=c["scheduler"],
                         gamma=c["lr_decay"], momentum=c["momentum"])
-        return dict(epochs=c["epochs"], lr=c["lr"], weight_decay=c["weight_decay"],
+        return dict(epochs=c["epochs"], lr=c["lr"], lr_key="lr", weight_decay=c["weight_decay"],
                     milestones=tuple(c["milestones"]), scheduler=c["scheduler"],
                     gamma=c["lr_decay"], momentum=c["momentum"])
 

@@ -134,6 +134,7 @@ class FOSTER(Learner):
             **{**sched,
                "epochs": c["compression_epochs"] if c["compression_epochs"] is not None else sched["epochs"],
                "lr": c["compression_lr"] if c["compression_lr"] is not None else sched["lr"],
+               "lr_key": "compression_lr" if c["compression_lr"] is not None else sched["lr_key"],
                "weight_decay": c["compression_weight_decay"]})
         return [boosting, compression]
 

@@ -96,7 +96,7 @@ class LUCIR(Learner):
         if phase.index > 0 and self.cfg["cbf_epochs"] > 0:
             stages.append(Stage(
                 "balanced_finetune", epochs=self.cfg["cbf_epochs"], params=self.net.head.parameters(),
-                lr=self.cfg["cbf_lr"], weight_decay=self.cfg["cbf_weight_decay"], momentum=self.cfg["momentum"],
+                lr=self.cfg["cbf_lr"], lr_key="cbf_lr", weight_decay=self.cfg["cbf_weight_decay"], momentum=self.cfg["momentum"],
                 milestones=tuple(self.cfg["cbf_milestones"]), gamma=self.cfg["lr_decay"], scheduler="multistep",
                 forward=self.forward_head_only, loss=self.ce_loss, train_mode=self.net.eval,
                 data="memory", after_memory=True, model=self.net.head))

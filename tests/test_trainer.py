@@ -224,6 +224,36 @@ def test_fresh_run_never_reuses_old_checkpoints(tmp_path, tiny_reference):
 
 # ---- divergence --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("model_name, extra", [
+    ("icarl", {}), ("der", {}), ("lucir", {"cbf_epochs": 1, "cbf_milestones": [], "cbf_lr": 0.044}),
+    ("foster", {"compression_lr": 0.033}), ("foster", {"compression_lr": None})])
+def test_every_stage_names_the_key_that_set_its_learning_rate(tmp_path, monkeypatch, model_name, extra):
+    """A diverged stage's message names the key to lower (``Stage.lr_key``): it must be the key
+    whose value the stage trains with, in every learner's every stage (each rate distinct here)."""
+    seen = []
+    monkeypatch.setattr(Trainer, "run_stage", lambda self, phase, stage, generator: seen.append(
+        (phase.index, stage.name, stage.lr, stage.lr_key)))
+    cfg = resolve_config(tiny_config(model_name=model_name, init_lr=0.011, lr=0.022, **extra))
+    Trainer(cfg, tmp_path / "run", "tiny").run()
+    assert seen and all(key is not None and cfg[key] == lr for _, _, lr, key in seen), seen
+    assert {(k, name) for k, name, _, _ in seen} >= {(0, "train"), (1, seen[-1][1]), (2, seen[-1][1])}
+    assert [key for k, _, _, key in seen if k == 0] == ["init_lr"]
+
+
+def test_the_divergence_hint_names_each_stages_rate_and_bf16():
+    from models.base import Stage
+    from trainer import lower_lr_hint
+
+    def stage(name, lr, key):
+        return Stage(name, 1, [], lr, None, None, None, lr_key=key)
+
+    two = [stage("boosting", 0.1, "lr"), stage("compression", 0.05, "compression_lr")]
+    assert lower_lr_hint(two, bf16=False) == ("Try a lower learning rate than 0.1 (`lr`) in stage 'boosting', "
+                                              "0.05 (`compression_lr`) in stage 'compression'.")
+    assert lower_lr_hint([stage("train", 0.1, None)], bf16=True) == \
+        "Try a lower learning rate than 0.1 in stage 'train', or `amp: false` (it ran in bfloat16)."
+
+
 def test_nan_loss_stops_with_the_phase_and_epoch_and_keeps_earlier_results(tmp_path):
     out = tmp_path / "run"
     raw = tiny_config(num_phases=2, init_epochs=1, lr=1e30)       # phase 1 diverges
@@ -231,6 +261,7 @@ def test_nan_loss_stops_with_the_phase_and_epoch_and_keeps_earlier_results(tmp_p
     with pytest.raises(TrainingDiverged, match=r"phase 1, stage 'train', epoch 1: .*nan") as err:
         trainer.run()
     assert str(out) in str(err.value)
+    assert str(err.value).endswith("Try a lower learning rate than 1e+30 (`lr`) in stage 'train'.")   # no bf16 on CPU
     kept = read_results(out)
     assert [p["phase"] for p in kept["phases"]] == [0]
     assert (out / "checkpoints" / "phase_0.pt").exists()
