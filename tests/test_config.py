@@ -259,6 +259,19 @@ def test_keys_lists_every_key(capsys):
         assert f"`{key}`" in out
 
 
+def test_readme_key_reference_is_describe_keys_and_marks_the_keys_outside_identity():
+    """The README's key reference is `main.py --keys` verbatim (regenerate it when a key changes),
+    and a key left out of the config hash says so, e.g. compile, which changes float rounding."""
+    from utils.config import _NOT_HASHED, describe_keys
+
+    readme = (REPO / "README.md").read_text()
+    reference = readme[readme.index("### common\n", readme.index("## Configuration key reference")):]
+    assert reference.rstrip("\n") == describe_keys().rstrip("\n")
+    rows = {line.split("`")[1]: line for line in reference.splitlines() if line.startswith("| `")}
+    outside = {key for key, line in rows.items() if "Not part of a run's identity" in line}
+    assert outside == set(_NOT_HASHED) - {"seed"} and "compile" in outside
+
+
 def test_resolved_config_has_every_key_with_defaults():
     cfg = resolve_config({"model_name": "lucir"})
     assert cfg["memory_size"] == 2000 and cfg["lambda_base"] == 5.0 and cfg["K"] == 2

@@ -554,6 +554,7 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
 
 
 # Keys that change where or how fast a run happens but not its results.
+_IDENTITY_NOTE = " Not part of a run's identity (its config hash): a run may resume with another value."
 _NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size", "threads",
                "dist_timeout", "compile", "compile_mode", "bilevel_cuda_graph", "pau_kernel")
 
@@ -619,6 +620,7 @@ def describe_keys() -> str:
         lines += [f"### {owner}", "", "| key | default | meaning |", "|---|---|---|"]
         for key, opt in table.items():
             allowed = f" Allowed: {', '.join(map(str, opt.choices))}." if opt.choices else ""
+            allowed += _IDENTITY_NOTE if key in _NOT_HASHED and key != "seed" else ""   # seed: a folder per seed
             lines.append(f"| `{key}` | `{cell(json.dumps(opt.default))}` | {cell(opt.doc + allowed)} |")
             for sub, field in (opt.fields or {}).items():
                 allowed = f" Allowed: {', '.join(map(str, field.choices))}." if field.choices else ""
