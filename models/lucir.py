@@ -7,7 +7,10 @@
 - loss = CE + λ·less-forget (1 − cos between new and old normalised features),
   λ = λ_base·sqrt(old/new classes), + margin ranking on old-class samples (K hard new-class
   negatives, margin m, weight lw_mr), the ranking on raw cosines;
-- class-balanced finetuning of the classifier on all exemplars after the memory update.
+- class-balanced finetuning on all exemplars after the memory update, as the official ``cbf_``
+  scripts run it (``ft_flag`` 2): the old- and new-class rows of the classifier are trained with σ
+  and the backbone fixed (BatchNorm in eval mode), on CE + the margin ranking (the less-forget term
+  is constant with the backbone fixed: no gradient, left out), weight decay ``cbf_weight_decay``.
 """
 from __future__ import annotations
 
@@ -44,11 +47,13 @@ class LUCIR(Learner):
         "lw_mr": Option(1.0, "float", "Weight of the margin ranking loss.", min=0.0),
         "imprint": Option(True, "bool", "Imprint new-class weights from normalised feature means."),
         "freeze_old_weights": Option(True, "bool", "Keep old-class classifier weights fixed in later phases."),
-        "cbf_epochs": Option(20, "int", "Class-balanced finetuning epochs (classifier only, on all exemplars); 0 = off.", min=0),
+        "cbf_epochs": Option(20, "int", "Class-balanced finetuning epochs (the classifier's rows only, σ and backbone "
+                                        "fixed, CE + margin ranking, on all exemplars); 0 = off.", min=0),
         "cbf_lr": Option(0.01, "float", "Class-balanced finetuning learning rate.", min=0.0),
         "cbf_milestones": Option([10], "int_list", "Class-balanced finetuning lr milestones.", min=0, increasing=True,
                                  milestones_of="cbf_epochs"),
-        "cbf_weight_decay": Option(5e-4, "float", "Class-balanced finetuning weight decay.", min=0.0),
+        "cbf_weight_decay": Option(5e-4, "float", "Class-balanced finetuning weight decay (the official scripts use "
+                                                  "their training weight decay: 5e-4 CIFAR, 1e-4 ImageNet).", min=0.0),
     }
 
     @classmethod
@@ -95,12 +100,17 @@ class LUCIR(Learner):
                         train_mode=self.net.train, model=self.net, **self.schedule(phase))]
         if phase.index > 0 and self.cfg["cbf_epochs"] > 0:
             stages.append(Stage(
-                "balanced_finetune", epochs=self.cfg["cbf_epochs"], params=self.net.head.parameters(),
+                "balanced_finetune", epochs=self.cfg["cbf_epochs"], params=self.cbf_parameters(),
                 lr=self.cfg["cbf_lr"], lr_key="cbf_lr", weight_decay=self.cfg["cbf_weight_decay"], momentum=self.cfg["momentum"],
                 milestones=tuple(self.cfg["cbf_milestones"]), gamma=self.cfg["lr_decay"], scheduler="multistep",
-                forward=self.forward_head_only, loss=self.ce_loss, train_mode=self.net.eval,
+                forward=self.forward_head_only, loss=self.cbf_loss, train_mode=self.net.eval,
                 data="memory", after_memory=True, model=self.net.head))
         return stages
+
+    def cbf_parameters(self) -> list[torch.nn.Parameter]:
+        """What class-balanced finetuning trains: the old- and new-class rows (``fc1``, ``fc2``),
+        not the shared scale σ (the official ``ft_flag`` 2 leaves σ out of its parameter groups)."""
+        return [self.net.head.fc1.weight, self.net.head.fc2.weight]
 
     def forward(self, x, net=None) -> dict:
         out = (net or self.net)(x)
@@ -116,9 +126,12 @@ class LUCIR(Learner):
             feats = self.net.backbone(x)["features"]
         return {"features": feats, **(net or self.net.head)(feats)}
 
-    def ce_loss(self, out: dict, batch: Batch):
+    def cbf_loss(self, out: dict, batch: Batch):
+        """Class-balanced finetuning: CE + the margin ranking (the official loss there is the
+        training loss; its less-forget term has no gradient with the backbone fixed)."""
         ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
-        return ce, {"ce": ce}
+        mr = self.margin_ranking(out["cosine"], batch)
+        return ce + mr, {"ce": ce, "mr": mr}
 
     def loss(self, out: dict, batch: Batch):
         ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
@@ -130,6 +143,15 @@ class LUCIR(Learner):
         lam = self.cfg["lambda_base"] * math.sqrt(num_old / num_new)
         lf = masked_mean(1 - F.cosine_similarity(out["features"].float(), out["old_features"].float(), dim=1),
                          batch.kd_mask) * lam
+        mr = self.margin_ranking(cos, batch)
+        return ce + lf + mr, {"ce": ce, "lf": lf, "mr": mr}
+
+    def margin_ranking(self, cos: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """lw_mr × the mean over old-class rows × K of relu(margin − cos_gt + cos_hard), the K
+        hardest new-class cosines of each row (``cos`` [B, old + new], raw cosines); 0 without an
+        old-class row."""
+        num_old = self.net.head.fc1.out_dim
+        num_new = cos.shape[1] - num_old
         old_rows = batch.y < num_old
         if batch.kd_mask is not None:   # margin ranking is a distillation term too
             old_rows = old_rows & batch.kd_mask
@@ -140,5 +162,4 @@ class LUCIR(Learner):
         gt = c.gather(1, batch.y[:, None])                                # [B, 1]
         hard = c[:, num_old:].topk(k, dim=1).values                       # [B, K]
         ranked = F.relu(self.cfg["margin"] - gt + hard) * old_rows[:, None]
-        mr = ranked.sum() / (old_rows.sum() * k).clamp(min=1) * self.cfg["lw_mr"]
-        return ce + lf + mr, {"ce": ce, "lf": lf, "mr": mr}
+        return ranked.sum() / (old_rows.sum() * k).clamp(min=1) * self.cfg["lw_mr"]

@@ -79,7 +79,7 @@ class ProbedTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.probe = {"heads": {}, "fc1_frozen": {}, "fc1_is_previous_head": {}, "imprint": {},
-                      "backbone_fixed_in_cbf": {}, "old_net_frozen": {}, "stages": []}
+                      "backbone_fixed_in_cbf": {}, "head_in_cbf": {}, "old_net_frozen": {}, "stages": []}
         self._previous_head = None
         learner = self.learner
         original_before_grow, original_begin = learner.before_grow, learner.begin_phase
@@ -115,6 +115,7 @@ class ProbedTrainer(Trainer):
         net = self.learner.net
         self.probe["stages"].append((phase.index, stage.name, stage.data, stage.after_memory))
         fc1 = net.head.fc1.weight.detach().clone() if phase.index > 0 else None
+        head = {k: v.clone() for k, v in net.head.state_dict().items()}
         backbone = {k: v.clone() for k, v in net.backbone.state_dict().items()}
         super().run_stage(phase, stage, generator)
         if stage.name == "train" and fc1 is not None:
@@ -122,6 +123,8 @@ class ProbedTrainer(Trainer):
         if stage.name == "balanced_finetune":
             self.probe["backbone_fixed_in_cbf"][phase.index] = all(
                 torch.equal(v, backbone[k]) for k, v in net.backbone.state_dict().items())
+            self.probe["head_in_cbf"][phase.index] = {k: not torch.equal(v, head[k])
+                                                      for k, v in net.head.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +187,10 @@ def test_lucir_loss_parts_and_balanced_finetuning_are_logged(lucir_run):
     cbf = [m for m in metrics if m["stage"] == "balanced_finetune"]
     assert [(m["phase"], m["epoch"]) for m in cbf] == [(k, e + 1) for k in (1, 2) for e in range(LUCIR_CBF["cbf_epochs"])]
     assert all(m["lr"] == pytest.approx(0.01) for m in cbf)
-    # It runs on the class-balanced memory, after the memory update, with the backbone fixed.
+    assert all(set(m["losses"]) == {"loss", "ce", "mr"} for m in cbf)
+    # It runs on the class-balanced memory, after the memory update, with the backbone fixed; it
+    # trains the old and new rows, not σ (the official cbf scripts, ft_flag 2).
+    assert trainer.probe["head_in_cbf"] == {k: {"sigma": False, "fc1.weight": True, "fc2.weight": True} for k in (1, 2)}
     assert (1, "balanced_finetune", "memory", True) in trainer.probe["stages"]
     assert (0, "balanced_finetune", "memory", True) not in trainer.probe["stages"]
     assert trainer.probe["backbone_fixed_in_cbf"] == {1: True, 2: True}
@@ -217,6 +223,20 @@ def test_lucir_loss_formula():
     # Without an old model: plain cross-entropy.
     loss0, parts0 = learner.loss({"logits": 2.0 * cos, "cosine": cos}, batch)
     assert set(parts0) == {"ce"} and loss0.item() == pytest.approx(parts["ce"].item())
+
+
+def test_lucir_balanced_finetuning_loss_is_ce_plus_margin_ranking():
+    """The official cbf scripts finetune with the training loss; with the backbone fixed its
+    less-forget term is a constant, so CE + margin ranking is what moves the rows."""
+    learner = _lucir_for_loss(4, 2)
+    cos = torch.tensor([[0.2, 0.0, 0.0, 0.0, 0.9, 0.1],
+                        [0.0, 0.0, 0.0, 0.0, 0.3, 0.8]])
+    batch = Batch(torch.zeros(2, 3, 4, 4), torch.tensor([0, 5]), torch.tensor([True, False]))
+    loss, parts = learner.cbf_loss({"logits": 2.0 * cos, "cosine": cos}, batch)
+    assert set(parts) == {"ce", "mr"}
+    assert parts["mr"].item() == pytest.approx(((0.5 - 0.2 + 0.9) + (0.5 - 0.2 + 0.1)) / 2, rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(F.cross_entropy(2.0 * cos, torch.tensor([0, 5])).item(), rel=1e-5)
+    assert loss.item() == pytest.approx((parts["ce"] + parts["mr"]).item(), rel=1e-6)
 
 
 def test_lucir_margin_ranking_uses_k_hard_negatives_and_weights():
