@@ -50,6 +50,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.errors import UserError  # noqa: E402
+from utils.io import path_problem  # noqa: E402
 from utils.results_file import read_json_file, read_results  # noqa: E402
 
 EXIT_USER_ERROR = 2
@@ -255,29 +256,67 @@ def _sweep_above(folder: Path, sweeps: SweepFiles) -> tuple[Path, dict] | None:
     return None
 
 
+def _is(path: Path, kind: str) -> bool:
+    """``path.is_file()`` / ``is_dir()`` ("file" / "dir"), False also where the path cannot even be
+    asked (a name longer than the file system allows, a NUL byte)."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def _present(path: Path) -> bool:
+    """Whether something (a broken link included) has the name ``path``."""
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _inside(name: str) -> bool:
+    """Whether a sweep.json run name is a folder inside its sweep (relative, no ``..``, no NUL)."""
+    return bool(name) and "\0" not in name and not os.path.isabs(name) and ".." not in Path(name).parts
+
+
 def _run_folders(path: Path, notes: list[str], sweeps: SweepFiles):
-    """(folder, variant, given) of each run ``path`` names: itself (a run folder: ``given``, its
-    results.json must be usable), its sweep.json's runs, or the results.json files found under it.
-    UserError for a sweep.json given directly that cannot be used."""
-    if (path / "results.json").is_file():
+    """(folder, variant, given) of each run ``path`` names: itself (a run folder, or its results.json:
+    ``given``, its results.json must be usable), its sweep.json's runs (the sweep root, or its
+    sweep.json), or the results.json files found under it. UserError for a results.json or
+    sweep.json given directly that cannot be used."""
+    if path.name in ("results.json", "sweep.json") and _is(path, "file"):
+        path = path.parent
+    if _is(path / "results.json", "file"):
         return [(path, None, True)]
-    if (path / "sweep.json").is_file():
+    if _present(path / "results.json") and not _present(path / "sweep.json"):
+        raise UserError(f"{path / 'results.json'} {path_problem(str(path / 'results.json'), 'file')}")
+    if _present(path / "sweep.json"):
         data = read_sweep(path / "sweep.json")
         sweeps[path.resolve()] = (path, data)
         out = []
         for entry in data["runs"]:
+            if not _inside(entry["name"]):
+                notes.append(f"{path / 'sweep.json'}: run {json.dumps(entry['name'])} is not a folder inside the "
+                             f"sweep (left out)")
+                continue
             folder = path / entry["name"]
-            if (folder / "results.json").is_file():
+            if _is(folder / "results.json", "file"):
                 out.append((folder, entry.get("variant") if isinstance(entry.get("variant"), str) else None, False))
+            elif _present(folder / "results.json"):
+                notes.append(f"{folder / 'results.json'} {path_problem(str(folder / 'results.json'), 'file')} "
+                             f"(left out)")
             else:
                 notes.append(f"{folder}: no results.json yet (left out)")
         return out
-    if path.is_dir():
-        files = sorted(f for f in path.rglob("results.json") if f.is_file())
+    if _is(path, "dir"):
+        found = sorted(path.rglob("results.json"))
+        for f in found:
+            if not _is(f, "file"):
+                notes.append(f"{f} {path_problem(str(f), 'file')} (left out)")
+        files = [f for f in found if _is(f, "file")]
         if not files:
             notes.append(f"{path}: no results.json found")
         return [(f.parent, None, False) for f in files]
-    notes.append(f"{path}: {'not a folder' if path.exists() else 'does not exist'}")
+    notes.append(f"{path}: {'not a folder' if _present(path) else 'does not exist'}")
     return []
 
 
@@ -341,12 +380,13 @@ def drop_partial(runs: list[RunResult], notes: list[str]) -> list[RunResult]:
             notes.append(f"{run.folder}: {_phases_done(run)} of {run.planned} phases (partial, left out)")
         else:
             kept.append(run)
-    if not kept:
-        return []
+    unknown = [r for r in kept if r.planned is None]
+    if not unknown:
+        return kept
     most = max(_phases_done(r) for r in kept)
     notes += [f"{r.folder}: {_phases_done(r)} of {most} phases (partial, left out)"
-              for r in kept if _phases_done(r) < most]
-    return [r for r in kept if _phases_done(r) == most]
+              for r in unknown if _phases_done(r) < most]
+    return [r for r in kept if r.planned is not None or _phases_done(r) == most]
 
 
 def group(runs: list[RunResult], notes: list[str] | None = None) -> list[Row]:
@@ -404,7 +444,13 @@ def label_rows(rows: list[Row], runs: list[RunResult]) -> None:
         every = sorted(_differing({k for c in cfgs for k in c} - set(_NOT_HASHED), cfgs), key=sort)
         labels = [_label(row, every) for row in rows]
     for row, label in zip(rows, labels):
-        row.label = label
+        row.label = _shown(label)
+
+
+def _shown(text: str) -> str:
+    """``text`` as report.md, report.csv, a plot or a terminal can take it: what is not printable (a
+    newline or NUL in a folder name, the undecodable bytes of a non-UTF-8 one) as its escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _label(row: Row, keys: list[str]) -> str:
@@ -507,7 +553,7 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 
 def write_tables(rows: list[Row], out: Path, notes: list[str], title: str) -> None:
     header, body = table(rows)
-    with open(out / "report.csv", "w", newline="") as f:
+    with open(out / "report.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(body)
@@ -521,9 +567,9 @@ def write_tables(rows: list[Row], out: Path, notes: list[str], title: str) -> No
     if refs:
         md += ["", "Published settings matched: " + "; ".join(f"{label} ↔ {src}" for label, src in refs) + "."]
     if notes:
-        md += ["", "Left out:", *[f"- {n}" for n in notes]]
+        md += ["", "Left out:", *[f"- {_shown(n)}" for n in notes]]
     md += ["", "Plots: ![accuracy](accuracy_curve.png) ![memory](memory.png)", ""]
-    (out / "report.md").write_text("\n".join(md))
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
 
 
 # ---- plots -------------------------------------------------------------------------------------
@@ -748,31 +794,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="report folder (default <sweep>/report, else logs/report)")
     p.add_argument("--tensorboard", action="store_true", help="also export metrics.jsonl as TensorBoard scalars")
     args = p.parse_args(argv)
+    if args.output is not None and not args.output.strip():
+        print("error: --output is empty; give a folder for the report, or leave --output out.", file=sys.stderr)
+        return EXIT_USER_ERROR
     paths = [Path(x) for x in args.paths]
     try:
         runs, notes = collect(paths)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(_shown(f"error: {err}"), file=sys.stderr)
         return EXIT_USER_ERROR
     if not runs:
-        print("error: no results.json in " + ", ".join(map(str, paths)) + "; " + "; ".join(notes), file=sys.stderr)
+        print(_shown("error: no results.json in " + ", ".join(map(str, paths)) + "; " + "; ".join(notes)), file=sys.stderr)
         return EXIT_USER_ERROR
     rows = group(runs, notes)
     if not rows:
-        print("error: no finished run in " + ", ".join(map(str, paths)) + "; " + "; ".join(notes), file=sys.stderr)
+        print(_shown("error: no finished run in " + ", ".join(map(str, paths)) + "; " + "; ".join(notes)), file=sys.stderr)
         return EXIT_USER_ERROR
-    default = paths[0] / "report" if len(paths) == 1 and (paths[0] / "sweep.json").is_file() else Path("logs/report")
+    given = paths[0].parent if paths[0].name == "sweep.json" else paths[0]   # a sweep root, or its sweep.json
+    default = given / "report" if len(paths) == 1 and (given / "sweep.json").is_file() else Path("logs/report")
     out = Path(args.output) if args.output else default
     try:
         prepare_output(out)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(_shown(f"error: {err}"), file=sys.stderr)
         return EXIT_USER_ERROR
-    title = "Report: " + ", ".join(str(x) for x in paths)
+    title = _shown("Report: " + ", ".join(str(x) for x in paths))
     write_tables(rows, out, notes, title)
     written = plot_all(rows, out)
-    print((out / "report.md").read_text())
-    print(f"wrote {out / 'report.md'}, {out / 'report.csv'} and {len(written)} plots in {out}")
+    print((out / "report.md").read_text(encoding="utf-8"))
+    print(_shown(f"wrote {out / 'report.md'}, {out / 'report.csv'} and {len(written)} plots in {out}"))
     if args.tensorboard:
         print(export_tensorboard(rows, out))
     return 0

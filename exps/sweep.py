@@ -518,16 +518,16 @@ def parse_devices(text: str | None) -> list[str]:
 def output_problem(root: Path, runs: list[Run]) -> str | None:
     """Why the sweep root ``root`` cannot hold the runs' folders (a file at its place or above it,
     or at a run folder's place), without writing anything; None if it can."""
-    from utils.io import file_in_the_way
+    from utils.io import file_in_the_way, path_problem
 
     bad = file_in_the_way(root)
     if bad is not None:
-        return (f"--output {root} is a file, not a folder" if bad == root
-                else f"--output {root} lies under {bad}, which is a file, not a folder")
+        return (f"--output {root} {path_problem(str(root), 'folder')}" if bad == root
+                else f"--output {root} lies under {bad}, which {path_problem(str(bad), 'folder')}")
     for run in runs:
         bad = file_in_the_way(run.folder)
         if bad is not None and bad != root and root in bad.parents:
-            return f"run '{run.name}': {bad} is a file where the sweep needs a folder; move it away"
+            return f"run '{run.name}': {bad} {path_problem(str(bad), 'folder')}; the sweep needs a folder there: move it away"
     return None
 
 
@@ -567,6 +567,9 @@ def _main(argv: list[str] | None, children: Children, stopper: StopHandler) -> i
     args = p.parse_args(argv)
     if args.jobs < 1:
         print("error: --jobs must be ≥ 1.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.output is not None and not args.output.strip():
+        print("error: --output is empty; give the sweep's root folder, or leave --output out.", file=sys.stderr)
         return EXIT_USER_ERROR
     spec_path = Path(args.spec)
     root = Path(args.output) if args.output else Path("logs") / "sweeps" / spec_path.stem

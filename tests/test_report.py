@@ -262,6 +262,30 @@ BAD_RESULTS = {
 }
 
 
+def _edited(edit):
+    """A BAD_RESULTS entry: the good results with ``edit(results)`` applied, as JSON bytes."""
+    def make(good):
+        edit(good)
+        return json.dumps(good).encode()
+    return make
+
+
+# Hand-edited values of the right shape but the wrong type: each crashed the report (a TypeError,
+# ValueError, KeyError or ZeroDivisionError in a sum or a plot, after part of the report was written).
+BAD_RESULTS.update({
+    "seed_list": _edited(lambda r: r["config"].update(seed=[1, 2])),
+    "classes_str": _edited(lambda r: r["phases"][-1].update(classes=["a", "b"])),
+    "classes_empty": _edited(lambda r: r["phases"][-1].update(classes=[0, 0])),
+    "exemplars_str": _edited(lambda r: r["phases"][-1]["memory"].update(exemplars="x")),
+    "bytes_str": _edited(lambda r: r["phases"][-1]["memory"].update(bytes="x")),
+    "seconds_str": _edited(lambda r: r["phases"][0].update(seconds="x")),
+    "cnn_without_top1": _edited(lambda r: r["phases"][0].update(cnn={"top5": 1})),
+    "summary_str": _edited(lambda r: r["summary"].update(cnn_avg_top1="abc")),
+    "matrix_ragged": _edited(lambda r: r["summary"].update(cnn_accuracy_matrix=[[1], [2], [3]])),
+    "class_order_str": _edited(lambda r: r.update(class_order="x")),
+})
+
+
 @pytest.mark.parametrize("kind", sorted(BAD_RESULTS))
 def test_an_unusable_results_json_given_directly_is_exit_2(tmp_path, capsys, kind):
     (tmp_path / kind).mkdir()
@@ -308,6 +332,45 @@ def test_an_unusable_output_folder_is_exit_2(tmp_path, capsys):
         assert report.main([str(run), "--output", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(out) in err and says in err
+
+
+def test_odd_folder_names_and_paths_are_reported_not_crashed_on(tmp_path, capsys):
+    """A non-UTF-8 folder name crashed report.md's writing; a sweep.json run name longer than the
+    file system allows crashed the search (ENAMETOOLONG); names with a newline, or outside the
+    sweep, were taken as they were; a results.json that is a folder was 'no results.json found'."""
+    import os
+
+    root = tmp_path / "odd"
+    _write(Path(os.fsdecode(bytes(root) + b"/good_\xff")), _tiny_results())
+    (root / "bad" / "results.json").mkdir(parents=True)
+    sw = _sweep(tmp_path / "sw", {"seed=1": (None, _tiny_results())})
+    listed = json.loads((sw / "sweep.json").read_text())
+    listed["runs"] += [{"name": "x" * 300}, {"name": "../odd"}, {"name": "/abs"}, {"name": "a\nb"}]
+    (sw / "sweep.json").write_text(json.dumps(listed))
+    assert report.main([str(root), str(sw), "--output", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    md = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+    assert "good_\\udcff" in out and "\n- " + str(root / "bad" / "results.json") + " is a folder, not a file" in md
+    assert md.count("is not a folder inside the sweep (left out)") == 2 and "a\\nb" in md
+    assert f"{sw / ('x' * 300)}: no results.json yet (left out)" in md
+    # a results.json or sweep.json named directly stands for its folder
+    assert len(_table([sw / "seed=1" / "results.json"])) == len(_table([sw / "sweep.json"])) == 1
+    assert report.main([str(root / "bad")]) == 2
+    assert f"{root / 'bad' / 'results.json'} is a folder, not a file" in capsys.readouterr().err
+    assert report.main([str(sw), "--output", ""]) == 2 and "--output is empty" in capsys.readouterr().err
+
+
+def test_a_run_that_finished_its_known_plan_stays_beside_a_longer_one(tmp_path, capsys):
+    """The 'longest run of the row' rule is for runs whose plan is unknown: a run that finished
+    its own plan was left out as partial beside a run of the same configuration with more phases."""
+    root = tmp_path / "runs"
+    _write(root / "s1", _tiny_results(1, (60.0, 50.0, 40.0)))                      # 3 of 3 phases
+    longer = _tiny_results(2, (60.0, 50.0, 40.0, 30.0))
+    longer["class_order"] = list(range(8))                                           # 8 classes: 4 phases
+    _write(root / "s2", longer)
+    notes = []
+    (row,) = report.group(report.collect([root])[0], notes)
+    assert sorted(r.folder.name for r in row.runs) == ["s1", "s2"] and notes == []
 
 
 def test_a_missing_path_says_it_does_not_exist(tmp_path, capsys):

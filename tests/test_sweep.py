@@ -3,6 +3,7 @@ never runs one run twice at once, and refuses a bad spec (or reports missing dat
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -283,7 +284,11 @@ def test_output_that_is_a_file_is_refused_by_the_dry_run(tmp_path, capsys):
     root.mkdir()
     (root / "seed=1").write_text("")   # a file where the run's folder goes
     code, _, err = _sweep(capsys, spec, "--output", root, "--dry-run")
-    assert code == 2 and "seed=1 is a file where the sweep needs a folder" in err and "Traceback" not in err
+    assert code == 2 and "seed=1 is a file, not a folder; the sweep needs a folder there" in err and "Traceback" not in err
+    os.symlink(tmp_path / "gone", tmp_path / "broken")   # it said "is a file" for a broken link too
+    assert f"--output {tmp_path / 'broken'} is a broken symbolic link" in _refused(capsys, spec, tmp_path / "broken")
+    code, _, err = _sweep(capsys, spec, "--output", "", "--dry-run")   # it used logs/sweeps/<spec> instead
+    assert code == 2 and "--output is empty" in err
 
 
 @pytest.mark.parametrize("devices, needle", [

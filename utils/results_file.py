@@ -42,21 +42,72 @@ def read_json_file(path: str | Path) -> Any:
     return value
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any, or_none: bool = False) -> bool:
+    return (v is None and or_none) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _phase_problem(phase: Any) -> str | None:
+    """What is wrong with one entry of "phases" (None: usable): the fields the trainer writes and
+    the readers use, with their types."""
+    if not isinstance(phase, dict):
+        return "is not an object"
+    classes = phase.get("classes")
+    if not (isinstance(classes, list) and len(classes) == 2 and all(map(_is_int, classes))
+            and 0 <= classes[0] < classes[1]):
+        return 'lacks its "classes" range [first, last) of class counts'
+    memory = phase.get("memory")
+    if not (isinstance(memory, dict) and _is_int(memory.get("exemplars")) and memory["exemplars"] >= 0):
+        return 'lacks its "memory" with a count of "exemplars"'
+    if not all(_is_number(memory.get(k), or_none=True) for k in ("bytes", "mean_cost")):
+        return '"memory" has a "bytes" or "mean_cost" that is not a number'
+    for model in ("cnn", "nme"):
+        if not (phase.get(model) is None or (isinstance(phase[model], dict) and _is_number(phase[model].get("top1")))):
+            return f'"{model}" is not an object with a "top1" number'
+    if not _is_number(phase.get("seconds"), or_none=True):
+        return '"seconds" is not a number'
+    return None
+
+
+def _summary_problem(summary: dict) -> str | None:
+    """What is wrong with "summary" (None: usable): its accuracies and forgetting are numbers (or
+    null), its accuracy matrices lists whose row k has an entry for each of tasks 0 … k (other
+    entries, such as FOSTER's "cnn_model", are not read as numbers)."""
+    for key, value in summary.items():
+        if key.endswith("_matrix"):
+            if value is not None and not (isinstance(value, list) and all(
+                    isinstance(row, list) and len(row) > k and all(_is_number(v, or_none=True) for v in row)
+                    for k, row in enumerate(value))):
+                return f'"summary.{key}" is not a matrix with a row of task accuracies per phase'
+        elif key.endswith(("_top1", "_forgetting", "_forgetting_pycil")) and not _is_number(value, or_none=True):
+            return f'"summary.{key}" is not a number'
+    return None
+
+
 def results_problem(data: Any) -> str | None:
-    """What keeps ``data`` from being a run's results (None: usable)."""
+    """What keeps ``data`` from being a run's results (None: usable): the shape the trainer writes,
+    with the types of every field a reader uses, so that a hand-edited file is refused here with
+    one line rather than failing later in a sum or a plot."""
     if not isinstance(data, dict):
         return f"does not hold a results object (a JSON {type(data).__name__})"
     if not isinstance(data.get("config"), dict):
         return 'has no "config" object'
+    if "seed" in data["config"] and not _is_int(data["config"]["seed"]):
+        return '"config.seed" is not one integer (a run has one seed)'
     if not isinstance(data.get("phases"), list):
         return 'has no "phases" list'
     if not isinstance(data.get("summary", {}), dict):
         return '"summary" is not an object'
+    if "class_order" in data and not (isinstance(data["class_order"], list) and all(map(_is_int, data["class_order"]))):
+        return '"class_order" is not a list of class indices'
     for k, phase in enumerate(data["phases"]):
-        if not (isinstance(phase, dict) and isinstance(phase.get("classes"), list) and len(phase["classes"]) == 2
-                and isinstance(phase.get("memory"), dict) and "exemplars" in phase["memory"]):
-            return f'phase {k} lacks its "classes" range or "memory"'
-    return None
+        why = _phase_problem(phase)
+        if why:
+            return f"phase {k} {why}"
+    return _summary_problem(data.get("summary", {}))
 
 
 def load_results(path: str | Path) -> tuple[dict | None, str | None]:
