@@ -16,7 +16,9 @@ resumed with ``--resume``), *missing* (run from scratch), *stale* (written by an
 alone, reported), *unreadable* (a results.json that is not a results object: left alone, reported),
 *running* (another sweep holds its lock, or a ``main.py`` holds the run's own ``run.lock``). A run
 folder's ``.sweep.lock`` is held (``flock``) while its subprocess runs, so two sweeps never run the
-same run.
+same run; its state is read again once the lock is held, so a run another sweep finished or started
+meanwhile is skipped or resumed, never started afresh. ``ROOT/sweep.json`` lists the spec and its
+runs, and keeps the runs an earlier sweep.json there listed (another spec run into the same root).
 
 SIGTERM, SIGINT (Ctrl-C) or SIGHUP stop the sweep: each running ``main.py`` gets one SIGINT (it stops
 with its finished phases saved and exits 130), the runs not started yet are not started, and the
@@ -306,8 +308,7 @@ def sweep_lock(folder: Path):
 
 
 def run_state(run: Run, num_phases: int | None) -> tuple[str, str]:
-    """(state, detail): done / partial / missing / stale / unreadable / running."""
-    from utils.config import config_hash, resolve_saved_config
+    """(state, detail): running (a lock is held), else :func:`results_state`."""
     from utils.run_lock import holder_of
 
     folder = run.folder
@@ -316,6 +317,14 @@ def run_state(run: Run, num_phases: int | None) -> tuple[str, str]:
     holder = holder_of(folder) if folder.is_dir() else None   # main.py's own run.lock (utils/run_lock.py)
     if holder is not None:
         return "running", f"main.py ({holder}) holds its lock {folder / 'run.lock'}"
+    return results_state(run, num_phases)
+
+
+def results_state(run: Run, num_phases: int | None) -> tuple[str, str]:
+    """(state, detail) from what the run folder holds: done / partial / missing / stale / unreadable."""
+    from utils.config import config_hash, resolve_saved_config
+
+    folder = run.folder
     results = folder / "results.json"
     if results.exists():
         saved, why = load_results(results)
@@ -442,9 +451,14 @@ class StopHandler:
             signal.signal(sig, old)
 
 
-def execute(run: Run, state: str, device: str | None, say, children: Children | None = None) -> str:
+def execute(run: Run, state: str, device: str | None, say, children: Children | None = None,
+            num_phases: int | None = None) -> str:
     """Run one configuration as a subprocess under its lock; returns its outcome: finished, failed,
-    locked, interrupted (the child was stopped by a signal) or cancelled (the sweep was stopped first)."""
+    locked, done (another sweep finished it since the states were read), stale (another sweep wrote
+    it meanwhile with another config), interrupted (the child was stopped by a signal) or cancelled
+    (the sweep was stopped first). The state is read again once the lock is held: a run another
+    sweep finished or started meanwhile is skipped or resumed, never started afresh (which would
+    delete its results)."""
     children = children or Children()
     if children.stopped:
         return "cancelled"
@@ -455,6 +469,11 @@ def execute(run: Run, state: str, device: str | None, say, children: Children | 
         say(f"{run.name}: locked by another sweep, skipped")
         return "locked"
     try:
+        now, detail = results_state(run, num_phases)
+        if now in ("done", "stale", "unreadable"):
+            say(f"{run.name}: written by another sweep meanwhile ({skip_message(now, detail)})")
+            return "done" if now == "done" else "stale"
+        state = now   # partial (resumed) or missing (started)
         env = dict(os.environ)
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
@@ -483,15 +502,40 @@ def execute(run: Run, state: str, device: str | None, say, children: Children | 
 
 
 def write_sweep_json(root: Path, spec: dict, spec_path: Path, runs: list[Run]) -> None:
+    """Write ``root/sweep.json``: this spec, and its runs followed by the runs an earlier sweep.json
+    there listed that this spec does not (another spec run into the same root, or an earlier
+    version of this one: their folders stay, and exps/report.py keeps finding them). The read and
+    the write happen under a lock on the root, so two sweeps starting at once both keep theirs."""
+    import fcntl
+
     from utils.io import write_json
 
     root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "sweep.json", {
-        "spec": spec, "spec_path": str(spec_path),
-        "varying": list(spec.get("grid", {})) + (["seed"] if runs and "seed" not in spec.get("grid", {})
-                                                 and len({r.cfg["seed"] for r in runs}) > 1 else []),
-        "runs": [{"name": r.name, "variant": r.variant, "base": str(r.base), "overrides": r.overrides,
-                  "config_hash": r.hash, "seed": r.cfg["seed"]} for r in runs]})
+    entries = [{"name": r.name, "variant": r.variant, "base": str(r.base), "overrides": r.overrides,
+                "config_hash": r.hash, "seed": r.cfg["seed"]} for r in runs]
+    with open(root / ".sweep.json.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:   # a file system without locks: the merge below still keeps what was there
+            pass
+        old = _sweep_json_runs(root / "sweep.json")
+        names = {e["name"] for e in entries}
+        write_json(root / "sweep.json", {
+            "spec": spec, "spec_path": str(spec_path),
+            "varying": list(spec.get("grid", {})) + (["seed"] if runs and "seed" not in spec.get("grid", {})
+                                                     and len({r.cfg["seed"] for r in runs}) > 1 else []),
+            "runs": entries + [e for e in old if e["name"] not in names]})
+
+
+def _sweep_json_runs(path: Path) -> list[dict]:
+    """The run entries of an existing sweep.json (each an object with a string name); [] if there
+    is none or it cannot be read."""
+    try:
+        data = read_json_file(path) if path.is_file() else {}
+    except UserError:
+        return []
+    runs = data.get("runs") if isinstance(data, dict) else None
+    return [e for e in runs if isinstance(e, dict) and isinstance(e.get("name"), str)] if isinstance(runs, list) else []
 
 
 def parse_devices(text: str | None) -> list[str]:
@@ -641,7 +685,8 @@ def _main(argv: list[str] | None, children: Children, stopper: StopHandler) -> i
             def say(msg):
                 with lock:
                     print(f"{tag} {msg}", flush=True)
-            return execute(run, state, devices[slot % len(devices)] if devices else None, say, children)
+            return execute(run, state, devices[slot % len(devices)] if devices else None, say, children,
+                           planned_phases(run.cfg))   # cached: the dataset was listed above
         finally:
             slots.put(slot)
 
@@ -655,8 +700,9 @@ def _main(argv: list[str] | None, children: Children, stopper: StopHandler) -> i
               f"the same command to resume.", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     bad = (outcomes.count("failed") + outcomes.count("locked") + outcomes.count("interrupted")
-           + sum(s in ("stale", "running", "unreadable") for s, _ in states))
-    print(f"sweep {spec_path.stem}: {outcomes.count('finished')} run, {sum(s == 'done' for s, _ in states)} "
+           + outcomes.count("stale") + sum(s in ("stale", "running", "unreadable") for s, _ in states))
+    print(f"sweep {spec_path.stem}: {outcomes.count('finished')} run, "
+          f"{sum(s == 'done' for s, _ in states) + outcomes.count('done')} "
           f"already done, {bad} failed/stale/unreadable/locked; {took:.0f} s; results under {root}", flush=True)
     return 1 if bad else 0
 

@@ -213,6 +213,51 @@ def test_each_runs_config_hash_is_computed_once(tmp_path, monkeypatch):
     assert len({r["config_hash"] for r in saved}) == 2   # the seed is not part of the hash
 
 
+def _finished(run, phases: int) -> None:
+    """A results.json in ``run``'s folder as a run of its config leaves it after ``phases`` phases."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    (run.folder / "results.json").write_text(json.dumps({"config": run.cfg, "summary": {}, "phases": [
+        {"classes": [2 * k, 2 * k + 2], "memory": {"exemplars": 0}} for k in range(phases)]}))
+
+
+def test_a_run_written_by_another_sweep_meanwhile_is_skipped_or_resumed(tmp_path, monkeypatch):
+    """The states are read before any run starts; a run another sweep into the same root finished
+    by the time this one got its lock was started afresh (no --resume), deleting its results."""
+    spec = _spec(tmp_path, {"seed": [1, 2, 3]})
+    runs = sweep.expand(sweep.load_spec(spec), spec, tmp_path / "root")
+    n = sweep.planned_phases(runs[0].cfg)
+    launched = []
+
+    class Done:
+        pid = -1
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(sweep, "launch", lambda cmd, log, env: launched.append(cmd) or Done())
+    said = []
+    _finished(runs[0], n)          # finished by another sweep after this one read "missing"
+    _finished(runs[1], n - 1)      # started (one phase short) by another sweep meanwhile
+    assert sweep.execute(runs[0], "missing", None, said.append, num_phases=n) == "done"
+    assert sweep.execute(runs[1], "missing", None, said.append, num_phases=n) == "finished"
+    assert sweep.execute(runs[2], "missing", None, said.append, num_phases=n) == "finished"
+    assert [cmd[-1] == "--resume" for cmd in launched] == [True, False]
+    assert "written by another sweep meanwhile (done, skipped" in said[0]
+    assert len(json.loads((runs[0].folder / "results.json").read_text())["phases"]) == n   # kept
+
+
+def test_sweep_json_keeps_the_runs_of_an_earlier_spec_in_the_same_root(tmp_path):
+    root = tmp_path / "root"
+    a = _spec(tmp_path, {"memory_size": [40, 60]})
+    sweep.write_sweep_json(root, sweep.load_spec(a), a, sweep.expand(sweep.load_spec(a), a, root))
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({**json.loads(a.read_text()), "grid": {"memory_size": [60, 80]}}))
+    sweep.write_sweep_json(root, sweep.load_spec(b), b, sweep.expand(sweep.load_spec(b), b, root))
+    listed = json.loads((root / "sweep.json").read_text())
+    assert [r["name"] for r in listed["runs"]] == ["memory_size=60", "memory_size=80", "memory_size=40"]
+    assert listed["spec"]["grid"] == {"memory_size": [60, 80]} and listed["spec_path"] == str(b)
+
+
 def test_a_key_outside_the_runs_identity_or_equal_values_are_the_same_run_twice(tmp_path, capsys, monkeypatch):
     """Two runs of one (config hash, seed) would train the same thing twice; a report would count the
     second as another seed. Refused naming both runs and the key."""
