@@ -170,6 +170,21 @@ def test_path_is_preferred_and_named_by_its_stem(tmp_path, monkeypatch):
     assert load_config_file(str(tmp_path / "mine.json")) == ({"memory_size": 7}, "mine")
 
 
+def test_a_config_path_that_is_a_folder_or_a_broken_link_says_so(tmp_path, monkeypatch):
+    """It said "No config file" as for a misspelt name."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "somedir").mkdir()
+    os.symlink(tmp_path / "gone.json", tmp_path / "broken.json")
+    with pytest.raises(ConfigError, match=r"Config file somedir is a folder, not a file; give a JSON file"):
+        load_config_file("somedir")
+    with pytest.raises(ConfigError, match=r"Config file broken.json is a broken symbolic link"):
+        load_config_file("broken")
+    (tmp_path / "smoke").mkdir()   # a folder named like a shipped config does not hide configs/smoke.json
+    assert load_config_file("smoke")[1] == "smoke"
+
+
 def test_set_values_are_json_else_strings():
     assert parse_set(["memory_size=1000", "convnet_type=resnet18", "init_milestones=[30,60]",
                       "fixed_memory=true", "data_root=null", "prefix=a=b", "lr=0.5"]) == {

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -531,6 +532,12 @@ def load_config_file(name_or_path: str) -> tuple[dict, str]:
             if not isinstance(raw, dict):
                 raise ConfigError(f"Config file {path} must hold a JSON object.")
             return raw, path.stem
+    from utils.io import path_problem
+
+    for path in candidates:   # a name taken by something else than a file: say what it is
+        if os.path.lexists(path):
+            raise ConfigError(f"Config file {path} {path_problem(str(path))}; give a JSON file or a name in "
+                              f"{CONFIG_DIR}.")
     available = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
     raise ConfigError(f"No config file '{name_or_path}' (looked in the current folder and in {CONFIG_DIR}). "
                       f"Available: {', '.join(available)}.")
