@@ -42,6 +42,7 @@ import os
 import statistics
 import sys
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,9 +126,10 @@ def effective_memory(cfg: dict, num_classes: int) -> int | None:
     fixed_memory (None where the config does not say)."""
     from utils.memory import ExemplarMemory
 
-    try:
-        total = ExemplarMemory(cfg["memory_size"], cfg["memory_per_class"], cfg["fixed_memory"]).total_budget(num_classes)
-    except (KeyError, TypeError):   # a config of another schema, or one without that key
+    try:   # a config of another schema may lack a key: as the run would read it (no fixed_memory: off)
+        total = ExemplarMemory(cfg.get("memory_size"), cfg.get("memory_per_class"),
+                               bool(cfg.get("fixed_memory"))).total_budget(num_classes)
+    except TypeError:   # fixed_memory without a memory_per_class
         return None
     return total if isinstance(total, int) else None
 
@@ -612,11 +614,16 @@ def _legend_below(owner, handles, labels, width: int, anchor):
                         frameon=False)
 
 
+def _or_nan(value) -> float:
+    """A top-1 as a float for a plot; NaN where it is null (a phase or task without test images)."""
+    return math.nan if value is None else float(value)
+
+
 def _curves(row: Row, key: str = "cnn"):
     """x = classes seen, and per seed the top-1 after each phase (runs cut to the shortest)."""
     n = min(len(r.results["phases"]) for r in row.runs)
     xs = [row.runs[0].results["phases"][k]["classes"][1] for k in range(n)]
-    ys = [[r.results["phases"][k][key]["top1"] if r.results["phases"][k].get(key) else math.nan
+    ys = [[_or_nan(r.results["phases"][k][key]["top1"]) if r.results["phases"][k].get(key) else math.nan
            for k in range(n)] for r in row.runs]
     return xs, ys
 
@@ -639,11 +646,15 @@ def accuracy_curve_figure(rows: list[Row]):
     for i, row in enumerate(rows):
         xs, ys = _curves(row)
         ys = np.array(ys)
-        mean = np.nanmean(ys, axis=0)
+        with warnings.catch_warnings():   # a phase no seed has a top-1 for (no test images): NaN, unplotted
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(ys, axis=0)
         c, ls = _line_style(i)
         ax.plot(xs, mean, ls, marker="o", color=c, lw=2, ms=5, label=f"{row.label} (n={len(row.runs)})")
         if len(row.runs) > 1:
-            ax.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=c, alpha=0.15, lw=0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ax.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=c, alpha=0.15, lw=0)
         ref = row_stats(row)["published"]
         if ref and ref["last"] is not None:
             ax.plot([xs[-1]], [ref["last"]], "*", color=c, ms=14, mec="black")
@@ -675,14 +686,15 @@ def matrix_figure(row: Row):
     grid = np.full((n, n), np.nan)
     for k in range(n):
         for t in range(k + 1):
-            grid[k, t] = np.mean([m[k][t] for m in mats])
+            seen = [m[k][t] for m in mats if m[k][t] is not None]   # null: a task without test images
+            grid[k, t] = np.mean(seen) if seen else np.nan
     width = max(4.6, 1.6 + 0.8 * n)
     fig, ax = plt.subplots(figsize=(width, max(4.0, 1.4 + 0.75 * n)), dpi=110)
     im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
     for k in range(n):
         for t in range(k + 1):
-            ax.text(t, k, f"{grid[k, t]:.0f}", ha="center", va="center", fontsize=11,
-                    color="white" if grid[k, t] < 55 else "black")
+            ax.text(t, k, "–" if np.isnan(grid[k, t]) else f"{grid[k, t]:.0f}", ha="center", va="center",
+                    fontsize=11, color="white" if not grid[k, t] >= 55 else "black")
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
     ax.set_xlabel("task (classes of phase t)")
@@ -771,7 +783,8 @@ def export_tensorboard(rows: list[Row], out: Path) -> str:
             writer.add_scalar("train_acc", rec.get("train_acc", 0), step)
             writer.add_scalar("lr", rec.get("lr", 0), step)
         for p in r.results.get("phases", []):
-            writer.add_scalar("test/cnn_top1", p["cnn"]["top1"], p["classes"][1])
+            if p.get("cnn") and p["cnn"]["top1"] is not None:
+                writer.add_scalar("test/cnn_top1", p["cnn"]["top1"], p["classes"][1])
         writer.close()
     return f"TensorBoard scalars in {out / 'tensorboard'}"
 

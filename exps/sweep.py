@@ -18,7 +18,8 @@ alone, reported), *unreadable* (a results.json that is not a results object: lef
 folder's ``.sweep.lock`` is held (``flock``) while its subprocess runs, so two sweeps never run the
 same run; its state is read again once the lock is held, so a run another sweep finished or started
 meanwhile is skipped or resumed, never started afresh. ``ROOT/sweep.json`` lists the spec and its
-runs, and keeps the runs an earlier sweep.json there listed (another spec run into the same root).
+runs, and keeps the runs an earlier sweep.json there listed whose folders remain (another spec run
+into the same root).
 
 SIGTERM, SIGINT (Ctrl-C) or SIGHUP stop the sweep: each running ``main.py`` gets one SIGINT (it stops
 with its finished phases saved and exits 130), the runs not started yet are not started, and the
@@ -454,11 +455,11 @@ class StopHandler:
 def execute(run: Run, state: str, device: str | None, say, children: Children | None = None,
             num_phases: int | None = None) -> str:
     """Run one configuration as a subprocess under its lock; returns its outcome: finished, failed,
-    locked, done (another sweep finished it since the states were read), stale (another sweep wrote
-    it meanwhile with another config), interrupted (the child was stopped by a signal) or cancelled
-    (the sweep was stopped first). The state is read again once the lock is held: a run another
-    sweep finished or started meanwhile is skipped or resumed, never started afresh (which would
-    delete its results)."""
+    locked, done (another sweep or a main.py finished it since the states were read), stale or
+    unreadable (its results.json was written meanwhile by another config, or is not usable now),
+    interrupted (the child was stopped by a signal) or cancelled (the sweep was stopped first). The
+    state is read again once the lock is held: a run finished or started meanwhile is skipped or
+    resumed, never started afresh (which would delete its results)."""
     children = children or Children()
     if children.stopped:
         return "cancelled"
@@ -471,9 +472,10 @@ def execute(run: Run, state: str, device: str | None, say, children: Children | 
     try:
         now, detail = results_state(run, num_phases)
         if now in ("done", "stale", "unreadable"):
-            say(f"{run.name}: written by another sweep meanwhile ({skip_message(now, detail)})")
-            return "done" if now == "done" else "stale"
-        state = now   # partial (resumed) or missing (started)
+            say(f"{run.name}: written by another process meanwhile ({skip_message(now, detail)})")
+            return now
+        # partial: resumed; partial? (plan unknown): resumed too, which is safe even when it is done
+        state = "partial" if now.startswith("partial") else now
         env = dict(os.environ)
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
@@ -503,9 +505,10 @@ def execute(run: Run, state: str, device: str | None, say, children: Children | 
 
 def write_sweep_json(root: Path, spec: dict, spec_path: Path, runs: list[Run]) -> None:
     """Write ``root/sweep.json``: this spec, and its runs followed by the runs an earlier sweep.json
-    there listed that this spec does not (another spec run into the same root, or an earlier
-    version of this one: their folders stay, and exps/report.py keeps finding them). The read and
-    the write happen under a lock on the root, so two sweeps starting at once both keep theirs."""
+    there listed that this spec does not and whose folders are still there (another spec run into
+    the same root, or an earlier version of this one: exps/report.py keeps finding them; delete a
+    run's folder to drop it). The read and the write happen under a lock on the root, so two sweeps
+    starting at once both keep theirs."""
     import fcntl
 
     from utils.io import write_json
@@ -524,7 +527,15 @@ def write_sweep_json(root: Path, spec: dict, spec_path: Path, runs: list[Run]) -
             "spec": spec, "spec_path": str(spec_path),
             "varying": list(spec.get("grid", {})) + (["seed"] if runs and "seed" not in spec.get("grid", {})
                                                      and len({r.cfg["seed"] for r in runs}) > 1 else []),
-            "runs": entries + [e for e in old if e["name"] not in names]})
+            "runs": entries + [e for e in old if e["name"] not in names and _inside_folder(root, e["name"])]})
+
+
+def _inside_folder(root: Path, name: str) -> bool:
+    """Whether ``root/name`` is a folder inside ``root`` (an earlier sweep.json's run still on disk)."""
+    try:
+        return not os.path.isabs(name) and ".." not in Path(name).parts and (root / name).is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _sweep_json_runs(path: Path) -> list[dict]:
@@ -700,7 +711,8 @@ def _main(argv: list[str] | None, children: Children, stopper: StopHandler) -> i
               f"the same command to resume.", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     bad = (outcomes.count("failed") + outcomes.count("locked") + outcomes.count("interrupted")
-           + outcomes.count("stale") + sum(s in ("stale", "running", "unreadable") for s, _ in states))
+           + outcomes.count("stale") + outcomes.count("unreadable")
+           + sum(s in ("stale", "running", "unreadable") for s, _ in states))
     print(f"sweep {spec_path.stem}: {outcomes.count('finished')} run, "
           f"{sum(s == 'done' for s, _ in states) + outcomes.count('done')} "
           f"already done, {bad} failed/stale/unreadable/locked; {took:.0f} s; results under {root}", flush=True)

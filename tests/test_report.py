@@ -360,6 +360,20 @@ def test_odd_folder_names_and_paths_are_reported_not_crashed_on(tmp_path, capsys
     assert report.main([str(sw), "--output", ""]) == 2 and "--output is empty" in capsys.readouterr().err
 
 
+def test_null_accuracies_of_a_task_without_test_images_are_reported(tmp_path, capsys):
+    """The trainer writes a null top-1 for a phase or task without test images; the matrix plot
+    divided None by an int after report.md was written."""
+    res = _tiny_results(1)
+    res["phases"][0]["cnn"]["top1"] = None
+    res["summary"]["cnn_accuracy_matrix"] = [[None], [None, 50.0], [None, 45.0, 35.0]]
+    res["summary"]["cnn_forgetting"] = None
+    run_dir = _write(tmp_path / "run", res)
+    assert report.main([str(run_dir), "--output", str(tmp_path / "rep"), "--tensorboard"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "rep").glob("*.png"))[0].startswith("accuracy_curve")
+    assert len(list((tmp_path / "rep").glob("accuracy_matrix_*.png"))) == 1
+
+
 def test_a_run_that_finished_its_known_plan_stays_beside_a_longer_one(tmp_path, capsys):
     """The 'longest run of the row' rule is for runs whose plan is unknown: a run that finished
     its own plan was left out as partial beside a run of the same configuration with more phases."""

@@ -242,8 +242,10 @@ def test_a_run_written_by_another_sweep_meanwhile_is_skipped_or_resumed(tmp_path
     assert sweep.execute(runs[1], "missing", None, said.append, num_phases=n) == "finished"
     assert sweep.execute(runs[2], "missing", None, said.append, num_phases=n) == "finished"
     assert [cmd[-1] == "--resume" for cmd in launched] == [True, False]
-    assert "written by another sweep meanwhile (done, skipped" in said[0]
+    assert "written by another process meanwhile (done, skipped" in said[0]
     assert len(json.loads((runs[0].folder / "results.json").read_text())["phases"]) == n   # kept
+    # a plan that cannot be known (no num_phases): resumed, never started afresh
+    assert sweep.execute(runs[0], "missing", None, said.append) == "finished" and launched[-1][-1] == "--resume"
 
 
 def test_sweep_json_keeps_the_runs_of_an_earlier_spec_in_the_same_root(tmp_path):
@@ -252,6 +254,11 @@ def test_sweep_json_keeps_the_runs_of_an_earlier_spec_in_the_same_root(tmp_path)
     sweep.write_sweep_json(root, sweep.load_spec(a), a, sweep.expand(sweep.load_spec(a), a, root))
     b = tmp_path / "b.json"
     b.write_text(json.dumps({**json.loads(a.read_text()), "grid": {"memory_size": [60, 80]}}))
+    sweep.write_sweep_json(root, sweep.load_spec(b), b, sweep.expand(sweep.load_spec(b), b, root))
+    listed = json.loads((root / "sweep.json").read_text())
+    assert [r["name"] for r in listed["runs"]] == ["memory_size=60", "memory_size=80"]   # 40: no folder
+    (root / "memory_size=40").mkdir()
+    sweep.write_sweep_json(root, sweep.load_spec(a), a, sweep.expand(sweep.load_spec(a), a, root))
     sweep.write_sweep_json(root, sweep.load_spec(b), b, sweep.expand(sweep.load_spec(b), b, root))
     listed = json.loads((root / "sweep.json").read_text())
     assert [r["name"] for r in listed["runs"]] == ["memory_size=60", "memory_size=80", "memory_size=40"]

@@ -387,6 +387,8 @@ def test_a_task_without_test_images_gets_null_accuracy_and_forgetting_skips_it(t
     assert s["cnn_forgetting"] is None and s["cnn_forgetting_pycil"] is None
     assert s["cnn_avg_top1"] == p1["cnn"]["top1"]
     assert "have no test images" in (tmp_path / "run" / "log.txt").read_text()
+    from utils.results_file import load_results   # the one rule of resume, sweep and report accepts it
+    assert load_results(tmp_path / "run" / "results.json")[1] is None
 
 
 def test_leftover_classes_form_a_smaller_last_phase(tmp_path):

@@ -2,9 +2,11 @@
 trainer's resume (a finished run without checkpoints), ``exps/sweep.py`` (a run's state) and
 ``exps/report.py`` (its tables).
 
-A file is usable when it is UTF-8 JSON holding an object with a ``config`` object and a ``phases``
-list whose entries carry their ``classes`` range and ``memory`` (what the trainer writes after
-every phase); anything else gets one line saying why, naming no path (the caller adds it).
+A file is usable when it is UTF-8 JSON holding an object with a ``config`` object (its one integer
+``seed``) and a ``phases`` list whose entries carry their ``classes`` range, ``memory`` and
+accuracies with the types the trainer writes after every phase (a top-1 may be null: a phase
+without test images), and a ``summary`` whose accuracies are numbers or null; anything else gets
+one line saying why, naming no path (the caller adds it).
 """
 from __future__ import annotations
 
@@ -65,9 +67,11 @@ def _phase_problem(phase: Any) -> str | None:
     if not all(_is_number(memory.get(k), or_none=True) for k in ("bytes", "mean_cost")):
         return '"memory" has a "bytes" or "mean_cost" that is not a number'
     for model in ("cnn", "nme"):
-        if not (phase.get(model) is None or (isinstance(phase[model], dict) and _is_number(phase[model].get("top1")))):
-            return f'"{model}" is not an object with a "top1" number'
-    if not _is_number(phase.get("seconds"), or_none=True):
+        if not (phase.get(model) is None
+                or (isinstance(phase[model], dict) and "top1" in phase[model]
+                    and _is_number(phase[model]["top1"], or_none=True))):
+            return f'"{model}" is not an object with a "top1" number (or null)'
+    if "seconds" in phase and not _is_number(phase["seconds"]):
         return '"seconds" is not a number'
     return None
 
@@ -95,7 +99,7 @@ def results_problem(data: Any) -> str | None:
         return f"does not hold a results object (a JSON {type(data).__name__})"
     if not isinstance(data.get("config"), dict):
         return 'has no "config" object'
-    if "seed" in data["config"] and not _is_int(data["config"]["seed"]):
+    if not _is_int(data["config"].get("seed")):
         return '"config.seed" is not one integer (a run has one seed)'
     if not isinstance(data.get("phases"), list):
         return 'has no "phases" list'
