@@ -30,7 +30,7 @@ from models.base import Batch, Learner, Phase, Stage
 from models.context import RunContext
 from models.plugins import PLUGINS
 from models.registry import get_learner_class
-from utils import batching, distributed
+from utils import batching, distributed, provenance
 from utils.augment import BatchShard, TrainAugment
 from utils.config import config_hash, hashed_keys, phase_plan, resolve_saved_config, result_key_differences, run_notes
 from utils.datasets import DATASETS, load_dataset
@@ -214,7 +214,9 @@ class Trainer:
         self.learner: Learner = get_learner_class(cfg["model_name"])(cfg, self.ctx)
         self.ctx.learner = self.learner
         self.plugins = [cls(cfg, self.ctx) for cls in PLUGINS.values() if cls.enabled(cfg)]
-        self.results = {"config": cfg, "config_hash": self.hash, "world_size": self.world, "class_order": self.order,
+        self.environment = provenance.environment(self.device)   # the code and versions this process runs
+        self.results = {"config": cfg, "config_hash": self.hash, "world_size": self.world,
+                        "environment": self.environment, "class_order": self.order,
                         "class_names": [self.data.class_names[c] for c in self.order],
                         **{k: v for p in self.plugins for k, v in p.run_info().items()}, "phases": [], "summary": {}}
 
@@ -492,7 +494,7 @@ class Trainer:
                   "memory": {**self.memory.stats(phase.last, 3 * self.image_size ** 2), "hash": memory_hash},
                   **learner.phase_report(phase),
                   **{k: v for p in self.plugins for k, v in p.phase_report(phase).items()},
-                  "seconds": round(time.time() - start, 3)}
+                  "seconds": round(time.time() - start, 3), "code": self.environment["code"]}
         return record
 
     def check_outputs_finite(self, phase: Phase, stages: list[Stage], probe: int = 16) -> None:
@@ -692,6 +694,11 @@ class Trainer:
             self.log.info(f"resume: the checkpoint was written by a {before}-process run, this one has "
                           f"{self.world} (the global batch is the same; BatchNorm sees other shards)")
         self.results["world_size"] = self.world
+        ran = sorted({p["code"] for p in self.results.get("phases", []) if isinstance(p.get("code"), str)})
+        if ran and ran != [self.environment["code"]]:
+            self.log.info(f"note: resume: the finished phases ran on code {', '.join(ran)}, this process runs "
+                          f"{self.environment['code']} (each phase's \"code\" in results.json says which)")
+        self.results["environment"] = self.environment
         set_rng_states(state["rng"])
         self.log.info(f"resume: restored phase {last} from {path}")
         return last + 1
@@ -869,6 +876,8 @@ class Trainer:
         self.log.info(f"run {self.config_name} (config hash {self.hash}), seed {self.cfg['seed']}, device {self.device}, "
                       f"threads {torch.get_num_threads()}, learner {self.cfg['model_name']}, "
                       f"backbone {self.cfg['convnet_type']}")
+        env = self.environment
+        self.log.info(f"code {env['code']}, python {env['python']}, torch {env['torch']}, device {env['device']}")
         self.log.info(f"dataset {d.name}: {self.num_classes} classes, {len(d.train)} train / {len(d.test)} test images, "
                       f"stored {self.image_size}px, input {self.input_size}px; output {self.out}")
         self.log.info(f"class order: {self.order}")

@@ -553,6 +553,12 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def code_versions(row: Row) -> list[str]:
+    """The code versions (git commits, ``utils/provenance.py``) the phases of ``row``'s runs ran on;
+    runs written before results.json recorded them add none."""
+    return sorted({_shown(p["code"]) for r in row.runs for p in r.results["phases"] if isinstance(p.get("code"), str)})
+
+
 def write_tables(rows: list[Row], out: Path, notes: list[str], title: str) -> None:
     header, body = table(rows)
     with open(out / "report.csv", "w", newline="", encoding="utf-8") as f:
@@ -568,6 +574,11 @@ def write_tables(rows: list[Row], out: Path, notes: list[str], title: str) -> No
     refs = [(r.label, s["published"]["source"]) for r, s in zip(rows, map(row_stats, rows)) if s["published"]]
     if refs:
         md += ["", "Published settings matched: " + "; ".join(f"{label} ↔ {src}" for label, src in refs) + "."]
+    mixed = [(row.label, codes) for row in rows if len(codes := code_versions(row)) > 1]
+    if mixed:
+        md += ["", "Rows whose runs ran on more than one version of the code (each phase's git commit in "
+                   "results.json; a fix between them can change the numbers, and the config hash cannot tell):",
+               *[f"- {label}: {', '.join(codes)}" for label, codes in mixed]]
     if notes:
         md += ["", "Left out:", *[f"- {_shown(n)}" for n in notes]]
     md += ["", "Plots: ![accuracy](accuracy_curve.png) ![memory](memory.png)", ""]

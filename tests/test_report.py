@@ -374,6 +374,20 @@ def test_null_accuracies_of_a_task_without_test_images_are_reported(tmp_path, ca
     assert len(list((tmp_path / "rep").glob("accuracy_matrix_*.png"))) == 1
 
 
+def test_a_row_whose_runs_ran_on_several_code_versions_says_so(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed, code in ((1, "aaaa"), (2, "bbbb+dirty")):
+        res = _tiny_results(seed)
+        for p in res["phases"]:
+            p["code"] = code
+        _write(root / f"s{seed}", res)
+    _report_rows([root], tmp_path / "rep", capsys)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "more than one version of the code" in md and "aaaa, bbbb+dirty" in md
+    _report_rows([root / "s1"], tmp_path / "rep1", capsys)     # one version: nothing to say
+    assert "version of the code" not in (tmp_path / "rep1" / "report.md").read_text()
+
+
 def test_a_run_that_finished_its_known_plan_stays_beside_a_longer_one(tmp_path, capsys):
     """The 'longest run of the row' rule is for runs whose plan is unknown: a run that finished
     its own plan was left out as partial beside a run of the same configuration with more phases."""

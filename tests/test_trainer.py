@@ -391,6 +391,32 @@ def test_a_task_without_test_images_gets_null_accuracy_and_forgetting_skips_it(t
     assert load_results(tmp_path / "run" / "results.json")[1] is None
 
 
+def test_results_record_the_code_version_and_environment(tmp_path):
+    """A config hash names the settings, not the code: each phase records the commit it ran on."""
+    from utils import provenance
+
+    results = run(tiny_config(**FAST), tmp_path / "run")
+    assert results["environment"]["code"] == provenance.code_version() != ""
+    assert results["environment"]["torch"] == torch.__version__
+    assert [p["code"] for p in results["phases"]] == [provenance.code_version()] * len(results["phases"])
+    assert f"code {provenance.code_version()}, python " in (tmp_path / "run" / "log.txt").read_text()
+
+
+
+def test_a_resume_on_other_code_says_so_and_each_phase_keeps_its_code(tmp_path, monkeypatch):
+    from utils import provenance
+
+    raw = tiny_config(**FAST)
+    run(raw, tmp_path / "run", stop_after_phase=0)
+    real = provenance.environment
+    monkeypatch.setattr(provenance, "environment", lambda device: {**real(device), "code": "0123abcd+dirty"})
+    results = run(raw, tmp_path / "run", resume=True)
+    assert [p["code"] for p in results["phases"]] == [provenance.code_version(), "0123abcd+dirty"]
+    assert results["environment"]["code"] == "0123abcd+dirty"
+    assert (f"note: resume: the finished phases ran on code {provenance.code_version()}, this process runs "
+            f"0123abcd+dirty") in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_leftover_classes_form_a_smaller_last_phase(tmp_path):
     results = run(tiny_config(init_cls=2, increment=3, init_epochs=1, epochs=1), tmp_path / "run")
     assert [p["classes"] for p in results["phases"]] == [[0, 2], [2, 5], [5, 6]]

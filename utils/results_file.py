@@ -99,12 +99,12 @@ def results_problem(data: Any) -> str | None:
         return f"does not hold a results object (a JSON {type(data).__name__})"
     if not isinstance(data.get("config"), dict):
         return 'has no "config" object'
-    if not _is_int(data["config"].get("seed")):
-        return '"config.seed" is not one integer (a run has one seed)'
     if not isinstance(data.get("phases"), list):
         return 'has no "phases" list'
     if not isinstance(data.get("summary", {}), dict):
         return '"summary" is not an object'
+    if not _is_int(data["config"].get("seed")):
+        return '"config.seed" is not one integer (a run has one seed)'
     if "class_order" in data and not (isinstance(data["class_order"], list) and all(map(_is_int, data["class_order"]))):
         return '"class_order" is not a list of class indices'
     for k, phase in enumerate(data["phases"]):
