@@ -167,3 +167,32 @@ def test_loader_workers_leave_the_process_group():
 
     got = [imgs for imgs, in batching.iterate(GroupOfWorker(), batch_size=2, num_workers=2)]
     assert len(got) == 2 and all(int(v) != os.getpgid(0) for imgs in got for v in imgs.flatten())
+
+
+def test_the_fd_servers_connection_error_is_dropped_when_a_side_hangs_up(capsys, monkeypatch):
+    """multiprocessing's file-descriptor server thread (resource_sharer.py) reports its errors
+    through sys.excepthook: "ConnectionResetError" / "BrokenPipeError" was printed after a SIGTERM
+    run's one line (tests/test_main.py's process-group test, about 2 runs in 5). The hook of the
+    training process and its workers drops those, and prints every other error."""
+    import sys
+
+    code = compile("def serve():\n    raise ConnectionResetError(104, 'Connection reset by peer')\n",
+                   "/usr/lib/python3/multiprocessing/resource_sharer.py", "exec")
+    scope = {}
+    exec(code, scope)
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception:
+            return sys.exc_info()
+
+    def elsewhere():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert sys.excepthook is batching._quiet_when_the_parent_hangs_up    # set on import
+    monkeypatch.setattr(batching, "_EXCEPTHOOK", sys.__excepthook__)
+    batching._quiet_when_the_parent_hangs_up(*raised(scope["serve"]))
+    assert capsys.readouterr().err == ""
+    batching._quiet_when_the_parent_hangs_up(*raised(elsewhere))
+    assert "BrokenPipeError" in capsys.readouterr().err

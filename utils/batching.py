@@ -12,6 +12,7 @@ consumer of a source (training, evaluation, :func:`materialize`) goes through :f
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -134,6 +135,33 @@ def batch_finisher(images: Dataset) -> Callable[[list], torch.Tensor] | None:
     if getattr(images, "decode_on", None) is not None:
         return images.finish_batch
     return None
+
+
+def _quiet_when_the_parent_hangs_up(kind, err, tb) -> None:
+    """``sys.excepthook`` of the training process and its loader workers. A worker sends the
+    batches' shared memory to the training process through multiprocessing's file-descriptor
+    server thread (``multiprocessing/resource_sharer.py``), which reports its own errors through
+    ``sys.excepthook``; when either side stops mid-transfer (SIGTERM, Ctrl-C), the connection is
+    reset and that traceback landed on the run's stderr after its one "interrupted" line. Such a
+    connection error is dropped; anything else is printed as before."""
+    import traceback
+
+    if issubclass(kind, (ConnectionError, EOFError)) and any(
+            frame.f_code.co_filename.endswith("resource_sharer.py") for frame, _ in traceback.walk_tb(tb)):
+        return
+    _EXCEPTHOOK(kind, err, tb)
+
+
+_EXCEPTHOOK = sys.excepthook
+sys.excepthook = _quiet_when_the_parent_hangs_up   # this process; forked workers inherit it
+
+
+def _init_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: :func:`_own_process_group`, and
+    :func:`_quiet_when_the_parent_hangs_up` as the worker's ``sys.excepthook`` (a forked worker has
+    it already; a spawned one would not)."""
+    _own_process_group(worker_id)
+    sys.excepthook = _quiet_when_the_parent_hangs_up
 
 
 def _own_process_group(worker_id: int) -> None:
@@ -261,12 +289,12 @@ def iterate(images: Images, *extras: torch.Tensor, batch_size: int, generator: t
     if finish is None:
         loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                            worker_init_fn=_own_process_group)
+                            worker_init_fn=_init_worker)
         for idx, imgs in zip(batches, _loaded(loader)):
             yield (imgs, *(e[idx] for e in extras))
         return
     # The workers read bytes; each batch is decoded on the device, in this process.
     loader = DataLoader(images, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
-                        collate_fn=_as_list, persistent_workers=False, worker_init_fn=_own_process_group)
+                        collate_fn=_as_list, persistent_workers=False, worker_init_fn=_init_worker)
     for idx, items in zip(batches, _loaded(loader)):
         yield (finish(items), *(e[idx] for e in extras))
