@@ -52,7 +52,7 @@ if str(REPO) not in sys.path:
 
 from utils.errors import UserError  # noqa: E402
 from utils.io import path_problem  # noqa: E402
-from utils.results_file import read_json_file, read_results  # noqa: E402
+from utils.results_file import is_run_name, read_json_file, read_results, read_sweep_json  # noqa: E402
 
 EXIT_USER_ERROR = 2
 
@@ -205,15 +205,6 @@ def _identity(run: RunResult) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k not in _NOT_HASHED}, sort_keys=True)
 
 
-def read_sweep(path: Path) -> dict:
-    """The sweep.json at ``path`` (written by exps/sweep.py); UserError naming the file if unusable."""
-    data = read_json_file(path)
-    runs = data.get("runs") if isinstance(data, dict) else None
-    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in runs):
-        raise UserError(f'{path} is not a sweep.json of exps/sweep.py (no "runs" list of named runs)')
-    return data
-
-
 def planned_phases(results: dict, resolved: dict | None) -> int | None:
     """Phases of the run's plan, from its config (``resolved``: today's schema) and its class
     order's length (the dataset's class count), as exps/sweep.py's planned_phases gives it without
@@ -275,11 +266,6 @@ def _present(path: Path) -> bool:
         return False
 
 
-def _inside(name: str) -> bool:
-    """Whether a sweep.json run name is a folder inside its sweep (relative, no ``..``, no NUL)."""
-    return bool(name) and "\0" not in name and not os.path.isabs(name) and ".." not in Path(name).parts
-
-
 def _run_folders(path: Path, notes: list[str], sweeps: SweepFiles):
     """(folder, variant, given) of each run ``path`` names: itself (a run folder, or its results.json:
     ``given``, its results.json must be usable), its sweep.json's runs (the sweep root, or its
@@ -292,11 +278,11 @@ def _run_folders(path: Path, notes: list[str], sweeps: SweepFiles):
     if _present(path / "results.json") and not _present(path / "sweep.json"):
         raise UserError(f"{path / 'results.json'} {path_problem(str(path / 'results.json'), 'file')}")
     if _present(path / "sweep.json"):
-        data = read_sweep(path / "sweep.json")
+        data = read_sweep_json(path / "sweep.json")
         sweeps[path.resolve()] = (path, data)
         out = []
         for entry in data["runs"]:
-            if not _inside(entry["name"]):
+            if not is_run_name(entry["name"]):
                 notes.append(f"{path / 'sweep.json'}: run {json.dumps(entry['name'])} is not a folder inside the "
                              f"sweep (left out)")
                 continue

@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.errors import ConfigError, DataError, UserError  # noqa: E402
-from utils.results_file import load_results, read_json_file  # noqa: E402
+from utils.results_file import is_run_name, load_results, read_json_file, read_sweep_json  # noqa: E402
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143   # main.py's, after Ctrl-C and after SIGTERM
@@ -527,26 +527,23 @@ def write_sweep_json(root: Path, spec: dict, spec_path: Path, runs: list[Run]) -
             "spec": spec, "spec_path": str(spec_path),
             "varying": list(spec.get("grid", {})) + (["seed"] if runs and "seed" not in spec.get("grid", {})
                                                      and len({r.cfg["seed"] for r in runs}) > 1 else []),
-            "runs": entries + [e for e in old if e["name"] not in names and _inside_folder(root, e["name"])]})
+            "runs": entries + [e for e in old if e["name"] not in names and _still_there(root, e["name"])]})
 
 
-def _inside_folder(root: Path, name: str) -> bool:
-    """Whether ``root/name`` is a folder inside ``root`` (an earlier sweep.json's run still on disk)."""
+def _still_there(root: Path, name: str) -> bool:
+    """Whether an earlier sweep.json's run ``name`` is a folder inside ``root`` on disk."""
     try:
-        return not os.path.isabs(name) and ".." not in Path(name).parts and (root / name).is_dir()
-    except (OSError, ValueError):
+        return is_run_name(name) and (root / name).is_dir()
+    except OSError:   # a name longer than the file system allows
         return False
 
 
 def _sweep_json_runs(path: Path) -> list[dict]:
-    """The run entries of an existing sweep.json (each an object with a string name); [] if there
-    is none or it cannot be read."""
+    """The run entries of an existing sweep.json; [] if there is none or it cannot be read."""
     try:
-        data = read_json_file(path) if path.is_file() else {}
+        return read_sweep_json(path)["runs"] if path.is_file() else []
     except UserError:
         return []
-    runs = data.get("runs") if isinstance(data, dict) else None
-    return [e for e in runs if isinstance(e, dict) and isinstance(e.get("name"), str)] if isinstance(runs, list) else []
 
 
 def parse_devices(text: str | None) -> list[str]:

@@ -172,6 +172,7 @@ def test_each_file_is_read_and_each_config_resolved_once(tmp_path, capsys, monke
     """A run reached twice is read once, its sweep's sweep.json once, and each saved config is
     resolved with today's schema once (the row key, the plan and the label keys all need it)."""
     import utils.config
+    import utils.results_file
 
     root = _sweep(tmp_path / "sw", {f"seed={s}": (None, _tiny_results(s, (60.0, 50.0, 40.0))) for s in (1, 2, 3)},
                   grid={"memory_size": [60]})
@@ -193,6 +194,7 @@ def test_each_file_is_read_and_each_config_resolved_once(tmp_path, capsys, monke
 
     monkeypatch.setattr(report, "read_results", count_results)
     monkeypatch.setattr(report, "read_json_file", count_json)
+    monkeypatch.setattr(utils.results_file, "read_json_file", count_json)   # under read_sweep_json
     monkeypatch.setattr(utils.config, "resolve_saved_config", count_resolve)
     rows = _report_rows([root, root / "seed=1", tmp_path], tmp_path / "rep", capsys)
     assert [r["seeds"] for r in rows.values()] == ["3"]

@@ -121,14 +121,16 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
     return stale
 
 
+def _nearest_existing(path: Path) -> Path | None:
+    """The nearest of ``path`` and the folders above it that exists (a broken symbolic link counts)."""
+    return next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+
+
 def file_in_the_way(path: str | Path) -> Path | None:
-    """The nearest of ``path`` and the folders above it that exists (a broken symbolic link
-    counts), if it is not a folder: what stops ``path`` from being (made) a folder; else None.
-    Looks only: nothing is created."""
-    for p in (Path(path), *Path(path).parents):
-        if p.exists() or p.is_symlink():
-            return None if p.is_dir() else p
-    return None
+    """The nearest of ``path`` and the folders above it that exists, if it is not a folder: what
+    stops ``path`` from being (made) a folder; else None. Looks only: nothing is created."""
+    found = _nearest_existing(Path(path))
+    return None if found is None or found.is_dir() else found
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:
@@ -141,9 +143,7 @@ def check_writable_dir(path: str | Path, what: str) -> None:
         raise UserError(f"{what} {path} {path_problem(str(path), 'folder')}; use another path.")
     if blocking is not None:
         raise UserError(f"{what} {path} cannot be created: {blocking} {path_problem(str(blocking), 'folder')}.")
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = _nearest_existing(path) or path   # a folder: file_in_the_way found nothing else
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe-", suffix=TMP_SUFFIX)
         os.close(fd)

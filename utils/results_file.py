@@ -114,6 +114,21 @@ def results_problem(data: Any) -> str | None:
     return _summary_problem(data.get("summary", {}))
 
 
+def read_sweep_json(path: str | Path) -> dict:
+    """The sweep.json at ``path`` (written by exps/sweep.py: a "runs" list of objects with a string
+    "name"); DataError naming the file if it is unusable."""
+    data = read_json_file(path)
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in runs):
+        raise DataError(f'{path} is not a sweep.json of exps/sweep.py (no "runs" list of named runs)')
+    return data
+
+
+def is_run_name(name: str) -> bool:
+    """Whether a sweep.json run name names a folder inside its sweep: relative, no ``..``, no NUL."""
+    return bool(name) and "\0" not in name and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
 def load_results(path: str | Path) -> tuple[dict | None, str | None]:
     """(the results dict in ``path``, None), or (None, why it is not usable)."""
     data, why = _parse(path)
