@@ -20,15 +20,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils import replay_folder  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
+
+def check_paths(src: Path, out: Path) -> None:
+    """UserError unless ``src`` is a Tiny-ImageNet-layout folder and ``out`` is new, empty, or an earlier
+    build of this script (only ``data/`` and ``replay/`` with its manifest): the build replaces
+    ``out``'s contents, and a mistyped ``--out`` must never remove anything else."""
+    for need in ("wnids.txt", "train", "val"):
+        if not (src / need).exists():
+            raise UserError(f"--data_root {src} is not a Tiny-ImageNet-layout folder: it has no {need}.")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a new or empty folder.")
+    entries = set(os.listdir(out))
+    earlier = entries <= {"data", "replay"} and (out / "replay" / replay_folder.MANIFEST).is_file()
+    if entries and not earlier:
+        shown = ", ".join(sorted(entries)[:5]) + (" …" if len(entries) > 5 else "")
+        raise UserError(f"--out {out} holds other files ({shown}), not an earlier oracle build; give a new or "
+                        f"empty folder (the build replaces what --out holds).")
+    if src == out or out in src.parents:
+        raise UserError(f"--out {out} contains --data_root {src}; give a folder outside it.")
 
 
 def build(data_root: str, per_class: int, out: str) -> tuple[Path, Path]:
     src, out = Path(data_root).resolve(), Path(out).resolve()
+    check_paths(src, out)
     data, replay = out / "data", out / "replay"
-    shutil.rmtree(out, ignore_errors=True)
+    for earlier in (data, replay):   # an earlier build (check_paths allows nothing else)
+        shutil.rmtree(earlier, ignore_errors=True)
     (data / "train").mkdir(parents=True)
     for name in ("wnids.txt", "words.txt", "val"):
-        os.symlink(src / name, data / name)
+        if (src / name).exists():   # words.txt (readable names) is optional
+            os.symlink(src / name, data / name)
     wnids = [w.strip() for w in (src / "wnids.txt").read_text().split() if w.strip()]
     classes = {}
     for wnid in wnids:
@@ -53,15 +78,23 @@ def build(data_root: str, per_class: int, out: str) -> tuple[Path, Path]:
     return data, replay
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_root", required=True)
     p.add_argument("--per_class", type=int, default=100)
     p.add_argument("--out", required=True)
-    a = p.parse_args()
-    data, replay = build(a.data_root, a.per_class, a.out)
+    a = p.parse_args(argv)
+    if a.per_class < 1:
+        print(f"error: --per_class is {a.per_class}; it must be at least 1.", file=sys.stderr)
+        return 2
+    try:
+        data, replay = build(a.data_root, a.per_class, a.out)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"training data without the held-out images: {data}\noracle replay folder: {replay}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,10 +15,12 @@ Sources (config block ``synthetic_replay``; off while ``source`` is "none"):
   in seed order are used.
 * ``diffusers`` — images made here from a local pipeline folder (``model_path``; nothing is
   downloaded) into the same format under ``cache_dir/<key>/``, the key a digest of everything that
-  decides the pixels (weights, scheduler, steps, guidance, resolution, prompt template, seed,
+  decides the pixels (weights, scheduler, steps, guidance, resolution, every class's prompt, seed,
   chunking, dtype), so another run or learner with the same settings reuses them. ``when``:
-  "per_phase" makes a phase's new classes at its end (the model has just met them), "upfront"
-  makes every class of the plan before phase 0. Generation resumes after a stop (``utils/diffusion.py``).
+  "per_phase" makes the classes a phase replays at its start, after the previous phase's checkpoint
+  (a phase's new classes are made when the next phase begins), "upfront" makes every replayed class
+  before phase 0. Generation resumes after a stop (``utils/diffusion.py``); the pipeline is loaded
+  for a generation and released after it.
 
 ``ratio``: null — the synthetic images join the epoch's pass like exemplars (each once an epoch);
 r > 0 — each batch of b real samples gets round(r·b) synthetic ones on top (the epoch's length stays
@@ -66,8 +68,9 @@ FIELDS = {
     "dtype": Option("auto", "str", "diffusers: weights' precision; auto = float16 on CUDA, float32 on CPU.",
                     choices=("auto", "float16", "bfloat16", "float32")),
     "attention_slicing": Option(False, "bool", "diffusers: sliced attention (less GPU memory, slower)."),
-    "when": Option("per_phase", "str", "diffusers: make a phase's new classes at its end (per_phase) or every "
-                                       "class before phase 0 (upfront).", choices=("per_phase", "upfront")),
+    "when": Option("per_phase", "str", "diffusers: make the classes a phase replays at its start, after the "
+                                       "previous phase's checkpoint (per_phase), or every replayed class before "
+                                       "phase 0 (upfront).", choices=("per_phase", "upfront")),
     "ratio": Option(None, "float", "null: synthetic images join each epoch like exemplars; r > 0: round(r × batch) "
                                    "synthetic images are added to every batch.", min=0.0, nullable=True),
     "use_in_ce": Option(True, "bool", "Synthetic images count in the classification loss."),
@@ -113,12 +116,28 @@ def open_inputs(cfg: dict, ids: list[str], replayed: int) -> ReplayInputs:
             folder_paths(root, c, names[c], s["per_class"])
         return ReplayInputs(names, prompts, root, manifest, None)
     model_path = diffusion.check_model_path(s["model_path"])
-    resolution = s["resolution"] or diffusion.native_resolution(model_path)
-    manifest = {"format": replay_folder.FORMAT, **diffusion.pipeline_description(model_path, s["dtype"]),
-                **{k: s[k] for k in PIXEL_SETTINGS}, "resolution": resolution, "seed_rule": diffusion.SEED_RULE}
-    key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    multiple = diffusion.side_multiple(model_path)
+    if s["resolution"] is not None and s["resolution"] % multiple:
+        raise ConfigError(f"Config key 'synthetic_replay.resolution' is {s['resolution']}; the pipeline in "
+                          f"{model_path} makes sides that are multiples of {multiple}: use "
+                          f"{s['resolution'] // multiple * multiple or multiple} or "
+                          f"{(s['resolution'] // multiple + 1) * multiple}, or null (its native side).")
+    dtype = diffusion.resolved_dtype(s["dtype"], cfg["device"])
+    manifest = {"format": replay_folder.FORMAT, **diffusion.pipeline_description(model_path, dtype),
+                **{k: s[k] for k in PIXEL_SETTINGS}, "dtype": dtype,
+                "resolution": s["resolution"] or diffusion.native_resolution(model_path),
+                "seed_rule": diffusion.SEED_RULE}
+    key = generation_key(manifest, prompts)
     root = os.path.join(os.path.abspath(os.path.expanduser(s["cache_dir"])), key)
     return ReplayInputs(names, prompts, root, manifest, model_path)
+
+
+def generation_key(manifest: dict, prompts: dict[str, str]) -> str:
+    """The cache folder name of a generation: a digest of the manifest's settings and of every class's
+    prompt (class id -> prompt, in any class order), so that another names file, or a dataset that
+    shares class ids but names them otherwise, never reuses images made from other prompts."""
+    payload = {"settings": manifest, "prompts": prompts}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def folder_paths(root: str, class_id: str, name: str, per_class: int) -> list[str]:
@@ -178,15 +197,8 @@ class SyntheticReplay(Plugin):
         self.images: dict[int, torch.Tensor] = {}                 # label -> uint8 [per_class, 3, S, S]
         self.generated = 0
         self.generation_seconds = 0.0
-        self.pipe = None
 
     # ---- generation (diffusers) ---------------------------------------------------------------
-    def _pipeline(self):
-        if self.pipe is None:
-            self.pipe = diffusion.load_pipeline(self.model_path, str(self.ctx.device), self.settings["dtype"],
-                                                self.settings["attention_slicing"])
-        return self.pipe
-
     def generate(self, labels: list[int]) -> None:
         """Make the missing images of these classes (a no-op for a folder source or a full cache).
         With several processes the chunks of a class are shared out (chunk j to rank j mod world
@@ -203,7 +215,9 @@ class SyntheticReplay(Plugin):
         manifest_path = os.path.join(self.root, replay_folder.MANIFEST)
         manifest = replay_folder.read_manifest(self.root) if main and os.path.isfile(manifest_path) \
             else {**self.manifest, "classes": {}}
-        pipe = self._pipeline()
+        # Loaded for this generation only, in the precision its key records.
+        pipe = diffusion.load_pipeline(self.model_path, str(self.ctx.device), self.manifest["dtype"],
+                                       s["attention_slicing"])
         bar = tqdm(total=len(todo) * n, desc="synthetic replay: generating", unit="img",
                    disable=None if main else True, leave=False)
         made = 0
@@ -217,6 +231,9 @@ class SyntheticReplay(Plugin):
                 guidance=s["guidance_scale"], resolution=self.manifest["resolution"], batch_size=s["gen_batch_size"],
                 device=str(self.ctx.device), shard=(self.ctx.rank, self.ctx.world_size), progress=bar.update)
         bar.close()
+        del pipe   # the pipeline's memory (GBs on the GPU) goes back to training
+        if self.ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
         distributed.barrier()   # every rank's chunks are on disk before any rank loads them
         self.generated += int(distributed.all_reduce_sum(torch.tensor(made)))
         took = time.time() - start
@@ -231,8 +248,9 @@ class SyntheticReplay(Plugin):
         replayed = self.ctx.plan[-1][0]   # classes some later phase replays: all but the last phase's
         if self.settings["when"] == "upfront" and phase.index == 0:
             self.generate(list(range(replayed)))
-        # Per phase, the old classes were made at the end of their phases; this catches a run
-        # resumed after a stop, or one whose cache was removed.
+        # per_phase: the classes this phase replays that are not made yet (the previous phase's new
+        # ones; all of them after a resume or a removed cache). Made here, after the previous phase's
+        # checkpoint, so that a failed or stopped generation never costs a trained phase.
         self.generate(list(range(phase.first)))
         for c in range(phase.first):
             if c not in self.images:
@@ -251,10 +269,6 @@ class SyntheticReplay(Plugin):
         s = self.settings
         return [SourceData("synthetic", images, y, SYNTHETIC, ratio=s["ratio"], in_ce=s["use_in_ce"],
                            in_kd=s["use_in_kd"])]
-
-    def after_phase(self, phase) -> None:
-        if self.settings["when"] == "per_phase" and phase.last <= self.ctx.plan[-1][0]:
-            self.generate(list(range(phase.first, phase.last)))
 
     def phase_report(self, phase) -> dict:
         counts = [len(self.images[c]) for c in range(phase.first)]

@@ -319,3 +319,33 @@ def test_tile_folder_gives_a_dataset_with_every_training_image_n_times(tmp_path)
     assert torch.equal(three.test.labels, one.test.labels) and (tmp_path / "x3" / "val").is_symlink()
     first = sorted((tmp_path / "x3" / "train" / "class0").iterdir())[0]
     assert first.is_symlink() and first.resolve().parent == (src / "train" / "class0").resolve()
+
+
+def test_make_oracle_replay_holds_out_images_and_never_removes_another_folder(tmp_path, capsys):
+    """exps/make_oracle_replay.py: the first images of each class become the replay folder and leave the
+    training copy; an --out holding anything but an earlier build is refused (it used to be removed
+    whole: a mistyped --out . deleted the working tree)."""
+    from make_oracle_replay import main as oracle
+
+    from utils import replay_folder
+
+    src = _fake_tinyimagenet(tmp_path / "tiny", train=4)
+    out = tmp_path / "oracle"
+    assert oracle(["--data_root", str(src), "--per_class", "1", "--out", str(out)]) == 0
+    for c in ("n001", "n002"):
+        assert len(replay_folder.class_files(str(out / "replay"), c)) == 1
+        assert len(list((out / "data" / "train" / c / "images").iterdir())) == 3
+    assert oracle(["--data_root", str(src), "--per_class", "2", "--out", str(out)]) == 0   # an earlier build
+    assert len(list((out / "data" / "train" / "n001" / "images").iterdir())) == 2
+    capsys.readouterr()
+    precious = tmp_path / "work"
+    (precious / "code").mkdir(parents=True)
+    (precious / "notes.txt").write_text("keep")
+    for out, data, words in ((precious, src, "holds other files"), (tmp_path / "elsewhere", tmp_path / "nowhere",
+                                                                   "no wnids.txt"),
+                             (out, out / "data", "contains --data_root")):
+        assert oracle(["--data_root", str(data), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+    assert (precious / "notes.txt").read_text() == "keep" and (precious / "code").is_dir()
+    assert len(list((tmp_path / "oracle" / "data" / "train" / "n001" / "images").iterdir())) == 2

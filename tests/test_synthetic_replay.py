@@ -91,8 +91,9 @@ def test_every_learner_trains_with_diffusers_replay(tiny_pipeline, tmp_path, lea
     reports = [p["synthetic_replay"] for p in res["phases"]]
     assert [r["classes_replayed"] for r in reports] == [0, 2, 4]
     assert [r["images"] for r in reports] == [0, 8, 16] and reports[2]["images_per_class"] == 4
-    # per_phase: phase k's new classes are made at its end, the last phase's never (nothing replays them)
-    assert [r["generated_this_phase"] for r in reports] == [8, 8, 0]
+    # per_phase: phase k's new classes are made when phase k+1 begins (after phase k's checkpoint),
+    # the last phase's never (nothing replays them)
+    assert [r["generated_this_phase"] for r in reports] == [0, 8, 8]
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "'synthetic': 16" in log                               # phase 2's stages saw them
     assert all(m["train_acc"] >= 0 for m in read_metrics(tmp_path / "run"))
@@ -109,10 +110,62 @@ def test_cache_is_reused_by_another_run_and_learner(tiny_pipeline, tmp_path):
     manifest = json.loads((folders[0] / "manifest.json").read_text())
     assert manifest["guidance_scale"] == 2.0 and manifest["num_inference_steps"] == 2
     assert manifest["generator"]["weights_hash"] and manifest["scheduler"] == "DDIMScheduler"
+    # dtype "auto" is keyed as what it means here: float16 images (CUDA) never share float32's folder
+    assert manifest["dtype"] == manifest["generator"]["dtype"] == "float32"
     assert sorted(manifest["classes"]) == sorted(first["class_names"][:4])
     # Another setting that changes the pixels is another key (never a stale cache).
     run(tiny_config(**QUICK, synthetic_replay={**block, "guidance_scale": 3.0}), tmp_path / "three")
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+
+
+def test_other_class_names_are_another_cache_key(tiny_pipeline, tmp_path):
+    """The key covers every class's prompt: a names file (or a dataset that shares class ids but names
+    them otherwise) never reuses images made from other names (it used to: same folder, 0 made)."""
+    block = diffusers_block(tiny_pipeline, tmp_path / "cache", when="upfront")
+    first = run(tiny_config(**QUICK, synthetic_replay=block), tmp_path / "one")
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"{cid}\tzebra number {i}\n" for i, cid in enumerate(shape_ids())))
+    second = run(tiny_config(**QUICK, synthetic_replay={**block, "class_names": str(names)}), tmp_path / "two")
+    assert second["phases"][0]["synthetic_replay"]["generated_this_phase"] == 16
+    assert second["synthetic_replay"]["folder"] != first["synthetic_replay"]["folder"]
+    manifest = json.loads((Path(second["synthetic_replay"]["folder"]) / "manifest.json").read_text())
+    assert all(c["prompt"].startswith("a photo of a zebra number") for c in manifest["classes"].values())
+
+
+def test_a_failed_generation_keeps_the_trained_phase(tiny_pipeline, tmp_path, capsys):
+    """A pipeline folder without weights passes the file checks and fails when loaded: the phase
+    before has its results and checkpoint (generation runs after them, at the next phase's start)."""
+    import shutil
+
+    import main
+
+    broken = tmp_path / "no_weights"
+    shutil.copytree(tiny_pipeline, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    cfg = write_config(tmp_path / "cfg.json", tiny_config(**QUICK, synthetic_replay=diffusers_block(
+        str(broken), tmp_path / "cache")))
+    code = main.main(["--config", str(cfg), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Cannot load the pipeline" in err and "Traceback" not in err, err
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [p["phase"] for p in res["phases"]] == [0]
+    assert (tmp_path / "out" / "checkpoints" / "phase_0.pt").is_file()
+
+
+def test_weights_hash_reads_whole_files(tmp_path):
+    """Two same-size weight files that differ only in the middle are two pipelines (the hash used to
+    read only the first and last MiB of files over 64 MiB)."""
+    size = 65 << 20
+    digests = []
+    for k, name in enumerate(("a", "b")):
+        folder = tmp_path / name
+        folder.mkdir()
+        data = bytearray(size)
+        data[size // 2] = k
+        (folder / "unet.bin").write_bytes(bytes(data))
+        digests.append(diffusion.weights_hash(str(folder)))
+    assert digests[0] != digests[1]
+    (tmp_path / "a" / "unet.bin").write_bytes(b"\1" * 10)          # changed on disk: hashed again
+    assert diffusion.weights_hash(str(tmp_path / "a")) not in digests
 
 
 def test_resume_with_replay_matches_an_uninterrupted_run(tiny_pipeline, tmp_path):
@@ -196,8 +249,9 @@ def _main(tmp_path, block, *flags, **extra) -> tuple[int, str]:
 
 @pytest.mark.parametrize("flags", [(), ("--check",)], ids=["run", "check"])
 @pytest.mark.parametrize("case", ["manifest", "hub", "missing", "no_images", "few_images", "no_path", "template",
-                                  "names"])
-def test_bad_sources_stop_with_exit_2_naming_the_field_or_path(tmp_path, capsys, monkeypatch, case, flags):
+                                  "names", "resolution"])
+def test_bad_sources_stop_with_exit_2_naming_the_field_or_path(tiny_pipeline, tmp_path, capsys, monkeypatch, case,
+                                                               flags):
     """Found from file listings alone: ``--check`` fails as the run would, and the run stops before
     its dataset is loaded (on ImageNet that is the minutes of decoding a bad path used to cost)."""
     import trainer
@@ -230,6 +284,9 @@ def test_bad_sources_stop_with_exit_2_naming_the_field_or_path(tmp_path, capsys,
         names.write_text("".join(f"other{i}\tthing\n" for i in range(3)))
         block, expect = ({"source": "folder", "path": str(root), "per_class": 2, "class_names": str(names)},
                          [str(names), "no line names a class"])
+    elif case == "resolution":   # diffusers refuses it, but only when generating (after phase 0 trained)
+        block, expect = (diffusers_block(tiny_pipeline, tmp_path / "cache", resolution=36),
+                         ["synthetic_replay.resolution", "36", "multiples of 8", "32", "40"])
     else:
         block, expect = {"source": "folder", "path": ".", "prompt_template": "a photo"}, ["prompt_template", "{name}"]
     code, _ = _main(tmp_path, block, *flags)

@@ -14,8 +14,10 @@ chunks of ``gen_batch_size`` (chunk j = images [j·b, (j+1)·b)), so that
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import math
 import os
 from pathlib import Path
 
@@ -47,23 +49,41 @@ def check_model_path(model_path: str | None) -> str:
 
 
 def weights_hash(path: str) -> str:
-    """A digest of a pipeline folder: every file's relative name and size, the whole content of
-    files up to 64 MiB and the first and last MiB of larger ones (multi-GB weights hash in a second)."""
-    h = hashlib.sha256()
+    """A digest of a pipeline folder: every file's relative name and its whole content (two
+    fine-tunes of the same size that differ anywhere get different digests). Reading several GB
+    takes seconds, so the digest is kept for the process, keyed by each file's size and mtime."""
+    listing = []
     for dirpath, dirnames, files in sorted(os.walk(path)):
         dirnames.sort()
         for name in sorted(files):
             full = os.path.join(dirpath, name)
-            size = os.path.getsize(full)
-            h.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
-            with open(full, "rb") as f:
-                if size <= 64 << 20:
-                    h.update(f.read())
-                else:
-                    h.update(f.read(1 << 20))
-                    f.seek(-(1 << 20), os.SEEK_END)
-                    h.update(f.read())
+            st = os.stat(full)
+            listing.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    return _content_digest(path, tuple(listing))
+
+
+@functools.lru_cache(maxsize=8)
+def _content_digest(path: str, listing: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for rel, size, _ in listing:
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(os.path.join(path, rel), "rb") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
+
+
+def resolved_dtype(dtype: str, device: str) -> str:
+    """The weights' precision of ``dtype`` on ``device`` ("auto": float16 on CUDA, float32 elsewhere;
+    ``device`` "auto" is CUDA when one is available): what the generation key records, so that images
+    made in float16 and in float32 never share a cache folder."""
+    if dtype != "auto":
+        return dtype
+    if device == "auto":
+        import torch
+
+        return "float16" if torch.cuda.is_available() else "float32"
+    return "float16" if str(device).startswith("cuda") else "float32"
 
 
 def load_pipeline(model_path: str, device: str, dtype: str = "auto", attention_slicing: bool = False):
@@ -77,11 +97,13 @@ def load_pipeline(model_path: str, device: str, dtype: str = "auto", attention_s
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    for logging in (diffusers_logging, transformers_logging):   # no hub hints or loading bars in the run's output
-        logging.set_verbosity_error()
+    # No hub hints, loading bars or logged load errors in the run's output: a failed load raises, and
+    # its message is in the DataError below.
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity(logging.CRITICAL)
         logging.disable_progress_bar()
-    torch_dtype = {"auto": torch.float16 if str(device).startswith("cuda") else torch.float32,
-                   "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                   "float32": torch.float32}[resolved_dtype(dtype, device)]
     from diffusers.utils import deprecation_utils
 
     # Newer diffusers name the precision argument `dtype` (and warn on `torch_dtype`).
@@ -100,7 +122,8 @@ def load_pipeline(model_path: str, device: str, dtype: str = "auto", attention_s
 
 
 def pipeline_description(model_path: str, dtype: str) -> dict:
-    """The manifest's ``generator`` and ``scheduler`` fields, read from the folder without loading it."""
+    """The manifest's ``generator`` and ``scheduler`` fields, read from the folder without loading it
+    (``dtype`` resolved, never "auto": :func:`resolved_dtype`)."""
     import json
 
     try:
@@ -171,14 +194,38 @@ def complete(root: str, class_id: str, count: int) -> bool:
     return all((folder / image_name(i)).exists() for i in range(count))
 
 
-def native_resolution(model_path: str) -> int:
-    """The pipeline's native output side from its configs, without loading it (SD 1.x: 512)."""
+def _vae_and_unet(model_path: str) -> tuple[dict, dict]:
     import json
 
     try:
         unet = json.loads((Path(model_path) / "unet" / "config.json").read_text())
         vae = json.loads((Path(model_path) / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return unet, vae
+    except (OSError, ValueError) as exc:
+        raise DataError(f"Cannot read the configs of {model_path} (unet/config.json, vae/config.json): {exc}.") from None
+
+
+def latent_scale(model_path: str) -> int:
+    """How many pixels of a side one latent cell covers (the VAE's downsampling, SD 1.x: 8)."""
+    _, vae = _vae_and_unet(model_path)
+    try:
+        return 2 ** (len(vae["block_out_channels"]) - 1)
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"Cannot read the VAE's downsampling of {model_path} (vae/config.json "
+                        f"block_out_channels): {exc}.") from None
+
+
+def side_multiple(model_path: str) -> int:
+    """What a generated side must be a multiple of: the latent cell (:func:`latent_scale`) and 8,
+    which Stable Diffusion pipelines require whatever their VAE."""
+    return math.lcm(8, latent_scale(model_path))
+
+
+def native_resolution(model_path: str) -> int:
+    """The pipeline's native output side from its configs, without loading it (SD 1.x: 512)."""
+    unet, _ = _vae_and_unet(model_path)
+    try:
+        return int(unet["sample_size"]) * latent_scale(model_path)
+    except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"Cannot read the native resolution of {model_path} (unet/config.json sample_size, "
                         f"vae/config.json block_out_channels): {exc}; set synthetic_replay.resolution.") from None
