@@ -43,7 +43,7 @@ from utils.nme import class_means, nme_logits
 from utils.run_lock import RunLock
 from utils.run_log import RunLog
 from utils.seeding import phase_seed, rng_states, seed_everything, set_rng_states
-from utils.stage_data import EXEMPLAR, NEW, SourceData, StageData
+from utils.stage_data import EXEMPLAR, NEW, SourceData, StageData, epoch_class_counts
 
 
 def lower_lr_hint(stages: list[Stage], bf16: bool) -> str:
@@ -250,13 +250,24 @@ class Trainer:
     def stage_data(self, phase: Phase, kind: str) -> StageData:
         return StageData.assemble(self.stage_sources(phase, kind))
 
-    def class_counts(self, phase: Phase) -> torch.Tensor:
-        """float [classes seen]: real per-class sample counts of the phase data — training images for
-        new classes, stored exemplars for old ones (a count, never a sum of indices)."""
+    def class_counts(self, phase: Phase, synthetic: bool = False) -> torch.Tensor:
+        """float [classes seen]: per-class sample counts of the phase data — training images for new
+        classes, stored exemplars for old ones (a count, never a sum of indices). With ``synthetic``,
+        also what the plugins' sources add to an epoch that counts in the classification loss
+        (synthetic replay; a per-batch ``ratio`` source its expected draws: ``epoch_class_counts``).
+        Call it after the plugins' ``before_phase``."""
         new = self.train_labels[(self.train_labels >= phase.first) & (self.train_labels < phase.last)]
         counts = torch.bincount(new, minlength=phase.last)
         counts[:phase.first] = torch.tensor(self.memory.counts(phase.first), dtype=counts.dtype)
-        return counts.float()
+        counts = counts.float()
+        if not synthetic:
+            return counts
+        added = [p for plugin in self.plugins for p in plugin.sources(phase, "phase")]
+        epoch_size = int(counts.sum()) + sum(len(p) for p in added if p.ratio is None)
+        for p in added:
+            if p.in_ce:
+                counts += epoch_class_counts(p, epoch_size, self.cfg["batch_size"], phase.last)
+        return counts
 
     # ---- the training loop --------------------------------------------------------------------
     def _optimizer(self, stage: Stage):

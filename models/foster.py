@@ -6,8 +6,12 @@ Phase 0 trains one backbone with plain cross-entropy. Every later phase has two 
    + a new backbone copied from the old one, a classifier ``fc`` over both backbones and a head
    ``fe_fc`` over the new backbone alone. Loss =
    CE(logits / w_β1) + CE(fe_logits) + λ_okd · KD_T(logits[:, :old], old model's logits),
-   with class-balanced weights w_β1 from the **real** per-class sample counts of the phase data
-   (old classes: their exemplars in memory; new classes: their training images).
+   with class-balanced weights w_β1 from per-class sample counts n_c (``balance_counts``): by
+   default the samples the classification loss sees in an epoch — old classes: their exemplars in
+   memory, new classes: their training images (**real** counts, never a sum of indices), plus the
+   synthetic replay images that count in it; "budget" counts old classes as the official code does
+   (their uncompressed quota, fewer than CIM stores). The weights are set when the stages are built,
+   after the plugins' ``before_phase`` (synthetic images loaded).
    Optional weight alignment of the teacher's new-class rows (``is_teacher_wa``).
 2. **Compression.** A one-backbone student, initialised as the old model with fresh new-class rows
    (PyCIL: old backbone + old head copied), learns from the frozen teacher by class-balanced KD
@@ -69,6 +73,15 @@ class FOSTER(Learner):
         "is_teacher_wa": Option(False, "bool", "Weight-align the teacher's new-class rows after boosting."),
         "is_student_wa": Option(False, "bool", "Weight-align the student's new-class rows after compression."),
         "wa_value": Option(1.0, "float", "Extra alignment factor: gamma is multiplied by wa_value^(old/new).", min=0.0),
+        "balance_counts": Option("seen", "str", "n_c of the class-balanced weights (beta1, beta2): seen = the samples "
+                                                "the classification loss sees in an epoch (training images, stored "
+                                                "exemplars, and synthetic replay images that count in it; with its "
+                                                "`ratio`, their expected draws); real = training images and stored "
+                                                "exemplars only; budget = old classes at their uncompressed quota "
+                                                "(memory_per_class with fixed_memory, else memory_size // old "
+                                                "classes), as the official FOSTER and CIM code count them, fewer than "
+                                                "CIM stores. seen and real agree without synthetic replay.",
+                                 choices=("seen", "real", "budget")),
         "foster_deploy": Option("teacher", "str", "Model evaluated as `cnn`, used for herding and NME after a later "
                                                   "phase: the two-backbone teacher (PyCIL, official CIM code) or the "
                                                   "student; the other is reported as an extra evaluation.",
@@ -102,15 +115,21 @@ class FOSTER(Learner):
         student.head = expand_linear(old.head, phase.last)
         self.net = student
 
-    def begin_phase(self, phase: Phase) -> None:
-        if phase.index == 0:
-            return
-        counts = self.ctx.class_counts(phase)
+    def balance_counts(self, phase: Phase) -> torch.Tensor:
+        """float [classes seen]: n_c of the class-balanced weights, as ``balance_counts`` says."""
+        how = self.cfg["balance_counts"]
+        counts = self.ctx.class_counts(phase, synthetic=how == "seen")
+        if how == "budget":
+            counts[:phase.first] = float(self.ctx.memory.class_budget(phase.first))
+        return counts
+
+    def set_balance_weights(self, phase: Phase) -> None:
+        counts = self.balance_counts(phase)
         device = self.ctx.device
         self.boost_weights = class_balanced_weights(counts, self.cfg["beta1"]).to(device)
         self.distill_weights = class_balanced_weights(counts, self.cfg["beta2"]).to(device)
-        n = counts.long().tolist()
-        self.ctx.log.info(f"  class counts: old {n[:phase.first]}, new {n[phase.first:]}")
+        n = [round(v, 2) if v != int(v) else int(v) for v in counts.tolist()]
+        self.ctx.log.info(f"  class counts ({self.cfg['balance_counts']}): old {n[:phase.first]}, new {n[phase.first:]}")
         self.ctx.log.info(f"  class-balanced weights (beta1 {self.cfg['beta1']}): "
                               f"old {self.boost_weights[0].item():.4f}, new {self.boost_weights[-1].item():.4f}")
 
@@ -121,6 +140,7 @@ class FOSTER(Learner):
         if phase.index == 0:
             return [Stage("train", params=self.net.parameters(), forward=self.forward, loss=self.ce_loss,
                           train_mode=self.net.train, model=self.net, **sched)]
+        self.set_balance_weights(phase)   # here: after the plugins' before_phase (synthetic images loaded)
         boosting = Stage(
             "boosting", params=self.teacher.parameters(), forward=self.forward_boosting, loss=self.boosting_loss,
             train_mode=self.teacher.train,   # FosterNet.train() keeps the old backbone in eval mode

@@ -79,16 +79,54 @@ def test_balanced_kd_reweights_the_teacher_probabilities():
     assert torch.allclose(balanced_kd_loss(s, t, 2.0, w), expected)
 
 
-def test_weights_come_from_the_trainers_real_counts():
-    counts = torch.tensor([7.0, 9.0, 40.0, 40.0])   # old: exemplars in memory; new: training images
-    logged = []
-    ctx = types.SimpleNamespace(class_counts=lambda phase: counts, device=torch.device("cpu"),
-                                    log=types.SimpleNamespace(info=logged.append))
-    learner = FOSTER({"beta1": 0.95, "beta2": 0.97}, ctx)
-    learner.begin_phase(Phase(1, 2, 4, ((0, 2), (2, 4))))
-    assert torch.allclose(learner.boost_weights, class_balanced_weights(counts, 0.95))
-    assert torch.allclose(learner.distill_weights, class_balanced_weights(counts, 0.97))
-    assert "old [7, 9], new [40, 40]" in logged[0]
+def test_weights_come_from_the_trainers_counts_as_balance_counts_says():
+    real = torch.tensor([7.0, 9.0, 40.0, 40.0])     # old: exemplars in memory; new: training images
+    seen = real + torch.tensor([5.0, 5.0, 0.0, 0.0])   # + synthetic replay images in the CE
+    phase = Phase(1, 2, 4, ((0, 2), (2, 4)))
+    for how, want in (("seen", seen), ("real", real), ("budget", torch.tensor([20.0, 20.0, 40.0, 40.0]))):
+        logged = []
+        ctx = types.SimpleNamespace(class_counts=lambda phase, synthetic: seen if synthetic else real.clone(),
+                                    memory=types.SimpleNamespace(class_budget=lambda classes_seen: 40 // classes_seen),
+                                    device=torch.device("cpu"), log=types.SimpleNamespace(info=logged.append))
+        learner = FOSTER({"beta1": 0.95, "beta2": 0.97, "balance_counts": how}, ctx)
+        learner.set_balance_weights(phase)
+        assert torch.allclose(learner.boost_weights, class_balanced_weights(want, 0.95)), how
+        assert torch.allclose(learner.distill_weights, class_balanced_weights(want, 0.97)), how
+        old = ", ".join(str(int(v)) for v in want[:2].tolist())
+        assert f"class counts ({how}): old [{old}], new [40, 40]" in logged[0], logged
+
+
+def test_synthetic_images_in_the_ce_count_in_the_weights_and_budget_counts_the_quota(tmp_path):
+    """With synthetic replay the old classes are no longer rare in the CE: n_c (seen) adds their
+    synthetic images (it used to count only the few exemplars, weighting old classes up about 2x).
+    ``budget`` gives old classes the official code's memory_size // old classes, whatever CIM stores."""
+    from test_synthetic_replay import make_folder, shape_ids
+
+    root = make_folder(tmp_path / "syn", shape_ids(), per_class=6)
+    quick = dict(model_name="foster", init_epochs=1, epochs=1, compression_epochs=1)
+    counts = {}
+    for name, extra in (("seen", {}), ("real", {"balance_counts": "real"}),
+                        ("ratio", {"ratio": 0.5}), ("budget", {"balance_counts": "budget", "compression": "cim"})):
+        block = {"source": "folder", "path": str(root), "per_class": 6, **{k: v for k, v in extra.items() if k == "ratio"}}
+        cfg = tiny_config(**quick, synthetic_replay=block, **{k: v for k, v in extra.items() if k != "ratio"})
+        res = run(cfg, tmp_path / name)
+        log = (tmp_path / name / "log.txt").read_text()
+        found = re.findall(r"class counts \((\w+)\): old \[([\d., ]*)\], new \[([\d., ]*)\]", log)
+        assert len(found) == 2, log
+        counts[name] = [([float(v) for v in old.split(",")], [float(v) for v in new.split(",")], res)
+                        for _, old, new in found]
+    for k, (old, new, res) in enumerate(counts["real"], start=1):
+        stored = res["phases"][k - 1]["memory"]["per_class"]
+        assert old == stored
+        assert counts["seen"][k - 1][0] == [n + 6 for n in stored] and counts["seen"][k - 1][1] == new
+    # ratio 0.5, batch 32: the expected draws of the epoch, spread over the old classes
+    old, new, res = counts["ratio"][0]
+    epoch = int(sum(counts["real"][0][0]) + sum(counts["real"][0][1]))
+    draws = sum(round(0.5 * min(32, epoch - s)) for s in range(0, epoch, 32) if min(32, epoch - s) >= 2)
+    assert old == pytest.approx([n + draws / 2 for n in counts["real"][0][0]], abs=0.01)
+    old, new, res = counts["budget"][1]
+    assert old == [res["config"]["memory_size"] // 4] * 4
+    assert res["phases"][1]["memory"]["per_class"] != old            # CIM stores more than the quota
 
 
 def test_boosting_loss_is_balanced_ce_plus_fe_ce_plus_kd_on_old_classes():
@@ -172,7 +210,7 @@ def test_boosting_and_compression_run_in_every_later_phase(foster_run):
 
 def test_counts_are_real_exemplar_and_image_counts(foster_run):
     out, results, _ = foster_run
-    logged = re.findall(r"class counts: old \[([\d, ]*)\], new \[([\d, ]*)\]", (out / "log.txt").read_text())
+    logged = re.findall(r"class counts \(seen\): old \[([\d, ]*)\], new \[([\d, ]*)\]", (out / "log.txt").read_text())
     assert len(logged) == 2
     for k, (old, new) in enumerate(logged, start=1):
         assert [int(v) for v in old.split(",")] == results["phases"][k - 1]["memory"]["per_class"]

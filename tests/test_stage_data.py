@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from utils import batching
-from utils.stage_data import EXEMPLAR, NEW, SYNTHETIC, SourceData, StageData
+from utils.stage_data import EXEMPLAR, NEW, SYNTHETIC, SourceData, StageData, epoch_class_counts
 
 
 def _source(name, n, origin, label0=0, ratio=None, **kw):
@@ -46,3 +46,26 @@ def test_a_source_can_leave_its_samples_out_of_a_loss():
     data = StageData.assemble([_source("new", 3, NEW), _source("synthetic", 3, SYNTHETIC, in_kd=False)])
     ce, kd = data.loss_masks(torch.tensor([NEW, SYNTHETIC, EXEMPLAR], dtype=torch.int8))
     assert ce is None and kd.tolist() == [True, False, True]
+
+
+def test_epoch_class_counts_known_answers():
+    """Once each for an epoch source; a ratio source's expected draws, round(r·b) per batch of b."""
+    pool = SourceData("synthetic", torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 0, 1]), SYNTHETIC)
+    assert epoch_class_counts(pool, 10, 4, 3).tolist() == [3.0, 1.0, 0.0]
+    mixed = SourceData("synthetic", pool.images, pool.labels, SYNTHETIC, ratio=0.5)
+    # batches of 4, 4, 2: 2 + 2 + 1 = 5 draws, 3/4 of them class 0
+    assert epoch_class_counts(mixed, 10, 4, 3).tolist() == [3.75, 1.25, 0.0]
+    # a last batch of 1 is dropped (BatchNorm), and draws nothing
+    assert epoch_class_counts(mixed, 9, 4, 2).tolist() == [3.0, 1.0]
+
+
+def test_epoch_class_counts_match_what_the_batches_draw():
+    new = _source("new", 10, NEW)
+    mixed = SourceData("synthetic", torch.zeros(8, 3, 2, 2, dtype=torch.uint8), torch.tensor([3] * 6 + [4] * 2),
+                       SYNTHETIC, ratio=0.4)
+    data = StageData.assemble([new, mixed])
+    drawn = torch.zeros(5)
+    for _ in range(4):   # four epochs: every pool sample drawn alike in the long run
+        for b in data.batches(3, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)):
+            drawn += torch.bincount(b.labels[b.origin == SYNTHETIC], minlength=5).float()
+    assert (drawn / 4).sum() == epoch_class_counts(mixed, 10, 3, 5).sum()

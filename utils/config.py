@@ -583,7 +583,7 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
 # Keys that identify a run only when they are not at their default (added after runs existed:
 # their default must not move every run folder).
 _HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "workers",
-                    "bilevel_autocast": False}
+                    "bilevel_autocast": False, "balance_counts": "seen"}
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:

@@ -64,6 +64,26 @@ class SourceData:
         return len(self.labels)
 
 
+def epoch_class_counts(source: SourceData, epoch_size: int, batch_size: int, classes: int) -> torch.Tensor:
+    """float [classes]: the samples of each class that ``source`` puts in one epoch of a stage whose
+    epoch part holds ``epoch_size`` samples (``source``'s own included when it joins the epoch):
+    its labels once each (``ratio`` None), or, mixed (``ratio`` r), its expected draws: round(r·b)
+    for every batch of b epoch samples (batches under 2 dropped, as :meth:`StageData.batches` does
+    in one process), spread over its pool by each class's share of it (every sample is drawn once
+    before any is drawn twice).
+
+    Known answer: 10 epoch samples, batch 4 (batches 4, 4, 2), r 0.5: 2 + 2 + 1 = 5 draws; a pool of
+    3 of class 0 and 1 of class 1 gives [3.75, 1.25]."""
+    pool = torch.bincount(source.labels.cpu(), minlength=classes)[:classes].double()
+    if source.ratio is None:
+        return pool.float()
+    if len(source) == 0:
+        return torch.zeros(classes)
+    sizes = [min(batch_size, epoch_size - s) for s in range(0, epoch_size, batch_size)]
+    draws = sum(int(round(source.ratio * b)) for b in sizes if b >= 2)
+    return (pool * draws / len(source)).float()
+
+
 @dataclass
 class RawBatch:
     """A batch before augmentation, on the device: uint8 ``images`` [B, 3, S, S], ``labels`` [B],
