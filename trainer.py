@@ -448,7 +448,8 @@ class Trainer:
         report["nme"] = None
         if self.learner.uses_memory and self.cfg["nme"] and len(self.memory) > 0:
             mem_images, mem_labels = self.memory.tensors()
-            mem_feats = self.ctx.embed(mem_images, lambda x: self.learner.inference(x)["features"], flip=True,
+            mem_feats = self.ctx.embed(mem_images, lambda x: self.learner.inference(x)["features"],
+                                       flip=self.cfg["nme_flip"],
                                        orig_hw=self.ctx.orig_hw(self.memory.source_indices()))
             means = class_means(mem_feats, mem_labels, phase.last)
             test_feats = torch.cat(feats) if feats else torch.empty(0, mem_feats.shape[1])

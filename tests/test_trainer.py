@@ -403,6 +403,28 @@ def test_results_record_the_code_version_and_environment(tmp_path):
 
 
 
+def test_nme_flip_false_takes_class_means_from_the_exemplars_alone(tmp_path):
+    """NME means from each exemplar and its mirror (iCaRL, default) or from the exemplar alone (PyCIL's
+    figures): the CNN is untouched, the means are those of the unflipped features."""
+    from utils import batching
+    from utils.nme import class_means, nme_logits
+
+    flipped = run(tiny_config(**FAST), tmp_path / "flip")
+    trainer = Trainer(resolve_config(tiny_config(**FAST, nme_flip=False)), tmp_path / "plain", "tiny")
+    plain = trainer.run()
+    assert [p["cnn"] for p in plain["phases"]] == [p["cnn"] for p in flipped["phases"]]
+    phase = trainer.phases()[-1]
+    images, labels = trainer.memory.tensors()
+    feats = trainer.ctx.embed(images, lambda x: trainer.learner.inference(x)["features"])
+    means = class_means(feats, labels, phase.last)
+    seen = (trainer.test_labels < phase.last).nonzero().flatten()   # the plan may leave classes out
+    test = trainer.ctx.embed(batching.select(trainer.test_images, seen), lambda x: trainer.learner.inference(x)["features"])
+    top1 = 100 * (nme_logits(test, means).argmax(1) == trainer.test_labels[seen]).float().mean().item()
+    assert plain["phases"][-1]["nme"]["top1"] == pytest.approx(top1, abs=0.01)
+    assert config_hash(resolve_config(tiny_config(nme_flip=True))) == config_hash(resolve_config(tiny_config()))
+    assert config_hash(resolve_config(tiny_config(nme_flip=False))) != config_hash(resolve_config(tiny_config()))
+
+
 def test_a_resume_on_other_code_says_so_and_each_phase_keeps_its_code(tmp_path, monkeypatch):
     from utils import provenance
 

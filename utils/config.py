@@ -136,6 +136,9 @@ COMMON_OPTIONS: dict[str, Option] = {
                                "image).", min=0),
     # evaluation and outputs
     "nme": Option(True, "bool", "Also report nearest-mean-of-exemplars accuracy (needs a memory)."),
+    "nme_flip": Option(True, "bool", "NME class means from each exemplar and its mirror image (iCaRL's original "
+                                     "code); false = from the exemplar alone (PyCIL), for NME figures comparable "
+                                     "with PyCIL's. Herding never flips."),
     "topk": Option(5, "int", "The k of top-k accuracy.", min=1),
     "sync_bn": Option(False, "bool", "Distributed runs (torchrun) on CUDA: SyncBatchNorm, BatchNorm statistics over the "
                                      "global batch instead of each process's shard; no effect in one process."),
@@ -583,7 +586,7 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
 # Keys that identify a run only when they are not at their default (added after runs existed:
 # their default must not move every run folder).
 _HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "workers",
-                    "bilevel_autocast": False, "balance_counts": "seen"}
+                    "bilevel_autocast": False, "balance_counts": "seen", "nme_flip": True}
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
