@@ -111,7 +111,7 @@ def open_inputs(cfg: dict, ids: list[str], replayed: int) -> ReplayInputs:
         manifest = replay_folder.read_manifest(root)
         replay_folder.check_manifest(manifest, s, root)
         made_by_prompt = manifest.get("generator", {}).get("kind") != "real-images"
-        replay_folder.check_classes(manifest, ids, prompts if made_by_prompt else None, root)
+        replay_folder.check_classes(manifest, ids[:replayed], prompts if made_by_prompt else None, root)
         for c in ids[:replayed]:   # every replayed class has its images
             folder_paths(root, c, names[c], s["per_class"])
         return ReplayInputs(names, prompts, root, manifest, None)

@@ -298,6 +298,26 @@ def test_bad_sources_stop_with_exit_2_naming_the_field_or_path(tiny_pipeline, tm
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_a_folder_needs_only_the_classes_a_later_phase_replays(tmp_path, capsys):
+    """The last phase's classes are never replayed: a folder (and its manifest's class list) may lack
+    them; a replayed class missing from the manifest is still refused."""
+    from trainer import class_order
+    from utils.config import phase_plan, resolve_config
+
+    ids = shape_ids()
+    cfg = resolve_config(tiny_config(**QUICK))
+    order = [ids[c] for c in class_order(len(ids), cfg["seed"], True)]
+    replayed = phase_plan(cfg, len(ids))[-1][0]
+    for listed, code in ((order[:replayed], 0), (order[:replayed - 1], 2)):
+        root = make_folder(tmp_path / f"syn{code}", listed, 2, {"format": replay_folder.FORMAT,
+                                                                "generator": {"kind": "real-images"},
+                                                                "classes": {c: {"name": c} for c in listed}})
+        got = _main(tmp_path, {"source": "folder", "path": str(root), "per_class": 2}, "--check")[0]
+        err = capsys.readouterr().err
+        assert got == code, err
+    assert "manifest field 'classes' lacks" in err and order[replayed - 1] in err
+
+
 def test_inputs_are_checked_for_the_class_order_of_every_seed(tmp_path, capsys):
     """Each seed draws its own class order, so each replays other classes: a folder that serves the
     first seed but lacks a class another seed replays is refused before the first seed's run."""
