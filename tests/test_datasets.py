@@ -188,6 +188,30 @@ def test_decode_pool_gives_the_same_result_as_serial(tmp_path):
         image_cache.decode_images(paths, 16, workers=2, chunk_size=3, progress=False)
 
 
+def test_decode_pools_end_without_signalling_their_workers(tmp_path, monkeypatch):
+    """A finished decode closes its pool (its workers leave on their own) instead of terminate(),
+    and a worker ends on SIGTERM by the kernel's default action, never through the Python handler it
+    inherits from main.py. With that handler and terminate(), about one pool in a few hundred hung
+    for ever on teardown (a worker blocked on the task-queue lock that terminate() keeps; a sweep run
+    stalled 15 minutes loading its data)."""
+    import multiprocessing.pool
+    import signal
+
+    paths = [str(save_image(tmp_path / f"{i}.png", (12, 12))) for i in range(6)]
+    terminated = []
+    real = multiprocessing.pool.Pool.terminate
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", lambda self: (terminated.append(self), real(self)))
+    image_cache.decode_images(paths, 8, workers=2, chunk_size=1, progress=False)
+    assert terminated == []
+    Path(paths[3]).write_bytes(b"broken")
+    with pytest.raises(image_cache.DecodeFailure):   # an error still stops the workers at once
+        image_cache.decode_images(paths, 8, workers=2, chunk_size=1, progress=False)
+    assert len(terminated) == 1
+    with multiprocessing.get_context().Pool(1, initializer=image_cache._decode_worker_init) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+
+
 def test_describe_counts_without_decoding(tmp_path, monkeypatch):
     root = make_folder_tree(tmp_path / "data")
     monkeypatch.setattr(image_cache, "decode_image", _must_not_decode)

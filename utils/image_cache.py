@@ -145,6 +145,18 @@ def _decode_chunk(job: tuple[int, Sequence[str], int, bool, bool]):
     return start, images[: len(ok)], np.asarray(ok, dtype=np.int64), orig_hw, failures
 
 
+def _decode_worker_init() -> None:
+    """Pool initializer: a decode worker ends at once on SIGTERM (the kernel's default action) and
+    leaves Ctrl-C to its parent, which stops the pool. A worker forked from ``main.py`` inherited its
+    Python-level SIGTERM handler, which runs only between bytecodes: one sweep run hung for 15
+    minutes in the pool's ``terminate()``, waiting for a worker that still had that handler and sat
+    blocked on the pool's task-queue lock (which ``terminate()`` takes and keeps)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class DecodeFailure(Exception):
     """An image could not be decoded; ``failures`` lists ``(path, reason)`` (first one at least)."""
 
@@ -198,8 +210,15 @@ def decode_images(paths: Sequence[str], size: int, *, workers: int | None = None
         else:
             # the platform's default start method (fork on Linux, like torch's DataLoader); the
             # workers only run Pillow/numpy code from this torch-free module
-            with multiprocessing.get_context().Pool(min(workers, len(jobs))) as pool:
+            pool = multiprocessing.get_context().Pool(min(workers, len(jobs)), initializer=_decode_worker_init)
+            try:
                 consume(pool.imap(_decode_chunk, jobs))
+                pool.close()   # every chunk is back: the workers leave on their own, no signal needed
+            except BaseException:
+                pool.terminate()
+                raise
+            finally:
+                pool.join()
     finally:
         bar.close()
     kept_idx = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
