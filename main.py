@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, argv: list[str]) -> int:
     try:
-        from utils.config import describe_keys, load_config_file, parse_set, resolve_config
+        from utils.config import apply_overrides, describe_keys, load_config_file, parse_set, resolve_config
 
         if args.keys:
             print(describe_keys())
@@ -173,7 +173,7 @@ def _main(args, argv: list[str]) -> int:
                   "under logs/.", file=sys.stderr)
             return EXIT_USER_ERROR
         raw, config_name = load_config_file(args.config)
-        raw.update(parse_set(args.set))
+        raw = apply_overrides(raw, parse_set(args.set))
         if args.device is not None:
             raw["device"] = args.device
         if args.threads is not None:

@@ -48,7 +48,7 @@ from convs.pau import KERNELS  # noqa: E402
 from models.cim import ExemplarCompression  # noqa: E402
 from utils import batching  # noqa: E402
 from utils.cuda_graph import GraphedStep  # noqa: E402
-from utils.config import load_config_file, parse_set  # noqa: E402
+from utils.config import apply_overrides, load_config_file, parse_set  # noqa: E402
 
 
 def snapshot(cim: ExemplarCompression) -> dict:
@@ -223,7 +223,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     raw, _ = load_config_file(args.config)
-    raw.update(parse_set(args.set))
+    raw = apply_overrides(raw, parse_set(args.set))
     rows = []
     for precision in args.precision or [None]:
         base = {**raw, **(PRECISION[precision] if precision else {})}

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from trainer import Trainer  # noqa: E402
-from utils.config import load_config_file, parse_set, resolve_config  # noqa: E402
+from utils.config import apply_overrides, load_config_file, parse_set, resolve_config  # noqa: E402
 
 
 def timed_run(raw: dict, phases: int, out: Path, threads: int | None = None) -> list[dict]:
@@ -51,7 +51,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     raw, _ = load_config_file(a.config)
-    raw.update(parse_set(a.set))
+    raw = apply_overrides(raw, parse_set(a.set))
     out = Path(a.out)
     policies = ("none", a.policy)
     jobs = [({**raw, "compression": policy}, a.phases, out / policy, a.threads) for policy in policies]

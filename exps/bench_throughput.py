@@ -56,7 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from trainer import Trainer  # noqa: E402
 from utils import batching  # noqa: E402
-from utils.config import load_config_file, parse_set, resolve_config, stored_image_size  # noqa: E402
+from utils.config import apply_overrides, load_config_file, parse_set, resolve_config, stored_image_size  # noqa: E402
 
 
 def build_trainer(raw: dict, epochs: int, out: Path) -> tuple[Trainer, object]:
@@ -487,7 +487,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     raw, _ = load_config_file(args.config)
-    raw.update(parse_set(args.set))
+    raw = apply_overrides(raw, parse_set(args.set))
     report = {"config": args.config, "set": args.set, "epochs": args.epochs, "threads": torch.get_num_threads(),
               "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

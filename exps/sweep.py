@@ -220,7 +220,7 @@ def check_distinct_runs(runs: list[Run]) -> None:
 def expand(spec: dict, spec_path: Path, root: Path) -> list[Run]:
     """Every run of ``spec``, resolved and validated (ConfigError naming the run and the key): its
     folder names usable and inside ``root``, no folder shared, no configuration run twice."""
-    from utils.config import load_config_file, resolve_config
+    from utils.config import apply_overrides, load_config_file, resolve_config
 
     spec_dir = Path(spec_path).resolve().parent
     grid = spec.get("grid", {})
@@ -240,12 +240,12 @@ def expand(spec: dict, spec_path: Path, root: Path) -> list[Run]:
                 axes["seed"] = seeds
         for combo in itertools.product(*axes.values()):
             point = dict(zip(axes, combo))
-            overrides = {**spec.get("set", {}), **vover, **point}
+            overrides = apply_overrides(apply_overrides(apply_overrides({}, spec.get("set", {})), vover), point)
             keyed = ([(None, _label(vname))] if vname is not None else []) + \
                 [(k, f"{k}={_label(v)}") for k, v in point.items()]
             name = "/".join(part for _, part in keyed) or "run"
             try:
-                cfg = resolve_config({**raw_base, **overrides})
+                cfg = resolve_config(apply_overrides(raw_base, overrides))
             except ConfigError as err:
                 raise ConfigError(f"Sweep run '{_short(name, 200)}' (base {base.name}): {err}") from None
             if isinstance(cfg["seed"], list):

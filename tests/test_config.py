@@ -207,6 +207,34 @@ def test_set_overrides_reach_the_run(tmp_path, monkeypatch, capsys):
     assert "memory budget 500 units per class (1000 total)" in out      # 1000 // 2 classes in phase 0
 
 
+def test_overrides_change_only_the_fields_of_a_block_they_name():
+    from utils.config import apply_overrides
+
+    raw = {"memory_size": 10, "shapes": {"num_classes": 6, "train_per_class": 40}}
+    assert apply_overrides(raw, {"shapes": {"test_per_class": 4}, "memory_size": 20}) == {
+        "memory_size": 20, "shapes": {"num_classes": 6, "train_per_class": 40, "test_per_class": 4}}
+    assert apply_overrides(raw, {"shapes.num_classes": 8, "synthetic_replay.source": "folder"}) == {
+        "memory_size": 10, "shapes": {"num_classes": 8, "train_per_class": 40},
+        "synthetic_replay": {"source": "folder"}}
+    assert raw == {"memory_size": 10, "shapes": {"num_classes": 6, "train_per_class": 40}}   # not changed
+    with pytest.raises(ConfigError, match=r"'memory_size.x': 'memory_size' is 10, not a block"):
+        apply_overrides(raw, {"memory_size.x": 1})
+
+
+def test_set_of_a_block_field_keeps_the_configs_other_fields(tmp_path, monkeypatch, capsys):
+    """`--set 'shapes={...}'` and `--set shapes.field=...` (the names --keys lists) change one field; the
+    config's other fields of the block stay (they used to fall back to their defaults, silently)."""
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "tiny.json", tiny_config(shapes={"num_classes": 6, "train_per_class": 40,
+                                                             "test_per_class": 20}))
+    for argv in (["--set", 'shapes={"test_per_class": 4}'], ["--set", "shapes.test_per_class=4"]):
+        assert main.main(["--config", "tiny.json", "--check", *argv]) == 0
+        out = capsys.readouterr().out
+        assert "(6 classes, 240 train / 24 test images)" in out, out
+    code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(), argv=["--set", "shapes.num_clases=4"])
+    _assert_user_error(code, err, tmp_path, "num_clases", "'shapes'", "num_classes")
+
+
 def test_set_with_a_bad_value_is_a_config_error(tmp_path, monkeypatch, capsys):
     code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(), argv=["--set", "memory_size=big"])
     _assert_user_error(code, err, tmp_path, "'memory_size'", "must be an integer")

@@ -549,3 +549,19 @@ def test_a_run_ended_by_sigterm_is_interrupted_not_failed(tmp_path, capsys, monk
     spec = _spec(tmp_path, {"seed": [1]})
     code, out, _ = _sweep(capsys, spec, "--output", tmp_path / "root")
     assert code == 1 and "seed=1: interrupted (exit 143)" in out and "FAILED" not in out
+
+
+def test_a_variant_changes_only_the_block_fields_it_names(tmp_path):
+    """A spec's set, a variant and a grid may name block fields (as a block or as block.field); the
+    base config's other fields of the block stay, in the sweep's resolution and in the run's."""
+    base = write_config(tmp_path / "base.json", tiny_config(**FAST, shapes={"num_classes": 6, "train_per_class": 40,
+                                                                            "test_per_class": 20}))
+    spec = {"base": str(base), "set": {"shapes.train_per_class": 30},
+            "variants": {"few-test": {"shapes": {"test_per_class": 5}}}, "grid": {"shapes.num_classes": [4, 6]}}
+    runs = sweep.expand(spec, tmp_path / "spec.json", tmp_path / "root")
+    assert [r.name for r in runs] == ["few-test/shapes.num_classes=4", "few-test/shapes.num_classes=6"]
+    assert [r.cfg["shapes"] for r in runs] == [{"num_classes": n, "train_per_class": 30, "test_per_class": 5}
+                                               for n in (4, 6)]
+    cmd = sweep.command(runs[0], resume=False)   # main.py gets the block's named fields, and merges them alike
+    assert [json.loads(a[len("shapes="):]) for a in cmd if a.startswith("shapes=")] == [
+        {"train_per_class": 30, "test_per_class": 5, "num_classes": 4}]

@@ -563,6 +563,29 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``overrides`` applied in order, as ``--set`` and sweep specs apply them: a plain key
+    replaces the value; a block (a JSON object, e.g. ``synthetic_replay``) given for a block changes
+    only the fields it names; ``block.field`` (the names ``--keys`` lists) sets one field. So
+    ``--set 'shapes={"test_per_class": 4}'`` keeps the config's other ``shapes`` fields (it used to
+    drop them, silently, for their defaults). ConfigError when ``block.field`` names a key whose
+    value is not a block."""
+    out = dict(raw)
+    for key, value in overrides.items():
+        top, dot, field = key.partition(".")
+        if dot:
+            block = out.get(top)
+            if block is not None and not isinstance(block, dict):
+                raise ConfigError(f"Config key '{key}': '{top}' is {json.dumps(block)}, not a block of fields, so "
+                                  f"'{key}' names nothing; use --set {top}=VALUE.")
+            out[top] = apply_overrides(block or {}, {field: value})
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
 # Keys that change where or how fast a run happens but not its results.
 _IDENTITY_NOTE = " Not part of a run's identity (its config hash): a run may resume with another value."
 _NOT_HASHED = ("device", "num_workers", "cache_dir", "seed", "prefix", "checkpoints", "eval_batch_size", "threads",
