@@ -473,14 +473,28 @@ def test_cim_resume_matches_uninterrupted(tmp_path):
     assert without_seconds(resumed) == without_seconds(full)
 
 
-def test_exemplar_figure_shows_every_class_row(tmp_path):
+def test_exemplar_figure_shows_every_class_row_at_a_readable_size(tmp_path, monkeypatch):
+    """4 classes x 2 rows of 8 tiles, each drawn at least MIN_TILE pixels on screen (the 16 px tiles
+    used to be written at their own size, 146 x 290 px with no title or labels), labelled."""
     from PIL import Image
 
+    from utils import exemplar_figure
+
+    drawn = {}
+    real = exemplar_figure.render_figure
+
+    def spy(canvas, tile, pad, row_labels, title, key, path):
+        drawn.update(canvas=canvas, row_labels=row_labels, title=title)
+        real(canvas, tile, pad, row_labels, title, key, path)
+
+    monkeypatch.setattr(exemplar_figure, "render_figure", spy)
     raw = tiny_config(compression="cam", **QUICK)
     run(raw, tmp_path / "run")
+    assert tuple(drawn["canvas"].shape) == (3, 4 * 2 * 18 + 2, 8 * 18 + 2)   # 16 px tiles, 2 px apart
     img = Image.open(tmp_path / "run" / "exemplars_phase_2.png")
-    # 4 classes x 2 rows of 16 px + 2 px padding; 8 columns.
-    assert img.size == (8 * 18 + 2, 4 * 2 * 18 + 2)
+    assert img.size[0] >= 8 * exemplar_figure.MIN_TILE and img.size[1] >= 4 * 2 * exemplar_figure.MIN_TILE
+    assert drawn["title"].startswith("Exemplars after phase 2") and "policy cam" in drawn["title"]
+    assert len(drawn["row_labels"]) == 4 and "class 5 (new)" in drawn["row_labels"][-1][0]
 
 
 def test_smoke_cli_accepts_every_learner_and_policy(capsys, monkeypatch):

@@ -5,6 +5,10 @@ For a few classes, two rows each: the stored exemplars as rebuilt from memory wi
 the box overlaid as a heat map. Images stored whole (config key ``stored_form``: each original
 squashed to S x S) are drawn at their original aspect, fitted into the S x S tile (boxes and CAMs,
 computed in stored pixels, are drawn first and squashed back with them).
+
+The tiles (:func:`exemplar_grid`) are drawn with matplotlib, each at least ``MIN_TILE`` pixels on
+screen (a 16 px exemplar is too small to judge at its own size), under a title that names the phase,
+the policy and η, with a label per row (class, name, exemplars stored, mean cost) and a key below.
 """
 from __future__ import annotations
 
@@ -93,16 +97,45 @@ def exemplar_grid(rows: list[tuple], columns: int, pad: int = 2) -> torch.Tensor
     return canvas
 
 
-def write_png(path: Path, image: torch.Tensor) -> None:
-    """Write uint8 [3, H, W] as PNG atomically (a temporary file renamed into place)."""
-    from PIL import Image
+MIN_TILE = 96   # on-screen pixels of a tile's side, at least
 
+
+def render_figure(canvas: torch.Tensor, tile: int, pad: int, row_labels: list[tuple[str, str]], title: str,
+                  key: str, path: Path) -> None:
+    """Draw the uint8 [3, H, W] ``canvas`` of :func:`exemplar_grid` (tiles of side ``tile``, ``pad``
+    apart) scaled up to ``MIN_TILE`` pixels a tile with nearest-neighbour pixels, with ``title``, one
+    (upper, lower) label pair per class row and ``key`` below, and write it atomically to ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    H, W = canvas.shape[-2:]
+    dpi = 100
+    scale = max(1.0, MIN_TILE / tile)
+    width, height = W * scale / dpi, H * scale / dpi
+    left, top, bottom = 2.6, 0.7, 0.75   # inches: row labels, title, key
+    fig = Figure(figsize=(width + left + 0.2, height + top + bottom), dpi=dpi)
+    FigureCanvasAgg(fig)
+    fw, fh = fig.get_size_inches()
+    ax = fig.add_axes((left / fw, bottom / fh, width / fw, height / fh))
+    ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
+    centres, labels = [], []
+    for r, pair in enumerate(row_labels):
+        for half, text in enumerate(pair):
+            centres.append(pad + (2 * r + half) * (tile + pad) + tile / 2)
+            labels.append(text)
+    ax.set_yticks(centres, labels, fontsize=9)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.suptitle(title, fontsize=11, y=1 - 0.12 / fh, va="top")
+    fig.text(0.5, 0.12 / fh, key, ha="center", va="bottom", fontsize=8, wrap=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
     os.close(fd)
     try:
-        Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="PNG")
+        fig.savefig(tmp, format="png", dpi=dpi)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,7 +154,8 @@ def write_exemplar_figure(plugin, phase, path: Path, classes: int = 4, columns: 
     """Render the exemplars of a few seen classes from ``plugin.ctx.memory`` (CAMs from the
     plugin's CAM network: the PAU model for ``cim``) and write them to ``path``."""
     ctx = plugin.ctx
-    rows = []
+    rows, labels = [], []
+    names = _readable(ctx)
     for c in figure_classes(phase.last, classes):
         ex = ctx.memory.classes.get(c)
         if ex is None or len(ex) == 0:
@@ -130,5 +164,29 @@ def write_exemplar_figure(plugin, phase, path: Path, classes: int = 4, columns: 
         originals = batching.materialize(batching.select(ctx.train_images, head.source_index))
         cams = plugin.cams(originals, torch.full((len(head),), c, dtype=torch.long)).cpu()
         rows.append((head.decode(), originals, head.boxes, cams, ctx.orig_hw(head.source_index)))
-    if rows:
-        write_png(path, exemplar_grid(rows, columns))
+        age = "new" if c >= phase.first else "old"
+        labels.append((f"class {c} ({age}): {names[c]}\n{len(ex)} stored, mean cost {float(ex.costs.mean()):.2f}",
+                       "originals + CAM"))
+    if not rows:
+        return
+    S, pad = rows[0][0].shape[-1], 2
+    title = (f"Exemplars after phase {phase.index} (classes {phase.first}-{phase.last - 1} new): "
+             f"policy {plugin.policy}, compress_ratio η = {plugin.ratio:g}")
+    key = ("Upper row of a class: exemplars as stored and seen in training; red box: kept at full resolution, "
+           "the rest stored at 1/η of its area and upsampled back. Lower row: the original image with the class "
+           "activation map that chose the box (red = strongest). First exemplars in herding order.")
+    render_figure(exemplar_grid(rows, columns, pad), S, pad, labels, title, key, path)
+
+
+def _readable(ctx) -> list[str]:
+    """Readable class names in class-order position (WordNet ids through words.txt when there is
+    one), each at most 24 characters; the dataset's own names where none can be read."""
+    from utils.class_names import readable_names
+    from utils.errors import UserError
+
+    ids = list(ctx.class_names)
+    try:
+        names = readable_names(ctx.cfg["dataset"], ctx.cfg.get("data_root"), ids)
+    except (UserError, OSError):
+        names = ids
+    return [n if len(n) <= 24 else n[:23] + "…" for n in names]
