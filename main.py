@@ -72,11 +72,14 @@ def print_plan(cfg: dict, config_name: str, info: dict, outputs: list[Path], wor
     print(f"config {config_name}: learner {cfg['model_name']}, backbone {cfg['convnet_type']}, dataset {cfg['dataset']} "
           f"({info['num_classes']} classes, {info['num_train']} train / {info['num_test']} test images)")
     seeds = cfg["seed"] if isinstance(cfg["seed"], list) else [cfg["seed"]]
-    print(f"class order (seed {seeds[0]}): {class_order(info['num_classes'], seeds[0], cfg['shuffle'])[:plan[-1][1]]}")
+    for seed in seeds:   # each seed draws its own class order
+        print(f"class order (seed {seed}): {class_order(info['num_classes'], seed, cfg['shuffle'])[:plan[-1][1]]}")
+    uses_memory = get_learner_class(cfg["model_name"]).uses_memory
     for k, (lo, hi) in enumerate(plan):
-        print(f"  phase {k}: classes [{lo}, {hi}) — {hi - lo} new; memory budget {memory.class_budget(hi)} "
-              f"units per class ({memory.total_budget(hi)} total)")
-    for note in run_notes(cfg, plan, info["num_classes"], get_learner_class(cfg["model_name"]).uses_memory, world):
+        budget = (f"memory budget {memory.class_budget(hi)} units per class ({memory.total_budget(hi)} total)"
+                  if uses_memory else "no exemplar memory")
+        print(f"  phase {k}: classes [{lo}, {hi}) — {hi - lo} new; {budget}")
+    for note in run_notes(cfg, plan, info["num_classes"], uses_memory, world):
         print(note)
     for out in outputs:
         print(f"output: {out}")

@@ -280,6 +280,11 @@ def test_check_prints_the_plan_and_trains_nothing(tmp_path, monkeypatch, capsys)
     assert "phase 3" not in out
     expected = f"logs/icarl/shapes/tiny-{config_hash(resolve_config(raw))}/seed1993"
     assert f"output: {expected}" in out.replace("\\", "/")
+    # a learner without memory has no budget; every seed of a list shows its own class order
+    assert main.main(["--config", "tiny", "--check", "--set", "model_name=finetune", "--set", "seed=[1, 2]"]) == 0
+    out = capsys.readouterr().out
+    assert "phase 0: classes [0, 2) — 2 new; no exemplar memory" in out and "memory budget" not in out
+    assert "class order (seed 1):" in out and "class order (seed 2):" in out
     assert not (tmp_path / "logs").exists()
     assert list(tmp_path.iterdir()) == [tmp_path / "tiny.json"]
 

@@ -399,7 +399,10 @@ def test_results_record_the_code_version_and_environment(tmp_path):
     assert results["environment"]["code"] == provenance.code_version() != ""
     assert results["environment"]["torch"] == torch.__version__
     assert [p["code"] for p in results["phases"]] == [provenance.code_version()] * len(results["phases"])
-    assert f"code {provenance.code_version()}, python " in (tmp_path / "run" / "log.txt").read_text()
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert f"code {provenance.code_version()}, python " in log
+    # a phase's class range is half-open where it opens and where it ends
+    assert "== phase 1: classes [2, 4) (2 new, 2 old)" in log and "done in" in log and ": classes [2, 4)\n" in log
 
 
 

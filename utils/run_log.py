@@ -52,7 +52,8 @@ class RunLog:
             raise (disk_error(Path(f.name), err) or err) from None
 
     def phase_block(self, rec: dict) -> None:
-        lines = [f"-- phase {rec['phase']} done in {rec['seconds']:.1f}s: classes {rec['classes']}"]
+        first, last = rec["classes"]   # half-open, as the phase's opening line writes it
+        lines = [f"-- phase {rec['phase']} done in {rec['seconds']:.1f}s: classes [{first}, {last})"]
         for name in [k for k in rec if isinstance(rec[k], dict) and "top1" in rec[k]]:
             r = rec[name]
             tasks = " ".join(_fmt(t) for t in r["per_task"])
