@@ -87,7 +87,7 @@ def _published_tables() -> None:
             for n, avg in zip((5, 10, 20), values):
                 init, inc = lfs[(dataset, n)]
                 memory = _LFS10_MEMORY[dataset] if learner == "foster" and n == 10 else None
-                _add(f"SPEC §5 LFS N={n}", dataset, learner, comp, init, inc, n, avg, memory=memory,
+                _add(f"CIM paper LFS N={n}", dataset, learner, comp, init, inc, n, avg, memory=memory,
                      convnet_type="resnet18")
     lfh = {("der", "none"): ([78.13, 73.45, None], [79.08, 77.73, None]),
            ("der", "cim"): ([79.25, 75.76, None], [80.30, 79.05, None]),
@@ -97,23 +97,23 @@ def _published_tables() -> None:
         for dataset, init, values in (("food101", 51, food), ("imagenet100", 50, inet)):
             for n, inc, avg in zip((5, 10, 25), (10, 5, 2), values):
                 if avg is not None:     # memory of the LFH runs: not stated in SPEC
-                    _add(f"SPEC §5 LFH N={n}", dataset, learner, comp, init, inc, n + 1, avg,
+                    _add(f"CIM paper LFH N={n}", dataset, learner, comp, init, inc, n + 1, avg,
                          convnet_type="resnet18")
     for mem, base, cim in ((20000, (68.34, 60.14), (69.53, 62.07)), (5000, (54.72, 44.96), (59.48, 50.83))):
-        _add(f"SPEC §5 ImageNet-1000 {mem // 1000}k", "imagenet1000", "foster", "none", 100, 100, 10, *base, mem,
+        _add(f"CIM paper ImageNet-1000 {mem // 1000}k", "imagenet1000", "foster", "none", 100, 100, 10, *base, mem,
              "resnet18")
-        _add(f"SPEC §5 ImageNet-1000 {mem // 1000}k", "imagenet1000", "foster", "cim", 100, 100, 10, *cim, mem,
+        _add(f"CIM paper ImageNet-1000 {mem // 1000}k", "imagenet1000", "foster", "cim", 100, 100, 10, *cim, mem,
              "resnet18")
     # The ablation's "per-phase τ" (73.83) and "joint training" (73.44) have no config key here. Its
     # policies are compared "at equal memory" (§3) with the LFS N=10 FOSTER baseline (72.72): §3.3's 2020.
     for comp, avg in (("full", 73.03), ("random", 73.10), ("center", 73.29), ("cam", 73.76)):
-        _add("SPEC §5 ablation Food-101 N=10", "food101", "foster", comp, 11, 10, 10, avg,
+        _add("CIM paper ablation Food-101 N=10", "food101", "foster", comp, 11, 10, 10, avg,
              memory=_LFS10_MEMORY["food101"], convnet_type="resnet18")
     # §5: "CIFAR-100 ResNet-32, 2000 exemplars".
     for learner, init, avg, last in (("icarl", 10, 64.3, 49.6), ("der", 10, 69.7, 58.7), ("foster", 10, 72.9, 61.6),
                                      ("der", 50, 68.0, 62.0), ("foster", 50, 70.1, 63.9)):
         phases = 10 if init == 10 else 6
-        _add(f"SPEC §5 CIFAR-100 toolbox B{0 if init == 10 else 50} Inc10 (±0.5)", "cifar100", learner, "none",
+        _add(f"PyCIL CIFAR-100 figure B{0 if init == 10 else 50} Inc10 (±0.5)", "cifar100", learner, "none",
              init, 10, phases, avg, last, 2000, "resnet32")
 
 
@@ -554,7 +554,9 @@ def write_tables(rows: list[Row], out: Path, notes: list[str], title: str) -> No
     md = [f"# {title}", "",
           "Mean ± sample std (n − 1) over seeds; top-1 in % on all classes seen; avg = average incremental "
           "accuracy (phase 0 included); forgetting in points; exemplars/class and memory bytes after the last "
-          "phase; wall time = sum of the phases' seconds per run. Published numbers: SPEC.md §5.", "",
+          "phase; wall time = sum of the phases' seconds per run. Published numbers: the CIM paper (Luo et al., "
+          "CVPR 2023: LFS, LFH, ImageNet-1000, ablation) and PyCIL's CIFAR-100 figures (read off, ±0.5), as "
+          "listed in exps/report.py (PUBLISHED).", "",
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(line) + " |" for line in body]
     refs = [(r.label, s["published"]["source"]) for r, s in zip(rows, map(row_stats, rows)) if s["published"]]
@@ -656,7 +658,7 @@ def accuracy_curve_figure(rows: list[Row]):
         if ref and ref["last"] is not None:
             ax.plot([xs[-1]], [ref["last"]], "*", color=c, ms=14, mec="black")
     if any(row_stats(r)["published"] for r in rows):
-        ax.plot([], [], "*", color="grey", ms=12, mec="black", label="published last top-1 (SPEC §5)")
+        ax.plot([], [], "*", color="grey", ms=12, mec="black", label="published last top-1 (CIM paper, PyCIL)")
     ax.set_xlabel("number of classes seen")
     ax.set_ylabel("CNN top-1 accuracy on classes seen (%)")
     ax.set_title("Top-1 after each phase (line: mean over seeds, band: seed min–max)")

@@ -104,7 +104,7 @@ def test_published_setting_stands_beside_ours(tmp_path, capsys):
     assert rows["compression=cim"]["published avg (Δ)"] == "74.85 (-0.35)"    # SPEC §5: FOSTER + CIM, N=10
     assert rows["compression=cim"]["teacher avg"] == "73.50 ± 0.71"
     assert rows["compression=none"]["published avg (Δ)"] == "72.72 (-0.72)"   # SPEC §5: FOSTER, N=10
-    assert "SPEC §5 LFS N=10" in (out / "report.md").read_text()
+    assert "CIM paper LFS N=10" in (out / "report.md").read_text()
 
 
 def test_no_results_is_a_clear_error(tmp_path, capsys):
@@ -240,17 +240,17 @@ def test_published_numbers_need_the_backbone_and_memory():
         ref = report.published_for(resolve_config({**base, **over}), phases)
         return ref and ref["source"]
 
-    assert source(raw) == "SPEC §5 CIFAR-100 toolbox B0 Inc10 (±0.5)"
+    assert source(raw) == "PyCIL CIFAR-100 figure B0 Inc10 (±0.5)"
     assert source(raw, epochs=1) == source(raw)                                  # epochs are not compared
     assert source(raw, fixed_memory=True, memory_per_class=20) == source(raw)    # 20 x 100 classes = 2000
     assert source(raw, convnet_type="resnet18") is None
     assert source(raw, fixed_memory=True, memory_per_class=5) is None           # 500 exemplars
     assert source(raw, memory_size=1000) is None
-    assert source("cim-food101") == "SPEC §5 LFS N=10"                            # FOSTER N=10: 2020 (SPEC §3.3)
+    assert source("cim-food101") == "CIM paper LFS N=10"                            # FOSTER N=10: 2020 (SPEC §3.3)
     assert source("cim-food101", memory_size=200) is None
     assert source("cim-food101", fixed_memory=True, memory_per_class=1) is None
     assert source("cim-food101", convnet_type="resnet32") is None
-    assert source("cim-imagenet1000", memory_size=5000) == "SPEC §5 ImageNet-1000 5k"
+    assert source("cim-imagenet1000", memory_size=5000) == "CIM paper ImageNet-1000 5k"
     assert source("cim-imagenet1000", memory_size=6000) is None
 
 
