@@ -250,23 +250,23 @@ class Trainer:
     def stage_data(self, phase: Phase, kind: str) -> StageData:
         return StageData.assemble(self.stage_sources(phase, kind))
 
-    def class_counts(self, phase: Phase, synthetic: bool = False) -> torch.Tensor:
+    def class_counts(self, phase: Phase, loss: str | None = None) -> torch.Tensor:
         """float [classes seen]: per-class sample counts of the phase data — training images for new
-        classes, stored exemplars for old ones (a count, never a sum of indices). With ``synthetic``,
-        also what the plugins' sources add to an epoch that counts in the classification loss
-        (synthetic replay; a per-batch ``ratio`` source its expected draws: ``epoch_class_counts``).
-        Call it after the plugins' ``before_phase``."""
+        classes, stored exemplars for old ones (a count, never a sum of indices). With ``loss`` ("ce"
+        or "kd"), also what the plugins' sources add to an epoch that counts in that loss (synthetic
+        replay; a per-batch ``ratio`` source its expected draws: ``epoch_class_counts``). Call it
+        after the plugins' ``before_phase``."""
         new = self.train_labels[(self.train_labels >= phase.first) & (self.train_labels < phase.last)]
         counts = torch.bincount(new, minlength=phase.last)
         counts[:phase.first] = torch.tensor(self.memory.counts(phase.first), dtype=counts.dtype)
         counts = counts.float()
-        if not synthetic:
+        if loss is None:
             return counts
         added = [p for plugin in self.plugins for p in plugin.sources(phase, "phase")]
         epoch_size = int(counts.sum()) + sum(len(p) for p in added if p.ratio is None)
         for p in added:
-            if p.in_ce:
-                counts += epoch_class_counts(p, epoch_size, self.cfg["batch_size"], phase.last)
+            if p.in_ce if loss == "ce" else p.in_kd:
+                counts += epoch_class_counts(p, epoch_size, self.cfg["batch_size"], phase.last, self.world)
         return counts
 
     # ---- the training loop --------------------------------------------------------------------

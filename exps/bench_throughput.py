@@ -510,7 +510,7 @@ def main() -> None:
             for name, overrides in [("framework", {})] + [parse_compare(c) for c in args.compare]:
                 r = {"row": name, "precision": label, "overrides": overrides}
                 try:
-                    r.update(time_framework({**base, **overrides}, args.epochs, profile=args.profile))
+                    r.update(time_framework(apply_overrides(base, overrides), args.epochs, profile=args.profile))
                 except Exception as exc:  # noqa: BLE001 - one failing row (a diverged stage, say) keeps the others
                     r.update(error=error_text(exc), images_per_s=None, seconds=None,
                              epoch_images_per_s=None, steady_images_per_s=None, device=plain["device"])

@@ -38,8 +38,9 @@ def check_paths(src: Path, out: Path) -> None:
     earlier = entries <= {"data", "replay"} and (out / "replay" / replay_folder.MANIFEST).is_file()
     if entries and not earlier:
         shown = ", ".join(sorted(entries)[:5]) + (" …" if len(entries) > 5 else "")
-        raise UserError(f"--out {out} holds other files ({shown}), not an earlier oracle build; give a new or "
-                        f"empty folder (the build replaces what --out holds).")
+        raise UserError(f"--out {out} holds other files ({shown}), not an earlier oracle build (one with "
+                        f"data/ and replay/{replay_folder.MANIFEST}; a build stopped before its manifest has none: "
+                        f"remove it yourself); give a new or empty folder (the build replaces what --out holds).")
     if src == out or out in src.parents:
         raise UserError(f"--out {out} contains --data_root {src}; give a folder outside it.")
 

@@ -647,9 +647,15 @@ class ExemplarCompression(Plugin):
     def after_phase(self, phase: Phase) -> None:
         if not self.cfg["exemplar_figure"] or not self.ctx.is_main:
             return
-        from utils.exemplar_figure import write_exemplar_figure
+        # A picture must never cost a trained phase (this runs before the checkpoint, on rank 0 alone):
+        # a plotting failure is a note in the log.
+        path = self.ctx.out / f"exemplars_phase_{phase.index}.png"
+        try:
+            from utils.exemplar_figure import write_exemplar_figure
 
-        write_exemplar_figure(self, phase, self.ctx.out / f"exemplars_phase_{phase.index}.png")
+            write_exemplar_figure(self, phase, path)
+        except Exception as err:  # noqa: BLE001 - matplotlib, fonts, a full disk: the run goes on
+            self.ctx.log.info(f"  note: could not write {path.name}: {type(err).__name__}: {err}")
 
     def phase_report(self, phase: Phase) -> dict:
         mem = self.ctx.memory

@@ -107,12 +107,12 @@ class RunContext:
             return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return batching.materialize(batching.select(self.train_images, index), self.cfg["num_workers"])
 
-    def class_counts(self, phase, synthetic: bool = False) -> torch.Tensor:
+    def class_counts(self, phase, loss: str | None = None) -> torch.Tensor:
         """float [classes seen]: real per-class sample counts of the phase data — training images for
-        new classes, stored exemplars for old ones (a count, never a sum of indices); with
-        ``synthetic``, plus the plugins' samples that count in the classification loss in an epoch
-        (synthetic replay). Valid once the plugins' ``before_phase`` has run (a learner's ``stages``)."""
-        return self._class_counts(phase, synthetic)
+        new classes, stored exemplars for old ones (a count, never a sum of indices); with ``loss``
+        ("ce" or "kd"), plus the plugins' samples that count in that loss in an epoch (synthetic
+        replay). Valid once the plugins' ``before_phase`` has run (a learner's ``stages``)."""
+        return self._class_counts(phase, loss)
 
     @torch.no_grad()
     def embed(self, images: batching.Images, fn: Callable[[torch.Tensor], torch.Tensor], flip: bool = False,

@@ -115,21 +115,27 @@ class FOSTER(Learner):
         student.head = expand_linear(old.head, phase.last)
         self.net = student
 
-    def balance_counts(self, phase: Phase) -> torch.Tensor:
-        """float [classes seen]: n_c of the class-balanced weights, as ``balance_counts`` says."""
+    def balance_counts(self, phase: Phase, loss: str) -> torch.Tensor:
+        """float [classes seen]: n_c of the class-balanced weights of ``loss`` ("ce": boosting's
+        β1 weights, "kd": the compression KD's β2 weights), as ``balance_counts`` says."""
         how = self.cfg["balance_counts"]
-        counts = self.ctx.class_counts(phase, synthetic=how == "seen")
+        counts = self.ctx.class_counts(phase, loss if how == "seen" else None)
         if how == "budget":
             counts[:phase.first] = float(self.ctx.memory.class_budget(phase.first))
         return counts
 
     def set_balance_weights(self, phase: Phase) -> None:
-        counts = self.balance_counts(phase)
+        counts, kd_counts = self.balance_counts(phase, "ce"), self.balance_counts(phase, "kd")
         device = self.ctx.device
         self.boost_weights = class_balanced_weights(counts, self.cfg["beta1"]).to(device)
-        self.distill_weights = class_balanced_weights(counts, self.cfg["beta2"]).to(device)
-        n = [round(v, 2) if v != int(v) else int(v) for v in counts.tolist()]
-        self.ctx.log.info(f"  class counts ({self.cfg['balance_counts']}): old {n[:phase.first]}, new {n[phase.first:]}")
+        self.distill_weights = class_balanced_weights(kd_counts, self.cfg["beta2"]).to(device)
+
+        def shown(c):
+            n = [round(v, 2) if v != int(v) else int(v) for v in c.tolist()]
+            return f"old {n[:phase.first]}, new {n[phase.first:]}"
+        self.ctx.log.info(f"  class counts ({self.cfg['balance_counts']}): {shown(counts)}")
+        if not torch.equal(counts, kd_counts):
+            self.ctx.log.info(f"  class counts of the compression KD: {shown(kd_counts)}")
         self.ctx.log.info(f"  class-balanced weights (beta1 {self.cfg['beta1']}): "
                               f"old {self.boost_weights[0].item():.4f}, new {self.boost_weights[-1].item():.4f}")
 

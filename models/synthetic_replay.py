@@ -116,19 +116,20 @@ def open_inputs(cfg: dict, ids: list[str], replayed: int) -> ReplayInputs:
             folder_paths(root, c, names[c], s["per_class"])
         return ReplayInputs(names, prompts, root, manifest, None)
     model_path = diffusion.check_model_path(s["model_path"])
-    multiple = diffusion.side_multiple(model_path)
-    if s["resolution"] is not None and s["resolution"] % multiple:
+    multiple = diffusion.side_multiple(model_path) if s["resolution"] is not None else None
+    if multiple is not None and s["resolution"] % multiple:
         raise ConfigError(f"Config key 'synthetic_replay.resolution' is {s['resolution']}; the pipeline in "
                           f"{model_path} makes sides that are multiples of {multiple}: use "
                           f"{s['resolution'] // multiple * multiple or multiple} or "
                           f"{(s['resolution'] // multiple + 1) * multiple}, or null (its native side).")
     dtype = diffusion.resolved_dtype(s["dtype"], cfg["device"])
-    manifest = {"format": replay_folder.FORMAT, **diffusion.pipeline_description(model_path, dtype),
+    cache = os.path.abspath(os.path.expanduser(s["cache_dir"]))
+    manifest = {"format": replay_folder.FORMAT, **diffusion.pipeline_description(model_path, dtype, cache),
                 **{k: s[k] for k in PIXEL_SETTINGS}, "dtype": dtype,
                 "resolution": s["resolution"] or diffusion.native_resolution(model_path),
                 "seed_rule": diffusion.SEED_RULE}
     key = generation_key(manifest, prompts)
-    root = os.path.join(os.path.abspath(os.path.expanduser(s["cache_dir"])), key)
+    root = os.path.join(cache, key)
     return ReplayInputs(names, prompts, root, manifest, model_path)
 
 
@@ -215,23 +216,30 @@ class SyntheticReplay(Plugin):
         manifest_path = os.path.join(self.root, replay_folder.MANIFEST)
         manifest = replay_folder.read_manifest(self.root) if main and os.path.isfile(manifest_path) \
             else {**self.manifest, "classes": {}}
-        # Loaded for this generation only, in the precision its key records.
-        pipe = diffusion.load_pipeline(self.model_path, str(self.ctx.device), self.manifest["dtype"],
-                                       s["attention_slicing"])
-        bar = tqdm(total=len(todo) * n, desc="synthetic replay: generating", unit="img",
-                   disable=None if main else True, leave=False)
-        made = 0
-        for c in todo:
-            cid = self.ids[c]
-            if main:
-                manifest["classes"][cid] = {"name": self.names[cid], "prompt": self.prompts[cid]}
-                replay_folder.write_manifest(self.root, manifest)
-            made += diffusion.generate_class(
-                pipe, self.root, cid, self.prompts[cid], n, seed=s["seed"], steps=s["num_inference_steps"],
-                guidance=s["guidance_scale"], resolution=self.manifest["resolution"], batch_size=s["gen_batch_size"],
-                device=str(self.ctx.device), shard=(self.ctx.rank, self.ctx.world_size), progress=bar.update)
-        bar.close()
-        del pipe   # the pipeline's memory (GBs on the GPU) goes back to training
+        # The phase's random streams are seeded before this runs: loading a pipeline may draw from
+        # torch's global generator (random initialisation before the weights are read, in some library
+        # versions), which would make a run that generates train otherwise than one that found the
+        # images made. So generation runs on a forked generator state.
+        cuda = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            # Loaded for this generation only, in the precision its key records.
+            pipe = diffusion.load_pipeline(self.model_path, str(self.ctx.device), self.manifest["dtype"],
+                                           s["attention_slicing"])
+            bar = tqdm(total=len(todo) * n, desc="synthetic replay: generating", unit="img",
+                       disable=None if main else True, leave=False)
+            made = 0
+            for c in todo:
+                cid = self.ids[c]
+                if main:
+                    manifest["classes"][cid] = {"name": self.names[cid], "prompt": self.prompts[cid]}
+                    replay_folder.write_manifest(self.root, manifest)
+                made += diffusion.generate_class(
+                    pipe, self.root, cid, self.prompts[cid], n, seed=s["seed"], steps=s["num_inference_steps"],
+                    guidance=s["guidance_scale"], resolution=self.manifest["resolution"],
+                    batch_size=s["gen_batch_size"], device=str(self.ctx.device),
+                    shard=(self.ctx.rank, self.ctx.world_size), progress=bar.update)
+            bar.close()
+            del pipe   # the pipeline's memory (GBs on the GPU) goes back to training
         if self.ctx.device.type == "cuda":
             torch.cuda.empty_cache()
         distributed.barrier()   # every rank's chunks are on disk before any rank loads them

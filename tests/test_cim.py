@@ -497,6 +497,19 @@ def test_exemplar_figure_shows_every_class_row_at_a_readable_size(tmp_path, monk
     assert len(drawn["row_labels"]) == 4 and "class 5 (new)" in drawn["row_labels"][-1][0]
 
 
+def test_a_figure_that_cannot_be_drawn_is_a_note_not_a_lost_phase(tmp_path, monkeypatch):
+    from utils import exemplar_figure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts here")
+
+    monkeypatch.setattr(exemplar_figure, "render_figure", broken)
+    res = run(tiny_config(compression="cam", **QUICK), tmp_path / "run")
+    assert len(res["phases"]) == 3 and not list((tmp_path / "run").glob("exemplars_phase_*.png"))
+    assert "note: could not write exemplars_phase_0.png: RuntimeError: no fonts here" in \
+        (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_smoke_cli_accepts_every_learner_and_policy(capsys, monkeypatch):
     import main
 

@@ -221,6 +221,23 @@ def test_overrides_change_only_the_fields_of_a_block_they_name():
         apply_overrides(raw, {"memory_size.x": 1})
 
 
+def test_balance_counts_identifies_a_run_only_where_it_changes_it():
+    """FOSTER's balance_counts: "seen" and "real" count alike without synthetic replay (one folder, the
+    one FOSTER runs had before the key); with it they differ, and a run saved before the key existed
+    counted real samples only, so it resolves to "real" and never passes for a run of today's default."""
+    from utils.config import resolve_saved_config
+
+    foster = resolve_config(tiny_config(model_name="foster"))
+    assert config_hash(foster) == config_hash({**foster, "balance_counts": "real"})
+    assert config_hash(foster) != config_hash({**foster, "balance_counts": "budget"})
+    replay = resolve_config(tiny_config(model_name="foster", synthetic_replay={"source": "folder", "path": "x"}))
+    assert config_hash(replay) != config_hash({**replay, "balance_counts": "real"})
+    old = {k: v for k, v in replay.items() if k != "balance_counts"}
+    assert resolve_saved_config(old)[0]["balance_counts"] == "real"
+    plain = {k: v for k, v in foster.items() if k != "balance_counts"}
+    assert resolve_saved_config(plain)[0]["balance_counts"] == "seen"
+
+
 def test_set_of_a_block_field_keeps_the_configs_other_fields(tmp_path, monkeypatch, capsys):
     """`--set 'shapes={...}'` and `--set shapes.field=...` (the names --keys lists) change one field; the
     config's other fields of the block stay (they used to fall back to their defaults, silently)."""
@@ -318,6 +335,19 @@ def test_readme_key_reference_is_describe_keys_and_marks_the_keys_outside_identi
     rows = {line.split("`")[1]: line for line in reference.splitlines() if line.startswith("| `")}
     outside = {key for key, line in rows.items() if "Not part of a run's identity" in line}
     assert outside == set(_NOT_HASHED) - {"seed"} and "compile" in outside
+
+
+def test_key_tables_are_in_name_order_whatever_was_imported_first(monkeypatch):
+    """--keys (and the README) list learners and plugins by name: registration order followed the
+    imports, and a test importing models.foster first made the README check fail."""
+    from models import registry
+
+    learners = dict(registry.LEARNERS)
+    monkeypatch.setattr(registry, "LEARNERS", dict(reversed(list(learners.items()))))
+    heads = [line for line in describe_keys().splitlines() if line.startswith("### ")]
+    learner_heads = [h for h in heads if h.startswith("### learner")]
+    assert learner_heads == sorted(learner_heads) and heads[0] == "### common"
+    assert learner_heads[0].startswith("### learner der")
 
 
 def test_resolved_config_has_every_key_with_defaults():

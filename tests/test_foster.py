@@ -81,19 +81,22 @@ def test_balanced_kd_reweights_the_teacher_probabilities():
 
 def test_weights_come_from_the_trainers_counts_as_balance_counts_says():
     real = torch.tensor([7.0, 9.0, 40.0, 40.0])     # old: exemplars in memory; new: training images
-    seen = real + torch.tensor([5.0, 5.0, 0.0, 0.0])   # + synthetic replay images in the CE
+    seen = {"ce": real + torch.tensor([5.0, 5.0, 0.0, 0.0]),   # + synthetic replay images in the CE
+            "kd": real + torch.tensor([3.0, 3.0, 0.0, 0.0])}   # ... and in the KD (another source setting)
+    budget = torch.tensor([20.0, 20.0, 40.0, 40.0])
     phase = Phase(1, 2, 4, ((0, 2), (2, 4)))
-    for how, want in (("seen", seen), ("real", real), ("budget", torch.tensor([20.0, 20.0, 40.0, 40.0]))):
+    for how, ce, kd in (("seen", seen["ce"], seen["kd"]), ("real", real, real), ("budget", budget, budget)):
         logged = []
-        ctx = types.SimpleNamespace(class_counts=lambda phase, synthetic: seen if synthetic else real.clone(),
+        ctx = types.SimpleNamespace(class_counts=lambda phase, loss: seen[loss].clone() if loss else real.clone(),
                                     memory=types.SimpleNamespace(class_budget=lambda classes_seen: 40 // classes_seen),
                                     device=torch.device("cpu"), log=types.SimpleNamespace(info=logged.append))
         learner = FOSTER({"beta1": 0.95, "beta2": 0.97, "balance_counts": how}, ctx)
         learner.set_balance_weights(phase)
-        assert torch.allclose(learner.boost_weights, class_balanced_weights(want, 0.95)), how
-        assert torch.allclose(learner.distill_weights, class_balanced_weights(want, 0.97)), how
-        old = ", ".join(str(int(v)) for v in want[:2].tolist())
+        assert torch.allclose(learner.boost_weights, class_balanced_weights(ce, 0.95)), how
+        assert torch.allclose(learner.distill_weights, class_balanced_weights(kd, 0.97)), how
+        old = ", ".join(str(int(v)) for v in ce[:2].tolist())
         assert f"class counts ({how}): old [{old}], new [40, 40]" in logged[0], logged
+        assert ("class counts of the compression KD: old [10, 12], new [40, 40]" in logged[1]) == (how == "seen")
 
 
 def test_synthetic_images_in_the_ce_count_in_the_weights_and_budget_counts_the_quota(tmp_path):
@@ -105,14 +108,20 @@ def test_synthetic_images_in_the_ce_count_in_the_weights_and_budget_counts_the_q
     root = make_folder(tmp_path / "syn", shape_ids(), per_class=6)
     quick = dict(model_name="foster", init_epochs=1, epochs=1, compression_epochs=1)
     counts = {}
-    for name, extra in (("seen", {}), ("real", {"balance_counts": "real"}),
-                        ("ratio", {"ratio": 0.5}), ("budget", {"balance_counts": "budget", "compression": "cim"})):
-        block = {"source": "folder", "path": str(root), "per_class": 6, **{k: v for k, v in extra.items() if k == "ratio"}}
-        cfg = tiny_config(**quick, synthetic_replay=block, **{k: v for k, v in extra.items() if k != "ratio"})
+    block_keys = ("ratio", "use_in_kd")
+    for name, extra in (("seen", {}), ("real", {"balance_counts": "real"}), ("ratio", {"ratio": 0.5}),
+                        ("no_kd", {"use_in_kd": False}), ("budget", {"balance_counts": "budget", "compression": "cim"})):
+        block = {"source": "folder", "path": str(root), "per_class": 6,
+                 **{k: v for k, v in extra.items() if k in block_keys}}
+        cfg = tiny_config(**quick, synthetic_replay=block, **{k: v for k, v in extra.items() if k not in block_keys})
         res = run(cfg, tmp_path / name)
         log = (tmp_path / name / "log.txt").read_text()
         found = re.findall(r"class counts \((\w+)\): old \[([\d., ]*)\], new \[([\d., ]*)\]", log)
         assert len(found) == 2, log
+        kd_lines = re.findall(r"class counts of the compression KD: old \[([\d., ]*)\]", log)
+        assert len(kd_lines) == (2 if name == "no_kd" else 0), log   # the KD's counts differ only there
+        if kd_lines:
+            kd_old = [[float(v) for v in old.split(",")] for old in kd_lines]
         counts[name] = [([float(v) for v in old.split(",")], [float(v) for v in new.split(",")], res)
                         for _, old, new in found]
     for k, (old, new, res) in enumerate(counts["real"], start=1):
@@ -124,6 +133,9 @@ def test_synthetic_images_in_the_ce_count_in_the_weights_and_budget_counts_the_q
     epoch = int(sum(counts["real"][0][0]) + sum(counts["real"][0][1]))
     draws = sum(round(0.5 * min(32, epoch - s)) for s in range(0, epoch, 32) if min(32, epoch - s) >= 2)
     assert old == pytest.approx([n + draws / 2 for n in counts["real"][0][0]], abs=0.01)
+    # use_in_kd false: the compression KD's weights count the real samples only
+    assert [old for old, _, _ in counts["no_kd"]] == [old for old, _, _ in counts["seen"]]
+    assert kd_old == [old for old, _, _ in counts["real"]]
     old, new, res = counts["budget"][1]
     assert old == [res["config"]["memory_size"] // 4] * 4
     assert res["phases"][1]["memory"]["per_class"] != old            # CIM stores more than the quota

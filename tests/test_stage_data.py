@@ -60,12 +60,19 @@ def test_epoch_class_counts_known_answers():
 
 
 def test_epoch_class_counts_match_what_the_batches_draw():
+    """Per class, averaged over epochs, the draws of a ratio source are the expected counts; on two
+    processes a global batch too small to split (under 2 samples a process) draws nothing."""
     new = _source("new", 10, NEW)
     mixed = SourceData("synthetic", torch.zeros(8, 3, 2, 2, dtype=torch.uint8), torch.tensor([3] * 6 + [4] * 2),
                        SYNTHETIC, ratio=0.4)
     data = StageData.assemble([new, mixed])
-    drawn = torch.zeros(5)
-    for _ in range(4):   # four epochs: every pool sample drawn alike in the long run
-        for b in data.batches(3, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)):
+    drawn, epochs = torch.zeros(5), 60
+    mix = torch.Generator().manual_seed(1)
+    for epoch in range(epochs):
+        for b in data.batches(3, torch.Generator().manual_seed(epoch), mix):
             drawn += torch.bincount(b.labels[b.origin == SYNTHETIC], minlength=5).float()
-    assert (drawn / 4).sum() == epoch_class_counts(mixed, 10, 3, 5).sum()
+    expected = epoch_class_counts(mixed, 10, 3, 5)
+    assert expected.tolist() == [0, 0, 0, 2.25, 0.75]           # batches 3, 3, 3 (1 dropped): 1 draw each
+    assert torch.allclose(drawn / epochs, expected, atol=0.25), drawn / epochs
+    # two processes, global batch 4: batches 4, 4 (2 a process) kept, the last of 2 (1 a process) dropped
+    assert epoch_class_counts(mixed, 10, 4, 5, world=2).tolist() == [0, 0, 0, 3.0, 1.0]   # 4, 4 kept; 2 dropped

@@ -151,6 +151,38 @@ def test_a_failed_generation_keeps_the_trained_phase(tiny_pipeline, tmp_path, ca
     assert (tmp_path / "out" / "checkpoints" / "phase_0.pt").is_file()
 
 
+def test_generating_draws_nothing_from_the_runs_random_streams(tiny_pipeline, tmp_path, monkeypatch):
+    """A run that generates its images trains as one that found them made: loading a pipeline that
+    draws from torch's generator (random initialisation in some diffusers versions) must leave the
+    phase's seeded global generator as it was (today's training draws from explicit generators, so
+    the accuracies would match either way; the state check is what catches a draw)."""
+    real = diffusion.load_pipeline
+
+    def drawing(*args, **kwargs):
+        torch.rand(1000)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "load_pipeline", drawing)
+    from models.synthetic_replay import SyntheticReplay
+
+    states, before_phase = [], SyntheticReplay.before_phase
+
+    def watched(self, phase):
+        start = torch.get_rng_state()
+        before_phase(self, phase)
+        states.append(torch.equal(start, torch.get_rng_state()))
+
+    monkeypatch.setattr(SyntheticReplay, "before_phase", watched)
+    block = diffusers_block(tiny_pipeline, tmp_path / "cache")
+    cold = run(tiny_config(**QUICK, synthetic_replay=block), tmp_path / "cold")
+    assert states == [True, True, True]   # phases 1 and 2 generated, and left torch's generator as it was
+    warm = run(tiny_config(**QUICK, synthetic_replay=block), tmp_path / "warm")
+    assert sum(p["synthetic_replay"]["generated_this_phase"] for p in cold["phases"]) == 16
+    assert sum(p["synthetic_replay"]["generated_this_phase"] for p in warm["phases"]) == 0
+    assert [p["cnn"] for p in cold["phases"]] == [p["cnn"] for p in warm["phases"]]
+    assert [p["memory"]["hash"] for p in cold["phases"]] == [p["memory"]["hash"] for p in warm["phases"]]
+
+
 def test_weights_hash_reads_whole_files(tmp_path):
     """Two same-size weight files that differ only in the middle are two pipelines (the hash used to
     read only the first and last MiB of files over 64 MiB)."""
@@ -165,7 +197,22 @@ def test_weights_hash_reads_whole_files(tmp_path):
         digests.append(diffusion.weights_hash(str(folder)))
     assert digests[0] != digests[1]
     (tmp_path / "a" / "unet.bin").write_bytes(b"\1" * 10)          # changed on disk: hashed again
-    assert diffusion.weights_hash(str(tmp_path / "a")) not in digests
+    changed = diffusion.weights_hash(str(tmp_path / "a"))
+    assert changed not in digests
+    # kept in a memo file for later processes: a memo hit reads no weights
+    memo = tmp_path / "cache"
+    assert diffusion.weights_hash(str(tmp_path / "b"), str(memo)) == digests[1]
+    assert (memo / diffusion.WEIGHTS_MEMO).is_file()
+    diffusion._content_digest.cache_clear()
+
+    def must_not_read(*args):
+        raise AssertionError("the weights were read again")
+
+    real, diffusion._content_digest = diffusion._content_digest, must_not_read
+    try:
+        assert diffusion.weights_hash(str(tmp_path / "b"), str(memo)) == digests[1]
+    finally:
+        diffusion._content_digest = real
 
 
 def test_resume_with_replay_matches_an_uninterrupted_run(tiny_pipeline, tmp_path):

@@ -234,13 +234,15 @@ def _all_option_tables() -> dict[str, dict[str, Option]]:
     from models.registry import LEARNERS
     from models.plugins import PLUGINS
 
+    # By name, never by registration order: that follows which module was imported first (a test
+    # that imports models.foster directly moved FOSTER's table ahead of the others).
     tables = {"common": COMMON_OPTIONS}
     names_of: dict[type, list[str]] = {}
-    for name, cls in LEARNERS.items():   # one table per learner class, aliases named together
+    for name, cls in sorted(LEARNERS.items()):   # one table per learner class, aliases named together
         names_of.setdefault(cls, []).append(name)
-    for cls, names in names_of.items():
+    for cls, names in sorted(names_of.items(), key=lambda item: item[1][0]):
         tables[f"learner {' / '.join(names)}"] = cls.options
-    for name, cls in PLUGINS.items():
+    for name, cls in sorted(PLUGINS.items()):
         tables[f"plugin {name}"] = cls.options
     return tables
 
@@ -609,14 +611,29 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
 # Keys that identify a run only when they are not at their default (added after runs existed:
 # their default must not move every run folder).
 _HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "workers",
-                    "bilevel_autocast": False, "balance_counts": "seen", "nme_flip": True}
+                    "bilevel_autocast": False, "nme_flip": True}
+
+
+def _replays_synthetic(cfg: Mapping[str, Any]) -> bool:
+    block = cfg.get("synthetic_replay")
+    return isinstance(block, Mapping) and block.get("source", "none") != "none"
+
+
+def _left_out_of_hash(cfg: Mapping[str, Any], key: str, value: Any) -> bool:
+    """Keys added after runs existed stay out of the hash where they change nothing: at their old
+    behaviour (_HASHED_WHEN_SET), and FOSTER's ``balance_counts`` "seen" / "real" without synthetic
+    replay (the two count alike there). With synthetic replay they differ and are always hashed, so a
+    run of today's default never shares a folder with one made before synthetic images were counted."""
+    if key in _HASHED_WHEN_SET and value == _HASHED_WHEN_SET[key]:
+        return True
+    return key == "balance_counts" and value in ("seen", "real") and not _replays_synthetic(cfg)
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
     """Short stable hash of the result-affecting part of a resolved config (:func:`hashed_keys`)."""
     keys = hashed_keys(cfg)
     payload = {k: v for k, v in cfg.items() if k in keys
-               and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
+               and not _left_out_of_hash(cfg, k, v)}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -630,6 +647,9 @@ def resolve_saved_config(saved: Mapping[str, Any]) -> tuple[dict[str, Any], list
     # today's default for its dataset ("whole" for resized_crop folders): resuming it, or counting its
     # results as today's, must not pass for the same run.
     renamed.setdefault("stored_form", "crop")
+    # FOSTER runs with synthetic replay saved before balance_counts existed counted real samples only.
+    if renamed.get("model_name") == "foster" and _replays_synthetic(renamed):
+        renamed.setdefault("balance_counts", "real")
     resolved = resolve_config(renamed)
     return resolved, sorted(k for k in hashed_keys(resolved) if k not in renamed)
 

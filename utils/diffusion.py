@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -48,10 +49,12 @@ def check_model_path(model_path: str | None) -> str:
     return path
 
 
-def weights_hash(path: str) -> str:
+def weights_hash(path: str, memo_dir: str | None = None) -> str:
     """A digest of a pipeline folder: every file's relative name and its whole content (two
     fine-tunes of the same size that differ anywhere get different digests). Reading several GB
-    takes seconds, so the digest is kept for the process, keyed by each file's size and mtime."""
+    takes seconds (minutes on network storage), so the digest is kept, keyed by every file's name,
+    size and mtime (as the decoded-image cache keys its files): for the process, and with
+    ``memo_dir`` in ``memo_dir/weights_digests.json`` for later runs, sweep runs and other ranks."""
     listing = []
     for dirpath, dirnames, files in sorted(os.walk(path)):
         dirnames.sort()
@@ -59,7 +62,35 @@ def weights_hash(path: str) -> str:
             full = os.path.join(dirpath, name)
             st = os.stat(full)
             listing.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
-    return _content_digest(path, tuple(listing))
+    listing = tuple(listing)
+    stamp = hashlib.sha256(json.dumps([path, listing]).encode()).hexdigest()
+    memo = Path(memo_dir) / WEIGHTS_MEMO if memo_dir else None
+    known = _read_memo(memo)
+    if stamp in known:
+        return known[stamp]
+    digest = _content_digest(path, listing)
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**_read_memo(memo), stamp: digest}))
+            os.replace(tmp, memo)
+        except OSError:   # a read-only cache folder: the digest is only not kept
+            pass
+    return digest
+
+
+WEIGHTS_MEMO = "weights_digests.json"
+
+
+def _read_memo(memo: Path | None) -> dict:
+    if memo is None:
+        return {}
+    try:
+        data = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,18 +152,16 @@ def load_pipeline(model_path: str, device: str, dtype: str = "auto", attention_s
     return pipe
 
 
-def pipeline_description(model_path: str, dtype: str) -> dict:
+def pipeline_description(model_path: str, dtype: str, memo_dir: str | None = None) -> dict:
     """The manifest's ``generator`` and ``scheduler`` fields, read from the folder without loading it
-    (``dtype`` resolved, never "auto": :func:`resolved_dtype`)."""
-    import json
-
+    (``dtype`` resolved, never "auto": :func:`resolved_dtype`; ``memo_dir``: :func:`weights_hash`)."""
     try:
         index = json.loads((Path(model_path) / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"Cannot read {model_path}/model_index.json: {exc}.") from None
     scheduler = index.get("scheduler", [None, None])
     return {"generator": {"kind": "diffusers", "pipeline": index.get("_class_name"),
-                          "weights_hash": weights_hash(model_path), "dtype": dtype},
+                          "weights_hash": weights_hash(model_path, memo_dir), "dtype": dtype},
             "scheduler": scheduler[1] if isinstance(scheduler, list) and len(scheduler) == 2 else None}
 
 
@@ -194,20 +223,16 @@ def complete(root: str, class_id: str, count: int) -> bool:
     return all((folder / image_name(i)).exists() for i in range(count))
 
 
-def _vae_and_unet(model_path: str) -> tuple[dict, dict]:
-    import json
-
+def _component_config(model_path: str, component: str) -> dict:
     try:
-        unet = json.loads((Path(model_path) / "unet" / "config.json").read_text())
-        vae = json.loads((Path(model_path) / "vae" / "config.json").read_text())
-        return unet, vae
+        return json.loads((Path(model_path) / component / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"Cannot read the configs of {model_path} (unet/config.json, vae/config.json): {exc}.") from None
+        raise DataError(f"Cannot read {model_path}/{component}/config.json: {exc}.") from None
 
 
 def latent_scale(model_path: str) -> int:
     """How many pixels of a side one latent cell covers (the VAE's downsampling, SD 1.x: 8)."""
-    _, vae = _vae_and_unet(model_path)
+    vae = _component_config(model_path, "vae")
     try:
         return 2 ** (len(vae["block_out_channels"]) - 1)
     except (KeyError, TypeError) as exc:
@@ -223,7 +248,7 @@ def side_multiple(model_path: str) -> int:
 
 def native_resolution(model_path: str) -> int:
     """The pipeline's native output side from its configs, without loading it (SD 1.x: 512)."""
-    unet, _ = _vae_and_unet(model_path)
+    unet = _component_config(model_path, "unet")
     try:
         return int(unet["sample_size"]) * latent_scale(model_path)
     except (KeyError, TypeError, ValueError) as exc:

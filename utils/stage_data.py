@@ -64,13 +64,14 @@ class SourceData:
         return len(self.labels)
 
 
-def epoch_class_counts(source: SourceData, epoch_size: int, batch_size: int, classes: int) -> torch.Tensor:
+def epoch_class_counts(source: SourceData, epoch_size: int, batch_size: int, classes: int,
+                       world: int = 1) -> torch.Tensor:
     """float [classes]: the samples of each class that ``source`` puts in one epoch of a stage whose
     epoch part holds ``epoch_size`` samples (``source``'s own included when it joins the epoch):
     its labels once each (``ratio`` None), or, mixed (``ratio`` r), its expected draws: round(r·b)
-    for every batch of b epoch samples (batches under 2 dropped, as :meth:`StageData.batches` does
-    in one process), spread over its pool by each class's share of it (every sample is drawn once
-    before any is drawn twice).
+    for every global batch of b epoch samples that :meth:`StageData.batches` keeps on ``world``
+    processes (under 2 samples a process dropped), spread over its pool by each class's share of it
+    (every sample is drawn once before any is drawn twice).
 
     Known answer: 10 epoch samples, batch 4 (batches 4, 4, 2), r 0.5: 2 + 2 + 1 = 5 draws; a pool of
     3 of class 0 and 1 of class 1 gives [3.75, 1.25]."""
@@ -80,7 +81,7 @@ def epoch_class_counts(source: SourceData, epoch_size: int, batch_size: int, cla
     if len(source) == 0:
         return torch.zeros(classes)
     sizes = [min(batch_size, epoch_size - s) for s in range(0, epoch_size, batch_size)]
-    draws = sum(int(round(source.ratio * b)) for b in sizes if b >= 2)
+    draws = sum(int(round(source.ratio * b)) for b in sizes if b // world >= 2)
     return (pool * draws / len(source)).float()
 
 
