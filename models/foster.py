@@ -7,11 +7,11 @@ Phase 0 trains one backbone with plain cross-entropy. Every later phase has two 
    ``fe_fc`` over the new backbone alone. Loss =
    CE(logits / w_β1) + CE(fe_logits) + λ_okd · KD_T(logits[:, :old], old model's logits),
    with class-balanced weights w_β1 from per-class sample counts n_c (``balance_counts``): by
-   default the samples the classification loss sees in an epoch — old classes: their exemplars in
-   memory, new classes: their training images (**real** counts, never a sum of indices), plus the
-   synthetic replay images that count in it; "budget" counts old classes as the official code does
-   (their uncompressed quota, fewer than CIM stores). The weights are set when the stages are built,
-   after the plugins' ``before_phase`` (synthetic images loaded).
+   default the **real** samples of the phase data — old classes: their exemplars in memory, new
+   classes: their training images (counts, never a sum of indices); "seen" adds the synthetic replay
+   images that count in the loss; "budget" counts old classes as the official code does (their
+   uncompressed quota, fewer than CIM stores). The weights are set when the stages are built, after
+   the plugins' ``before_phase`` (synthetic images loaded).
    Optional weight alignment of the teacher's new-class rows (``is_teacher_wa``).
 2. **Compression.** A one-backbone student, initialised as the old model with fresh new-class rows
    (PyCIL: old backbone + old head copied), learns from the frozen teacher by class-balanced KD
@@ -73,15 +73,15 @@ class FOSTER(Learner):
         "is_teacher_wa": Option(False, "bool", "Weight-align the teacher's new-class rows after boosting."),
         "is_student_wa": Option(False, "bool", "Weight-align the student's new-class rows after compression."),
         "wa_value": Option(1.0, "float", "Extra alignment factor: gamma is multiplied by wa_value^(old/new).", min=0.0),
-        "balance_counts": Option("seen", "str", "n_c of the class-balanced weights (beta1, beta2): seen = the samples "
-                                                "the classification loss sees in an epoch (training images, stored "
-                                                "exemplars, and synthetic replay images that count in it; with its "
-                                                "`ratio`, their expected draws); real = training images and stored "
-                                                "exemplars only; budget = old classes at their uncompressed quota "
-                                                "(memory_per_class with fixed_memory, else memory_size // old "
-                                                "classes), as the official FOSTER and CIM code count them, fewer than "
-                                                "CIM stores. seen and real agree without synthetic replay.",
-                                 choices=("seen", "real", "budget")),
+        "balance_counts": Option("real", "str", "n_c of the class-balanced weights (beta1, beta2): real = training "
+                                                "images and stored exemplars (SPEC); seen = also the synthetic replay "
+                                                "images that count in the loss (CE for beta1, KD for beta2; with its "
+                                                "`ratio`, their expected draws); budget = old classes at their "
+                                                "uncompressed quota (memory_per_class with fixed_memory, else "
+                                                "memory_size // old classes), as the official FOSTER and CIM code "
+                                                "count them, fewer than CIM stores. seen and real agree without "
+                                                "synthetic replay.",
+                                 choices=("real", "seen", "budget")),
         "foster_deploy": Option("teacher", "str", "Model evaluated as `cnn`, used for herding and NME after a later "
                                                   "phase: the two-backbone teacher (PyCIL, official CIM code) or the "
                                                   "student; the other is reported as an extra evaluation.",

@@ -222,20 +222,17 @@ def test_overrides_change_only_the_fields_of_a_block_they_name():
 
 
 def test_balance_counts_identifies_a_run_only_where_it_changes_it():
-    """FOSTER's balance_counts: "seen" and "real" count alike without synthetic replay (one folder, the
-    one FOSTER runs had before the key); with it they differ, and a run saved before the key existed
-    counted real samples only, so it resolves to "real" and never passes for a run of today's default."""
-    from utils.config import resolve_saved_config
-
+    """FOSTER's balance_counts: the default "real" is what FOSTER did before the key (runs keep their
+    folders); "seen" counts as "real" without synthetic replay (the same folder), and with it is
+    another run."""
     foster = resolve_config(tiny_config(model_name="foster"))
-    assert config_hash(foster) == config_hash({**foster, "balance_counts": "real"})
+    assert foster["balance_counts"] == "real"
+    assert config_hash(foster) == config_hash({k: v for k, v in foster.items() if k != "balance_counts"})
+    assert config_hash(foster) == config_hash({**foster, "balance_counts": "seen"})
     assert config_hash(foster) != config_hash({**foster, "balance_counts": "budget"})
     replay = resolve_config(tiny_config(model_name="foster", synthetic_replay={"source": "folder", "path": "x"}))
-    assert config_hash(replay) != config_hash({**replay, "balance_counts": "real"})
-    old = {k: v for k, v in replay.items() if k != "balance_counts"}
-    assert resolve_saved_config(old)[0]["balance_counts"] == "real"
-    plain = {k: v for k, v in foster.items() if k != "balance_counts"}
-    assert resolve_saved_config(plain)[0]["balance_counts"] == "seen"
+    assert config_hash(replay) == config_hash({k: v for k, v in replay.items() if k != "balance_counts"})
+    assert config_hash(replay) != config_hash({**replay, "balance_counts": "seen"})
 
 
 def test_set_of_a_block_field_keeps_the_configs_other_fields(tmp_path, monkeypatch, capsys):

@@ -100,17 +100,19 @@ def test_weights_come_from_the_trainers_counts_as_balance_counts_says():
 
 
 def test_synthetic_images_in_the_ce_count_in_the_weights_and_budget_counts_the_quota(tmp_path):
-    """With synthetic replay the old classes are no longer rare in the CE: n_c (seen) adds their
-    synthetic images (it used to count only the few exemplars, weighting old classes up about 2x).
-    ``budget`` gives old classes the official code's memory_size // old classes, whatever CIM stores."""
+    """``seen`` adds the synthetic images that count in each loss to the old classes' n_c (the default
+    ``real`` counts the exemplars alone); ``budget`` gives old classes the official code's
+    memory_size // old classes, whatever CIM stores."""
     from test_synthetic_replay import make_folder, shape_ids
 
     root = make_folder(tmp_path / "syn", shape_ids(), per_class=6)
     quick = dict(model_name="foster", init_epochs=1, epochs=1, compression_epochs=1)
     counts = {}
     block_keys = ("ratio", "use_in_kd")
-    for name, extra in (("seen", {}), ("real", {"balance_counts": "real"}), ("ratio", {"ratio": 0.5}),
-                        ("no_kd", {"use_in_kd": False}), ("budget", {"balance_counts": "budget", "compression": "cim"})):
+    seen = {"balance_counts": "seen"}
+    for name, extra in (("seen", seen), ("real", {}), ("ratio", {**seen, "ratio": 0.5}),
+                        ("no_kd", {**seen, "use_in_kd": False}),
+                        ("budget", {"balance_counts": "budget", "compression": "cim"})):
         block = {"source": "folder", "path": str(root), "per_class": 6,
                  **{k: v for k, v in extra.items() if k in block_keys}}
         cfg = tiny_config(**quick, synthetic_replay=block, **{k: v for k, v in extra.items() if k not in block_keys})
@@ -222,7 +224,7 @@ def test_boosting_and_compression_run_in_every_later_phase(foster_run):
 
 def test_counts_are_real_exemplar_and_image_counts(foster_run):
     out, results, _ = foster_run
-    logged = re.findall(r"class counts \(seen\): old \[([\d, ]*)\], new \[([\d, ]*)\]", (out / "log.txt").read_text())
+    logged = re.findall(r"class counts \(real\): old \[([\d, ]*)\], new \[([\d, ]*)\]", (out / "log.txt").read_text())
     assert len(logged) == 2
     for k, (old, new) in enumerate(logged, start=1):
         assert [int(v) for v in old.split(",")] == results["phases"][k - 1]["memory"]["per_class"]

@@ -611,7 +611,7 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
 # Keys that identify a run only when they are not at their default (added after runs existed:
 # their default must not move every run folder).
 _HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "workers",
-                    "bilevel_autocast": False, "nme_flip": True}
+                    "bilevel_autocast": False, "nme_flip": True, "balance_counts": "real"}
 
 
 def _replays_synthetic(cfg: Mapping[str, Any]) -> bool:
@@ -621,9 +621,8 @@ def _replays_synthetic(cfg: Mapping[str, Any]) -> bool:
 
 def _left_out_of_hash(cfg: Mapping[str, Any], key: str, value: Any) -> bool:
     """Keys added after runs existed stay out of the hash where they change nothing: at their old
-    behaviour (_HASHED_WHEN_SET), and FOSTER's ``balance_counts`` "seen" / "real" without synthetic
-    replay (the two count alike there). With synthetic replay they differ and are always hashed, so a
-    run of today's default never shares a folder with one made before synthetic images were counted."""
+    behaviour (_HASHED_WHEN_SET), and FOSTER's ``balance_counts`` "seen" without synthetic replay
+    (it counts as "real" there)."""
     if key in _HASHED_WHEN_SET and value == _HASHED_WHEN_SET[key]:
         return True
     return key == "balance_counts" and value in ("seen", "real") and not _replays_synthetic(cfg)
@@ -647,9 +646,6 @@ def resolve_saved_config(saved: Mapping[str, Any]) -> tuple[dict[str, Any], list
     # today's default for its dataset ("whole" for resized_crop folders): resuming it, or counting its
     # results as today's, must not pass for the same run.
     renamed.setdefault("stored_form", "crop")
-    # FOSTER runs with synthetic replay saved before balance_counts existed counted real samples only.
-    if renamed.get("model_name") == "foster" and _replays_synthetic(renamed):
-        renamed.setdefault("balance_counts", "real")
     resolved = resolve_config(renamed)
     return resolved, sorted(k for k in hashed_keys(resolved) if k not in renamed)
 
