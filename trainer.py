@@ -209,6 +209,7 @@ class Trainer:
             image_size=self.image_size, input_size=self.input_size, mean=self.data.mean, std=self.data.std,
             augment=self.augment, log=self.log, out=self.out, train_images=self.train_images,
             train_labels=self.train_labels, memory=self.memory, class_counts=self.class_counts,
+            added_counts=self.added_counts,
             class_names=[self.data.class_names[c] for c in self.order], plan=self.plan,
             rank=self.rank, world_size=self.world, train_orig_hw=self.train_orig_hw)
         self.learner: Learner = get_learner_class(cfg["model_name"])(cfg, self.ctx)
@@ -250,24 +251,28 @@ class Trainer:
     def stage_data(self, phase: Phase, kind: str) -> StageData:
         return StageData.assemble(self.stage_sources(phase, kind))
 
-    def class_counts(self, phase: Phase, loss: str | None = None) -> torch.Tensor:
-        """float [classes seen]: per-class sample counts of the phase data — training images for new
-        classes, stored exemplars for old ones (a count, never a sum of indices). With ``loss`` ("ce"
-        or "kd"), also what the plugins' sources add to an epoch that counts in that loss (synthetic
-        replay; a per-batch ``ratio`` source its expected draws: ``epoch_class_counts``). Call it
-        after the plugins' ``before_phase``."""
+    def class_counts(self, phase: Phase) -> torch.Tensor:
+        """float [classes seen]: real per-class sample counts of the phase data — training images for
+        new classes, stored exemplars for old ones (a count, never a sum of indices)."""
         new = self.train_labels[(self.train_labels >= phase.first) & (self.train_labels < phase.last)]
         counts = torch.bincount(new, minlength=phase.last)
         counts[:phase.first] = torch.tensor(self.memory.counts(phase.first), dtype=counts.dtype)
-        counts = counts.float()
-        if loss is None:
-            return counts
+        return counts.float()
+
+    def added_counts(self, phase: Phase) -> dict[str, torch.Tensor]:
+        """{"ce": float [classes seen], "kd": ...}: the samples of each class that the plugins' sources
+        (synthetic replay) add to an epoch of the phase data and that count in the classification
+        loss / in distillation; a per-batch ``ratio`` source its expected draws
+        (``epoch_class_counts``). Call it after the plugins' ``before_phase``."""
         added = [p for plugin in self.plugins for p in plugin.sources(phase, "phase")]
-        epoch_size = int(counts.sum()) + sum(len(p) for p in added if p.ratio is None)
+        epoch_size = int(self.class_counts(phase).sum()) + sum(len(p) for p in added if p.ratio is None)
+        out = {"ce": torch.zeros(phase.last), "kd": torch.zeros(phase.last)}
         for p in added:
-            if p.in_ce if loss == "ce" else p.in_kd:
-                counts += epoch_class_counts(p, epoch_size, self.cfg["batch_size"], phase.last, self.world)
-        return counts
+            drawn = epoch_class_counts(p, epoch_size, self.cfg["batch_size"], phase.last, self.world)
+            for loss, counted in (("ce", p.in_ce), ("kd", p.in_kd)):
+                if counted:
+                    out[loss] += drawn
+        return out
 
     # ---- the training loop --------------------------------------------------------------------
     def _optimizer(self, stage: Stage):

@@ -240,7 +240,9 @@ def expand(spec: dict, spec_path: Path, root: Path) -> list[Run]:
                 axes["seed"] = seeds
         for combo in itertools.product(*axes.values()):
             point = dict(zip(axes, combo))
-            overrides = apply_overrides(apply_overrides(apply_overrides({}, spec.get("set", {})), vover), point)
+            overrides = {}
+            for layer in (spec.get("set", {}), vover, point):   # later layers win, blocks merge
+                overrides = apply_overrides(overrides, layer)
             keyed = ([(None, _label(vname))] if vname is not None else []) + \
                 [(k, f"{k}={_label(v)}") for k, v in point.items()]
             name = "/".join(part for _, part in keyed) or "run"

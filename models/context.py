@@ -26,7 +26,7 @@ class RunContext:
     def __init__(self, *, cfg: dict, device: torch.device, amp: bool, channels_last: bool,
                  image_size: int, input_size: int, mean, std, augment: Callable, log, out: Path,
                  train_images: batching.Images, train_labels: torch.Tensor, memory,
-                 class_counts: Callable, class_names: list[str], plan: list[tuple[int, int]],
+                 class_counts: Callable, added_counts: Callable, class_names: list[str], plan: list[tuple[int, int]],
                  rank: int = 0, world_size: int = 1, train_orig_hw: torch.Tensor | None = None):
         self.cfg = cfg
         self.device = device
@@ -45,6 +45,7 @@ class RunContext:
         self.train_orig_hw = train_orig_hw
         self.memory = memory                  # the ExemplarMemory (read-only for learners and plugins)
         self._class_counts = class_counts
+        self._added_counts = added_counts
         self.class_names = class_names        # the dataset's class names in class-order position
         self.plan = plan                      # [(first, last)] class ranges of every phase
         self.rank = rank
@@ -107,12 +108,16 @@ class RunContext:
             return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return batching.materialize(batching.select(self.train_images, index), self.cfg["num_workers"])
 
-    def class_counts(self, phase, loss: str | None = None) -> torch.Tensor:
+    def class_counts(self, phase) -> torch.Tensor:
         """float [classes seen]: real per-class sample counts of the phase data — training images for
-        new classes, stored exemplars for old ones (a count, never a sum of indices); with ``loss``
-        ("ce" or "kd"), plus the plugins' samples that count in that loss in an epoch (synthetic
-        replay). Valid once the plugins' ``before_phase`` has run (a learner's ``stages``)."""
-        return self._class_counts(phase, loss)
+        new classes, stored exemplars for old ones (a count, never a sum of indices)."""
+        return self._class_counts(phase)
+
+    def added_counts(self, phase) -> dict[str, torch.Tensor]:
+        """{"ce", "kd"}: float [classes seen] samples per class that the plugins (synthetic replay) add
+        to an epoch and that count in that loss. Valid once the plugins' ``before_phase`` has run (a
+        learner's ``stages``)."""
+        return self._added_counts(phase)
 
     @torch.no_grad()
     def embed(self, images: batching.Images, fn: Callable[[torch.Tensor], torch.Tensor], flip: bool = False,

@@ -115,17 +115,15 @@ class FOSTER(Learner):
         student.head = expand_linear(old.head, phase.last)
         self.net = student
 
-    def balance_counts(self, phase: Phase, loss: str) -> torch.Tensor:
-        """float [classes seen]: n_c of the class-balanced weights of ``loss`` ("ce": boosting's
-        β1 weights, "kd": the compression KD's β2 weights), as ``balance_counts`` says."""
+    def set_balance_weights(self, phase: Phase) -> None:
+        """The class-balanced weights of boosting (β1, from the CE's n_c) and of the compression KD (β2,
+        from the distillation's n_c), with n_c as ``balance_counts`` says."""
         how = self.cfg["balance_counts"]
-        counts = self.ctx.class_counts(phase, loss if how == "seen" else None)
+        counts = self.ctx.class_counts(phase)
         if how == "budget":
             counts[:phase.first] = float(self.ctx.memory.class_budget(phase.first))
-        return counts
-
-    def set_balance_weights(self, phase: Phase) -> None:
-        counts, kd_counts = self.balance_counts(phase, "ce"), self.balance_counts(phase, "kd")
+        added = self.ctx.added_counts(phase) if how == "seen" else {"ce": 0.0, "kd": 0.0}
+        counts, kd_counts = counts + added["ce"], counts + added["kd"]
         device = self.ctx.device
         self.boost_weights = class_balanced_weights(counts, self.cfg["beta1"]).to(device)
         self.distill_weights = class_balanced_weights(kd_counts, self.cfg["beta2"]).to(device)

@@ -614,25 +614,11 @@ _HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "w
                     "bilevel_autocast": False, "nme_flip": True, "balance_counts": "real"}
 
 
-def _replays_synthetic(cfg: Mapping[str, Any]) -> bool:
-    block = cfg.get("synthetic_replay")
-    return isinstance(block, Mapping) and block.get("source", "none") != "none"
-
-
-def _left_out_of_hash(cfg: Mapping[str, Any], key: str, value: Any) -> bool:
-    """Keys added after runs existed stay out of the hash where they change nothing: at their old
-    behaviour (_HASHED_WHEN_SET), and FOSTER's ``balance_counts`` "seen" without synthetic replay
-    (it counts as "real" there)."""
-    if key in _HASHED_WHEN_SET and value == _HASHED_WHEN_SET[key]:
-        return True
-    return key == "balance_counts" and value in ("seen", "real") and not _replays_synthetic(cfg)
-
-
 def config_hash(cfg: Mapping[str, Any]) -> str:
     """Short stable hash of the result-affecting part of a resolved config (:func:`hashed_keys`)."""
     keys = hashed_keys(cfg)
     payload = {k: v for k, v in cfg.items() if k in keys
-               and not _left_out_of_hash(cfg, k, v)}
+               and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
 

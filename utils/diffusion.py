@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import DataError
+from utils.errors import DataError, UserError
 from utils.replay_folder import image_name
 from utils.seeding import stream_seed
 
@@ -52,30 +52,28 @@ def check_model_path(model_path: str | None) -> str:
 def weights_hash(path: str, memo_dir: str | None = None) -> str:
     """A digest of a pipeline folder: every file's relative name and its whole content (two
     fine-tunes of the same size that differ anywhere get different digests). Reading several GB
-    takes seconds (minutes on network storage), so the digest is kept, keyed by every file's name,
-    size and mtime (as the decoded-image cache keys its files): for the process, and with
-    ``memo_dir`` in ``memo_dir/weights_digests.json`` for later runs, sweep runs and other ranks."""
-    listing = []
-    for dirpath, dirnames, files in sorted(os.walk(path)):
+    takes seconds (minutes on network storage), so the digest is kept under the files' stamp (their
+    paths, sizes and mtimes: ``image_cache.cache_key``, as the decoded-image cache keys its files):
+    for the process, and with ``memo_dir`` in ``memo_dir/weights_digests.json`` for later runs,
+    sweep runs and other ranks."""
+    from utils.image_cache import cache_key
+
+    files = []
+    for dirpath, dirnames, names in sorted(os.walk(path)):
         dirnames.sort()
-        for name in sorted(files):
-            full = os.path.join(dirpath, name)
-            st = os.stat(full)
-            listing.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
-    listing = tuple(listing)
-    stamp = hashlib.sha256(json.dumps([path, listing]).encode()).hexdigest()
+        files += [os.path.join(dirpath, name) for name in sorted(names)]
+    stamp = cache_key({"pipeline weights": path}, files)
     memo = Path(memo_dir) / WEIGHTS_MEMO if memo_dir else None
     known = _read_memo(memo)
     if stamp in known:
         return known[stamp]
-    digest = _content_digest(path, listing)
+    digest = _content_digest(path, tuple(files), stamp)
     if memo is not None:
+        from utils.io import write_json
+
         try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**_read_memo(memo), stamp: digest}))
-            os.replace(tmp, memo)
-        except OSError:   # a read-only cache folder: the digest is only not kept
+            write_json(memo, {**_read_memo(memo), stamp: digest})
+        except (OSError, UserError):   # a read-only or full cache folder: the digest is only not kept
             pass
     return digest
 
@@ -94,11 +92,13 @@ def _read_memo(memo: Path | None) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _content_digest(path: str, listing: tuple[tuple[str, int, int], ...]) -> str:
+def _content_digest(path: str, files: tuple[str, ...], stamp: str) -> str:
+    """The digest of ``files`` (under ``path``); ``stamp`` only keys the cache (a changed file, another
+    stamp)."""
     h = hashlib.sha256()
-    for rel, size, _ in listing:
-        h.update(f"{rel}\0{size}\0".encode())
-        with open(os.path.join(path, rel), "rb") as f:
+    for full in files:
+        h.update(f"{os.path.relpath(full, path)}\0{os.path.getsize(full)}\0".encode())
+        with open(full, "rb") as f:
             for block in iter(lambda: f.read(8 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]

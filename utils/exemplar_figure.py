@@ -12,14 +12,13 @@ the policy and η, with a label per row (class, name, exemplars stored, mean cos
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from utils import batching
 from utils.compression import upsample_cam
+from utils.io import write_atomic
 
 
 def jet(values: torch.Tensor) -> torch.Tensor:
@@ -130,16 +129,7 @@ def render_figure(canvas: torch.Tensor, tile: int, pad: int, row_labels: list[tu
         spine.set_visible(False)
     fig.suptitle(title, fontsize=11, y=1 - 0.12 / fh, va="top")
     fig.text(0.5, 0.12 / fh, key, ha="center", va="bottom", fontsize=8, wrap=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def figure_classes(classes_seen: int, count: int = 4) -> list[int]:

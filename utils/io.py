@@ -101,6 +101,12 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def write_atomic(path: Path, write) -> None:
+    """Write ``path`` through ``write(binary file)`` atomically (a temporary file renamed into place);
+    a full disk or a folder that cannot be written is a UserError naming the path."""
+    _atomic(path, write)
+
+
 def write_json(path: Path, obj: Any) -> None:
     _atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
