@@ -23,10 +23,14 @@ from utils import replay_folder  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 
+STAGING = ".oracle-build-partial"   # a build is made here and moved into place when whole
+
+
 def check_paths(src: Path, out: Path) -> None:
     """UserError unless ``src`` is a Tiny-ImageNet-layout folder and ``out`` is new, empty, or an earlier
-    build of this script (only ``data/`` and ``replay/`` with its manifest): the build replaces
-    ``out``'s contents, and a mistyped ``--out`` must never remove anything else."""
+    build of this script (only ``data/`` and ``replay/`` with its manifest, or a stopped build's
+    ``STAGING`` folder beside them): the build replaces ``out``'s contents, and a mistyped ``--out``
+    must never remove anything else."""
     for need in ("wnids.txt", "train", "val"):
         if not (src / need).exists():
             raise UserError(f"--data_root {src} is not a Tiny-ImageNet-layout folder: it has no {need}.")
@@ -35,12 +39,13 @@ def check_paths(src: Path, out: Path) -> None:
     if not out.is_dir():
         raise UserError(f"--out {out} is a file; give a new or empty folder.")
     entries = set(os.listdir(out))
-    earlier = entries <= {"data", "replay"} and (out / "replay" / replay_folder.MANIFEST).is_file()
+    earlier = entries <= {"data", "replay", STAGING} and (
+        (out / "replay" / replay_folder.MANIFEST).is_file() or (out / STAGING).is_dir())
     if entries and not earlier:
         shown = ", ".join(sorted(entries)[:5]) + (" …" if len(entries) > 5 else "")
-        raise UserError(f"--out {out} holds other files ({shown}), not an earlier oracle build (one with "
-                        f"data/ and replay/{replay_folder.MANIFEST}; a build stopped before its manifest has none: "
-                        f"remove it yourself); give a new or empty folder (the build replaces what --out holds).")
+        raise UserError(f"--out {out} holds other files ({shown}), not an earlier oracle build (data/ and "
+                        f"replay/{replay_folder.MANIFEST}, or a stopped build's {STAGING}/); give a new or empty "
+                        f"folder (the build replaces what --out holds).")
     if src == out or out in src.parents:
         raise UserError(f"--out {out} contains --data_root {src}; give a folder outside it.")
 
@@ -48,9 +53,9 @@ def check_paths(src: Path, out: Path) -> None:
 def build(data_root: str, per_class: int, out: str) -> tuple[Path, Path]:
     src, out = Path(data_root).resolve(), Path(out).resolve()
     check_paths(src, out)
-    data, replay = out / "data", out / "replay"
-    for earlier in (data, replay):   # an earlier build (check_paths allows nothing else)
-        shutil.rmtree(earlier, ignore_errors=True)
+    staging = out / STAGING   # built whole here first: a stopped build leaves no half data/ or replay/
+    shutil.rmtree(staging, ignore_errors=True)   # a stopped build's (check_paths allows nothing else)
+    data, replay = staging / "data", staging / "replay"
     (data / "train").mkdir(parents=True)
     for name in ("wnids.txt", "words.txt", "val"):
         if (src / name).exists():   # words.txt (readable names) is optional
@@ -74,9 +79,13 @@ def build(data_root: str, per_class: int, out: str) -> tuple[Path, Path]:
     replay_folder.write_manifest(str(replay), {
         "format": replay_folder.FORMAT,
         "generator": {"kind": "real-images", "note": f"{per_class} real training images per class held out of "
-                                                     f"{data}; an upper bound of what a generator could give"},
+                                                     f"{out / 'data'}; an upper bound of what a generator could give"},
         "classes": classes})
-    return data, replay
+    for part in ("data", "replay"):   # replace an earlier build's (check_paths allows nothing else)
+        shutil.rmtree(out / part, ignore_errors=True)
+        os.replace(staging / part, out / part)
+    staging.rmdir()
+    return out / "data", out / "replay"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The experiment scripts' pure parts (exps/)."""
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -349,3 +350,34 @@ def test_make_oracle_replay_holds_out_images_and_never_removes_another_folder(tm
         assert words in err and "Traceback" not in err, err
     assert (precious / "notes.txt").read_text() == "keep" and (precious / "code").is_dir()
     assert len(list((tmp_path / "oracle" / "data" / "train" / "n001" / "images").iterdir())) == 2
+
+
+def test_make_oracle_replay_stopped_build_keeps_the_earlier_one_and_reruns(tmp_path, monkeypatch):
+    """A build stopped part-way (Ctrl-C before the manifest) leaves the earlier build whole and needs no
+    removal by hand: the next run replaces the stopped build's staging folder (it used to leave a
+    half-written data/ and replay/ that every later run refused)."""
+    import make_oracle_replay
+
+    from utils import replay_folder
+
+    src = _fake_tinyimagenet(tmp_path / "tiny", train=4)
+    out = tmp_path / "oracle"
+    assert make_oracle_replay.main(["--data_root", str(src), "--per_class", "1", "--out", str(out)]) == 0
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(replay_folder, "write_manifest", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        make_oracle_replay.main(["--data_root", str(src), "--per_class", "2", "--out", str(out)])
+    monkeypatch.undo()
+    assert (out / make_oracle_replay.STAGING).is_dir()
+    assert len(replay_folder.class_files(str(out / "replay"), "n001")) == 1   # the earlier build, whole
+    assert len(list((out / "data" / "train" / "n001" / "images").iterdir())) == 3
+    assert make_oracle_replay.main(["--data_root", str(src), "--per_class", "2", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["data", "replay"]
+    assert len(replay_folder.class_files(str(out / "replay"), "n001")) == 2
+    assert len(list((out / "data" / "train" / "n001" / "images").iterdir())) == 2
+    fresh = tmp_path / "fresh"   # stopped in a first build: only the staging folder is there
+    (fresh / make_oracle_replay.STAGING / "data").mkdir(parents=True)
+    assert make_oracle_replay.main(["--data_root", str(src), "--per_class", "1", "--out", str(fresh)]) == 0
+    assert sorted(os.listdir(fresh)) == ["data", "replay"]
