@@ -260,13 +260,18 @@ class SyntheticReplay(Plugin):
         # ones; all of them after a resume or a removed cache). Made here, after the previous phase's
         # checkpoint, so that a failed or stopped generation never costs a trained phase.
         self.generate(list(range(phase.first)))
-        for c in range(phase.first):
-            if c not in self.images:
-                paths = (folder_paths(self.root, self.ids[c], self.names[self.ids[c]], self.settings["per_class"])
-                         if self.settings["source"] == "folder"
-                         else [os.path.join(self.root, self.ids[c], replay_folder.image_name(i))
-                               for i in range(self.settings["per_class"])])
-                self.images[c] = replay_folder.load_images(paths, self.ctx.image_size, workers=0)
+        missing = [c for c in range(phase.first) if c not in self.images]
+        paths = {c: (folder_paths(self.root, self.ids[c], self.names[self.ids[c]], self.settings["per_class"])
+                     if self.settings["source"] == "folder"
+                     else [os.path.join(self.root, self.ids[c], replay_folder.image_name(i))
+                           for i in range(self.settings["per_class"])]) for c in missing}
+        if not missing:
+            return
+        # one decode for all of them, with the dataset's decoding processes (num_workers 0: every core)
+        images = replay_folder.load_images([p for c in missing for p in paths[c]], self.ctx.image_size,
+                                           workers=self.ctx.cfg["num_workers"] or None)
+        for c, part in zip(missing, torch.split(images, [len(paths[c]) for c in missing])):
+            self.images[c] = part
 
     def sources(self, phase, kind: str) -> list[SourceData]:
         if kind != "phase" or phase.first == 0:
