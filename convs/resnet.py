@@ -17,7 +17,9 @@ Variants:
   Nothing is downloaded.
 * ``*_small`` — the same with a 3x3 stride-1 stem and no max-pool, for 32–64 px inputs.
 * ``cosine_*`` — LUCIR's variant: the last BasicBlock has no activation after its residual add, so
-  ``fmap`` (and ``features``) can be negative, which the cosine classifier needs.
+  ``fmap`` (and ``features``) can be negative, which the cosine classifier needs. ``cosine_resnet32``
+  (and ``cosine_resnet20``) also take LUCIR's 1x1-conv + BN "option B" shortcuts (its official
+  CIFAR network and PyCIL's ``ucir_cifar_resnet``), where ``resnet32`` has option A.
 """
 from __future__ import annotations
 
@@ -192,12 +194,15 @@ def resnet34_small(*, last_relu: bool = True) -> ResNet:
 
 @register_backbone("cosine_resnet32")
 def cosine_resnet32() -> ResNet:
-    return resnet32(last_relu=False)
+    """LUCIR's CIFAR network (official ``modified_resnet_cifar.py``, PyCIL's ``ucir_cifar_resnet``):
+    resnet32 with 1x1-conv + BN ("option B") shortcuts, not resnet32's parameter-free ones."""
+    return ResNet((5, 5, 5), (16, 32, 64), stem="small", shortcut="B", last_relu=False)
 
 
 @register_backbone("cosine_resnet20")
 def cosine_resnet20() -> ResNet:
-    return resnet20(last_relu=False)
+    """cosine_resnet32's design with 3 blocks per stage (option-B shortcuts too)."""
+    return ResNet((3, 3, 3), (16, 32, 64), stem="small", shortcut="B", last_relu=False)
 
 
 @register_backbone("cosine_resnet18")

@@ -68,6 +68,17 @@ def test_resnet32_is_pycil_sized():
     assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in net.modules())
 
 
+def test_cosine_resnet32_has_lucirs_projection_shortcuts():
+    """LUCIR's CIFAR network (official modified_resnet_cifar.py, PyCIL's ucir_cifar_resnet) takes 1x1
+    conv + BN shortcuts; it was built with resnet32's parameter-free ones (2,752 parameters short)."""
+    net = create_backbone("cosine_resnet32")
+    assert sum(p.numel() for p in net.parameters()) == 466_256
+    for stage in (net.layer2, net.layer3):
+        convs = [m for m in stage[0].downsample.modules() if isinstance(m, nn.Conv2d)]
+        assert len(convs) == 1 and convs[0].kernel_size == (1, 1) and convs[0].stride == (2, 2)
+    assert net.layer1[0].downsample is None or not list(net.layer1[0].downsample.parameters())
+
+
 @pytest.mark.parametrize("name,tv", [("resnet18", torchvision.models.resnet18),
                                      ("resnet34", torchvision.models.resnet34)])
 def test_matches_torchvision(name, tv):
