@@ -703,7 +703,16 @@ class Trainer:
             self.results = {**state["finished"], "config_hash": self.hash, "class_order": self.order,
                             "class_names": names}
             return len(self.plan)
-        last = self.load_state(state)
+        try:
+            last = self.load_state(state)
+        except RuntimeError as err:   # load_state_dict: the saved weights are another network's
+            if "Error(s) in loading state_dict" not in str(err):
+                raise
+            ran = sorted({p["code"] for p in state["results"].get("phases", []) if isinstance(p.get("code"), str)})
+            raise UserError(f"Cannot resume from {path}: its weights do not fit this code's network (the "
+                            f"architecture changed since it was saved, by code {', '.join(ran) or 'of unknown version'}; "
+                            f"this is {self.environment['code']}): {' '.join(str(err).split())[:300]}. Finish it with the code it started on, or start "
+                            f"again in another --output folder.") from None
         self.results = {**state["results"], "config": self.cfg, "config_hash": self.hash,   # today's schema
                         "class_order": self.order, "class_names": names}
         before = self.results.get("world_size", 1)

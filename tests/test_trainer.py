@@ -442,6 +442,22 @@ def test_a_resume_on_other_code_says_so_and_each_phase_keeps_its_code(tmp_path, 
             f"0123abcd+dirty") in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_a_resume_whose_weights_are_another_networks_is_refused_by_name(tmp_path):
+    """A checkpoint saved by code with another architecture (cosine_resnet32 took option-B shortcuts)
+    stops the resume with exit-2 error naming the checkpoint, not load_state_dict's traceback."""
+    raw = tiny_config(**FAST)
+    out = tmp_path / "run"
+    run(raw, out, stop_after_phase=0)
+    path = out / "checkpoints" / "phase_0.pt"
+    state = torch.load(path, weights_only=False)
+    weights = next(v for v in state["learner"].values() if isinstance(v, dict) and v)
+    weights.pop(next(iter(weights)))
+    torch.save(state, path)
+    with pytest.raises(UserError, match=rf"Cannot resume from {path}: its weights do not fit this code's network "
+                                        r".*Missing key"):
+        run(raw, out, resume=True)
+
+
 def test_leftover_classes_form_a_smaller_last_phase(tmp_path):
     results = run(tiny_config(init_cls=2, increment=3, init_epochs=1, epochs=1), tmp_path / "run")
     assert [p["classes"] for p in results["phases"]] == [[0, 2], [2, 5], [5, 6]]
