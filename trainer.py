@@ -456,7 +456,7 @@ class Trainer:
             mem_feats = self.ctx.embed(mem_images, lambda x: self.learner.inference(x)["features"],
                                        flip=self.cfg["nme_flip"],
                                        orig_hw=self.ctx.orig_hw(self.memory.source_indices()))
-            means = class_means(mem_feats, mem_labels, phase.last)
+            means = class_means(mem_feats, mem_labels, phase.last, normalized=self.cfg["nme_flip"])
             test_feats = torch.cat(feats) if feats else torch.empty(0, mem_feats.shape[1])
             report["nme"] = accuracy_report(nme_logits(test_feats, means), targets, bounds, k)
         return report

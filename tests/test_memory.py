@@ -3,7 +3,6 @@ import torch
 
 from utils.compression import compress_images, exemplar_cost
 from utils.memory import Candidates, ExemplarMemory, candidate_share
-from utils.nme import class_means, nme_logits
 
 
 def _class_data(c, n=30, size=8):
@@ -191,11 +190,3 @@ def test_state_dict_round_trip():
     other.load_state_dict(mem.state_dict())
     a, b = mem.tensors(), other.tensors()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-def test_nme_classifies_by_nearest_mean():
-    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
-    means = class_means(feats, torch.tensor([0, 0, 1, 1]), 3)
-    assert torch.allclose(means[2], torch.zeros(2))
-    pred = nme_logits(torch.tensor([[0.8, 0.3], [0.2, 0.7]]), means).argmax(1)
-    assert pred.tolist() == [0, 1]
