@@ -202,8 +202,9 @@ class SyntheticReplay(Plugin):
     # ---- generation (diffusers) ---------------------------------------------------------------
     def generate(self, labels: list[int]) -> None:
         """Make the missing images of these classes (a no-op for a folder source or a full cache).
-        With several processes the chunks of a class are shared out (chunk j to rank j mod world
-        size), rank 0 alone writes the manifest, and every rank waits until all images are on disk."""
+        With several processes the chunks are shared out (chunk j, numbered across the classes, to
+        rank j mod world size), rank 0 alone writes the manifest, and every rank waits until all
+        images are on disk."""
         if self.settings["source"] != "diffusers":
             return
         s, n = self.settings, self.settings["per_class"]
@@ -227,7 +228,7 @@ class SyntheticReplay(Plugin):
                                            s["attention_slicing"])
             bar = tqdm(total=len(todo) * n, desc="synthetic replay: generating", unit="img",
                        disable=None if main else True, leave=False)
-            made = 0
+            made = chunks = 0
             for c in todo:
                 cid = self.ids[c]
                 if main:
@@ -237,7 +238,8 @@ class SyntheticReplay(Plugin):
                     pipe, self.root, cid, self.prompts[cid], n, seed=s["seed"], steps=s["num_inference_steps"],
                     guidance=s["guidance_scale"], resolution=self.manifest["resolution"],
                     batch_size=s["gen_batch_size"], device=str(self.ctx.device),
-                    shard=(self.ctx.rank, self.ctx.world_size), progress=bar.update)
+                    shard=(self.ctx.rank, self.ctx.world_size), first_chunk=chunks, progress=bar.update)
+                chunks += -(-n // s["gen_batch_size"])
             bar.close()
             del pipe   # the pipeline's memory (GBs on the GPU) goes back to training
         if self.ctx.device.type == "cuda":

@@ -77,6 +77,31 @@ def test_generation_is_deterministic_and_resumes_without_regenerating(tiny_pipel
     assert [Path(p).read_bytes() for p in replay_folder.class_files(str(tmp_path / "d"), "goose")] == a
 
 
+def test_generation_chunks_are_numbered_across_classes(tiny_pipeline, tmp_path):
+    """Two processes, two classes of one chunk each: each rank makes one class (chunks were numbered per
+    class, so rank 0 made both and rank 1 idled at the barrier, into the collective timeout)."""
+    pipe = diffusion.load_pipeline(tiny_pipeline, "cpu")
+    kw = dict(seed=3, steps=2, guidance=2.0, resolution=32, batch_size=2, device="cpu")
+    made = {rank: [diffusion.generate_class(pipe, str(tmp_path), cid, f"a photo of a {cid}", 2, shard=(rank, 2),
+                                            first_chunk=k, **kw) for k, cid in enumerate(("goose", "heron"))]
+            for rank in (0, 1)}
+    assert made == {0: [2, 0], 1: [0, 2]}
+
+
+def test_a_generation_numbers_its_chunks_across_its_classes(tiny_pipeline, tmp_path, monkeypatch):
+    """The plugin passes each class the count of chunks before it (2 per class here: 3 images, 2 a chunk)."""
+    firsts = []
+    real = diffusion.generate_class
+
+    def spy(*args, first_chunk=0, **kw):
+        firsts.append(first_chunk)
+        return real(*args, first_chunk=first_chunk, **kw)
+    monkeypatch.setattr(diffusion, "generate_class", spy)
+    block = diffusers_block(tiny_pipeline, tmp_path / "cache", when="upfront", per_class=3, gen_batch_size=2)
+    run(tiny_config(**QUICK, synthetic_replay=block), tmp_path / "run", stop_after_phase=0)   # 4 replayed classes
+    assert firsts == [0, 2, 4, 6]
+
+
 # ---- every learner end to end --------------------------------------------------------------------
 
 @pytest.mark.parametrize("learner,extra", [("icarl", {}), ("lucir", {"cbf_epochs": 1}), ("der", {}),

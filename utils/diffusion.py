@@ -184,16 +184,21 @@ def _save_png(path: str, array: np.ndarray) -> None:
 
 def generate_class(pipe, root: str, class_id: str, prompt: str, count: int, *, seed: int, steps: int,
                    guidance: float, resolution: int, batch_size: int, device: str,
-                   shard: tuple[int, int] = (0, 1), progress=None) -> int:
+                   shard: tuple[int, int] = (0, 1), first_chunk: int = 0, progress=None) -> int:
     """Make the missing images 0 … count−1 of one class in ``root/<class id>/``; returns how many
-    were written. ``progress``: a callable told the number of images done after each chunk."""
+    were written. ``progress``: a callable told the number of images done after each chunk.
+
+    ``shard`` (rank, world size): this process makes the chunks (of ``batch_size`` images) whose
+    number, counted from ``first_chunk`` (the chunks of the classes made before this one), is its
+    rank modulo the world size; numbered per class, chunk 0 of every class went to rank 0, and a
+    class of one chunk left every other rank idle at the barrier that follows."""
     import torch
 
     folder = Path(root) / class_id
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
     rank, world = shard
-    for j, start in enumerate(range(0, count, batch_size)):
+    for j, start in enumerate(range(0, count, batch_size), start=first_chunk):
         if j % world != rank:
             continue
         ids = list(range(start, min(start + batch_size, count)))
