@@ -190,6 +190,14 @@ def _main(args, argv: list[str]) -> int:
         from utils import distributed
 
         rank, world, _ = distributed.env_world()
+        if world > 1 and cfg["batch_size"] // world < 2:
+            from utils.errors import ConfigError
+
+            # each process takes batch_size // world samples a step; a share of one is dropped (as
+            # BatchNorm needs two), so every step would be skipped and the phases saved untrained
+            raise ConfigError(f"Config key 'batch_size' is {cfg['batch_size']}, split across {world} processes: "
+                              f"each would take {cfg['batch_size'] // world} sample(s) a step, and a step needs "
+                              f"2; set batch_size to at least {2 * world} or start fewer processes.")
         info = check_inputs(cfg, seeds)
         if args.check:
             from trainer import resolve_device

@@ -470,6 +470,22 @@ def test_sync_bn_on_the_cpu_is_refused_before_the_process_group(tmp_path, monkey
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.parametrize("flags", [[], ["--check"]])
+def test_a_batch_too_small_to_split_is_refused_before_training(tmp_path, monkeypatch, capsys, flags):
+    """batch_size 3 over 2 processes: shares of one sample, each dropped, so every step was skipped and
+    the untrained network saved as finished phases (exit 0)."""
+    import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    write_config(tmp_path / "tiny.json", tiny_config(batch_size=3))
+    assert main.main(["--config", "tiny", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "Config key 'batch_size' is 3, split across 2 processes" in err and "at least 4" in err
+    assert not (tmp_path / "logs").exists()
+
+
 def test_config_errors_stop_every_process_with_exit_2(two_process_runs, tmp_path):
     out, _ = two_process_runs["icarl"]
     # Before the process group exists: every rank validates the same config.
