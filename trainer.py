@@ -396,6 +396,10 @@ class Trainer:
             self.log.metric(record)
             bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.3f}", acc=f"{record['train_acc']:.1f}")
         del ddp, forward   # the next stage wraps its own network
+        # DDP keeps the wrapped network's buffers equal, not those of modules outside it that the
+        # stage ran in train mode (FOSTER's teacher after boosting): the next stage, and on_end,
+        # must start from the same modules on every rank
+        self.sync_modules()
         if stage.on_end is not None:
             stage.on_end()
         for plugin in self.plugins:

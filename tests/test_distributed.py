@@ -85,6 +85,7 @@ def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
                     return loss, {**parts, "ce": parts["ce"] * float("nan")}
                 trainer.learner.loss = nan_part
             rows = count_rows(trainer)
+            stage_starts = record_stage_starts(trainer)
             try:
                 results = trainer.run()
             except TrainingDiverged as err:
@@ -94,10 +95,26 @@ def _worker(rank: int, port: int, jobs: list[dict], info_dir: str) -> None:
             info = {"memory": trainer.memory_digests, "weights": distributed.tensor_digest(state),
                     "returned_phases": len(results["phases"]), "gathered": gathered.tolist(),
                     "averaged_grad": p.grad.tolist(), "one_row": one_row.tolist(), "shared": shared.tolist(),
-                    "rows": rows, "train_images": int((trainer.ctx.train_labels < trainer.phases()[-1].last).sum())}
+                    "rows": rows, "stage_starts": stage_starts, "train_images": int((trainer.ctx.train_labels < trainer.phases()[-1].last).sum())}
             (Path(info_dir) / f"{job['name']}_rank{rank}.json").write_text(json.dumps(info))
     finally:
         distributed.shutdown()
+
+
+def record_stage_starts(trainer) -> list[list]:
+    """[phase, stage, digest of every module's weights and buffers] at each stage's start, filled in
+    while ``trainer`` runs: they must be equal on every rank."""
+    from utils import distributed
+
+    starts, run_stage = [], trainer.run_stage
+
+    def recorded(phase, stage, generator):
+        state = [t for m in trainer.learner.modules().values() if m is not None
+                 for t in (*m.parameters(), *m.buffers())]
+        starts.append([phase.index, stage.name, distributed.tensor_digest(state)])
+        return run_stage(phase, stage, generator)
+    trainer.run_stage = recorded
+    return starts
 
 
 def count_rows(trainer) -> dict:
@@ -341,7 +358,10 @@ def test_rank_0_alone_writes_the_run_folder(two_process_runs):
 
 def test_cim_and_frozen_parts_train_under_ddp(two_process_runs):
     for name in ("der_cim", "foster_cim"):
-        out, _ = two_process_runs[name]
+        out, ranks = two_process_runs[name]
+        # every stage starts from the same modules on both ranks (FOSTER's compression started from
+        # a teacher whose BatchNorm statistics each rank had updated on its own shard while boosting)
+        assert ranks[0]["stage_starts"] == ranks[1]["stage_starts"], name
         later = read_results(out)["phases"][1]["compression"]
         assert later["bilevel"]["iterations"] + later["bilevel"]["skipped_nonfinite"] == 2 * 2, name
         assert later["box_refresh"]["count"] >= 1, name
