@@ -34,7 +34,7 @@ from utils import batching, distributed, provenance
 from utils.augment import BatchShard, TrainAugment
 from utils.config import config_hash, hashed_keys, phase_plan, resolve_saved_config, result_key_differences, run_notes
 from utils.datasets import DATASETS, load_dataset
-from utils.errors import UserError, interruption_of, raise_if_terminated
+from utils.errors import ConfigError, UserError, interruption_of, raise_if_terminated
 from utils.io import check_entry_kinds, remove_stale_tmp, save_torch, write_json
 from utils.memory import Candidates, ExemplarMemory, candidate_share
 from utils.metrics import accuracy_report, summarize
@@ -220,6 +220,36 @@ class Trainer:
                         "environment": self.environment, "class_order": self.order,
                         "class_names": [self.data.class_names[c] for c in self.order],
                         **{k: v for p in self.plugins for k, v in p.run_info().items()}, "phases": [], "summary": {}}
+        self.check_same_run_on_every_rank()
+
+    # Keys that may differ between processes of one run: where each machine keeps its data and
+    # caches, and how many CPU workers and threads it gives the process.
+    PER_PROCESS_KEYS = ("data_root", "class_list", "cache_dir", "num_workers", "threads")
+
+    def check_same_run_on_every_rank(self) -> None:
+        """ConfigError on every rank unless every rank resolved the same config (but
+        ``PER_PROCESS_KEYS``), code, classes in the same order and training and test labels: a
+        process started with another --set, config file, checkout or copy of the data otherwise hangs
+        in a collective, or trains a different run unnoticed."""
+        if self.world == 1:
+            return
+        shared = {k: v for k, v in self.cfg.items() if k not in self.PER_PROCESS_KEYS}
+        mine = {"the config": json.dumps(shared, sort_keys=True, default=str),
+                "the code version": self.environment["code"],
+                "the classes (names, order)": json.dumps(self.results["class_names"]),
+                "the training labels": distributed.tensor_digest([self.train_labels]),
+                "the test labels": distributed.tensor_digest([self.test_labels])}
+        every = distributed.all_gather_object(mine)
+        differ = [part for part in mine if len({f[part] for f in every}) > 1]
+        if not differ:
+            return
+        ranks = [r for r, f in enumerate(every) if f != every[0]]
+        keys = sorted({k for f in every for k, v in json.loads(f["the config"]).items()
+                       if v != json.loads(every[0]["the config"]).get(k)}) if "the config" in differ else []
+        raise ConfigError(f"The {self.world} processes did not start the same run: {', '.join(differ)} of "
+                          f"rank(s) {', '.join(map(str, ranks))} differ from rank 0's"
+                          + (f" (config keys: {', '.join(keys)})" if keys else "")
+                          + ". Start every process with the same config file, --set flags, code and data.")
 
     # ---- data ---------------------------------------------------------------------------------
     def _source(self, split) -> batching.Images:

@@ -454,10 +454,11 @@ def test_resume_under_torchrun_equals_the_uninterrupted_run(two_process_runs, tm
     assert log.count("resume: restored phase 0") == 1 and log.count("== phase 1:") == 2   # first run + resumed
 
 
-def _start(args: list[str], cwd: Path) -> list[subprocess.Popen]:
-    """``main.py args`` in 2 processes with the variables torchrun sets."""
+def _start(args: list[str], cwd: Path, rank_args: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+    """``main.py args`` (and ``rank_args[rank]``) in 2 processes with the variables torchrun sets."""
     port = str(free_port())
-    return [subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=cwd, text=True,
+    return [subprocess.Popen([sys.executable, str(REPO / "main.py"), *args, *(rank_args or {}).get(r, [])],
+                             cwd=cwd, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(r),
                                   "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(r)})
@@ -526,6 +527,10 @@ def test_config_errors_stop_every_process_with_exit_2(two_process_runs, tmp_path
     held = (locked / "run.lock").read_text()
     write_config(tmp_path / "same.json", JOBS["icarl"])
     busy = _start(["--config", "same", "--output", str(locked), "--resume"], tmp_path)
+    # A process started with another setting (or config file, checkout, data): both stop, naming it
+    # (rank 1 trained another run beside rank 0, or both hung in a collective).
+    unlike = _start(["--config", "same", "--output", str(tmp_path / "unlike")], tmp_path,
+                    rank_args={1: ["--set", "init_lr=0.5"]})
     for done in _outcomes(bad):
         assert done.returncode == 2, done.stderr
         assert "memroy_size" in done.stderr and "Traceback" not in done.stderr
@@ -535,5 +540,10 @@ def test_config_errors_stop_every_process_with_exit_2(two_process_runs, tmp_path
     for done in _outcomes(busy):
         assert done.returncode == 2, done.stderr
         assert "in use by another run" in done.stderr and "Traceback" not in done.stderr
+    for done in _outcomes(unlike):
+        assert done.returncode == 2, done.stderr
+        assert ("The 2 processes did not start the same run: the config of rank(s) 1 differ from rank 0's "
+                "(config keys: init_lr)") in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "unlike" / "results.json").exists()
     assert (locked / "run.lock").read_text() == held == f"{os.getpid()} {socket.gethostname()}\n"   # untouched
     lock.release()
