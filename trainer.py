@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from models.base import Batch, Learner, Phase, Stage
 from models.context import RunContext
 from models.plugins import PLUGINS
 from models.registry import get_learner_class
-from utils import batching, distributed, provenance
+from utils import batching, distributed, image_cache, provenance
 from utils.augment import BatchShard, TrainAugment
 from utils.config import config_hash, hashed_keys, phase_plan, resolve_saved_config, result_key_differences, run_notes
 from utils.datasets import DATASETS, load_dataset
@@ -180,11 +181,7 @@ class Trainer:
         info = DATASETS[cfg["dataset"]]
         self.image_size = cfg["image_size"] or info.image_size
         self.input_size = cfg["input_size"] or info.input_size
-        self.data = load_dataset(cfg["dataset"], cfg["data_root"], image_size=self.image_size,
-                                 class_list=cfg["class_list"], cache_dir=cfg["cache_dir"],
-                                 skip_unreadable=cfg["skip_unreadable"], in_memory=cfg["in_memory"],
-                                 shapes=cfg["shapes"], num_workers=cfg["num_workers"] or None,
-                                 stored_form=cfg["stored_form"])
+        self.data = self._load_data()
         self.num_classes = len(self.data.class_names)
         self.plan = phase_plan(cfg, self.num_classes)
         self.order = class_order(self.num_classes, cfg["seed"], cfg["shuffle"])
@@ -252,6 +249,27 @@ class Trainer:
                           + ". Start every process with the same config file, --set flags, code and data.")
 
     # ---- data ---------------------------------------------------------------------------------
+    def _load_data(self):
+        """The dataset, decoded (or read from ``cache_dir``). Under torchrun each machine's first
+        process decodes and writes the cache while the others wait, then they read it, instead of
+        every process decoding the whole set and writing the same file; without a cache every
+        process decodes, with its share of the machine's cores (num_workers 0)."""
+        cfg = self.cfg
+        workers = cfg["num_workers"] or None
+        if self.world > 1 and workers is None:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+            workers = max(1, image_cache.default_workers() // local)
+
+        def load(workers=workers):
+            return load_dataset(cfg["dataset"], cfg["data_root"], image_size=self.image_size,
+                                class_list=cfg["class_list"], cache_dir=cfg["cache_dir"],
+                                skip_unreadable=cfg["skip_unreadable"], in_memory=cfg["in_memory"],
+                                shapes=cfg["shapes"], num_workers=workers, stored_form=cfg["stored_form"])
+        if self.world == 1 or cfg["cache_dir"] is None:
+            return load()
+        first = distributed.first_on_node_leaders(lambda: load(cfg["num_workers"] or None))
+        return first if first is not None else load()
+
     def _source(self, split) -> batching.Images:
         from utils.datasets import FileImages
 

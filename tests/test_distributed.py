@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, read_results, run, tiny_config, without_seconds, write_config
+from conftest import REPO, aspect_folder, read_metrics, read_results, run, tiny_config, without_seconds, write_config
 
 WORLD = 2
 TWO = dict(num_phases=2)                       # 2 phases: enough for a resume after phase 0
@@ -201,6 +201,55 @@ def two_process_runs(tmp_path_factory):
     mp.spawn(_worker, args=(free_port(), jobs, str(base)), nprocs=WORLD, join=True)
     return {name: (base / name, {r: json.loads((base / f"{name}_rank{r}.json").read_text()) for r in range(WORLD)})
             for name in JOBS}
+
+
+def _load_worker(rank: int, port: int, raw: dict, info_dir: str) -> None:
+    """Build a Trainer (which loads the data) and record how many splits this process decoded."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    from trainer import Trainer
+    from utils import datasets, distributed
+    from utils.config import resolve_config
+
+    decoded, decode = [], datasets._decode_split
+    datasets._decode_split = lambda info, root, split, *a, **k: decoded.append(split) or decode(info, root, split, *a, **k)
+    distributed.init(torch.device("cpu"))
+    try:
+        try:
+            trainer = Trainer(resolve_config(raw), Path(info_dir) / "run", "tiny")
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            info = {"decoded": decoded, "error": f"{type(err).__name__}: {err}"}
+        else:
+            info = {"decoded": decoded, "train": distributed.tensor_digest([trainer.train_labels, trainer.train_images])}
+        (Path(info_dir) / f"load_rank{rank}.json").write_text(json.dumps(info))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_with_a_cache_one_process_a_machine_decodes_the_data(tmp_path, corrupt):
+    """Under torchrun the first process of a machine decodes and writes cache_dir's file, the others
+    read it (every process decoded the whole set and wrote the same file: with 8 GPUs, 8 decodes on
+    all cores each and 8 copies of an ImageNet-size temporary file at once). An unreadable image
+    stops both processes with its DataError, the waiting one included."""
+    import torch.multiprocessing as mp
+
+    data = aspect_folder(tmp_path / "data")
+    if corrupt:
+        (data / "train" / "class1" / "03.png").write_bytes(b"not a png")
+    raw = tiny_config(dataset="folder", data_root=str(data), shapes={}, init_cls=2, increment=2,
+                      image_size=16, input_size=16, cache_dir=str(tmp_path / "cache"), num_workers=1)
+    mp.spawn(_load_worker, args=(free_port(), raw, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [json.loads((tmp_path / f"load_rank{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[1]["decoded"] == []
+    if corrupt:
+        assert ranks[0]["error"] == ranks[1]["error"] and ranks[1]["error"].startswith("DataError: ")
+        assert "03.png" in ranks[1]["error"]
+        return
+    assert ranks[0]["decoded"] == ["train", "test"]
+    assert ranks[0]["train"] == ranks[1]["train"]
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 1
 
 
 # ---- pieces, in one process ---------------------------------------------------------------------

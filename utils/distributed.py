@@ -206,15 +206,42 @@ def on_main(fn: Callable[[], T]) -> T:
         return outcome[1]
     if error is not None:
         raise error
+    _raise_received(0, *outcome[1])
+
+
+def _raise_received(src: int, module: str, name: str, message: str) -> None:
+    """Raise here the exception rank ``src`` raised (``type(exc).__module__``, ``__qualname__``,
+    ``str(exc)``): a UserError as itself, so every process exits 2 with its message; anything else
+    as a RuntimeError naming it."""
     from utils.errors import UserError
 
-    module, name, message = outcome[1]
     if module == "utils.errors":
         import utils.errors as errors
 
-        cls = getattr(errors, name, UserError)
-        raise cls(message)
-    raise RuntimeError(f"rank 0 failed with {module}.{name}: {message}")
+        raise getattr(errors, name, UserError)(message)
+    raise RuntimeError(f"rank {src} failed with {module}.{name}: {message}")
+
+
+def first_on_node_leaders(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on each machine's first process (LOCAL_RANK 0) while the others wait, then let
+    every process go on: ``fn``'s result there, None on the others (which then do their own work,
+    e.g. read the cache the leader wrote). An exception on any leader is raised on every process
+    (as :func:`on_main` does), never left as a hang in the next collective."""
+    if not is_distributed():
+        return fn()
+    result, error, outcome = None, None, None
+    if env_world()[2] == 0:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error = exc
+            outcome = (type(exc).__module__, type(exc).__qualname__, str(exc))
+    failures = [(r, o) for r, o in enumerate(all_gather_object(outcome)) if o is not None]
+    if error is not None:
+        raise error
+    if failures:
+        _raise_received(failures[0][0], *failures[0][1])
+    return result
 
 
 def tensor_digest(tensors: list[torch.Tensor], extra: str = "") -> str:
