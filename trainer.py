@@ -101,6 +101,15 @@ def stage_parameters(stage: Stage) -> list[torch.nn.Parameter]:
     return out
 
 
+def global_mask_count(share: float):
+    """``Batch.mask_count`` of a shard holding ``share`` of the global batch: the global batch's count
+    of the mask's rows (at least 1; an all-reduce) × ``share``. A term divided by it and weighted by
+    the shard's share (the backward's loss scaling) averages over the ranks to the global masked mean."""
+    def count(mask: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce_sum(mask.sum().float()).clamp(min=1) * share
+    return count
+
+
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Average the gradients of ``params`` over the ranks (for parameters no DDP wrapper holds)."""
     for p in params:
@@ -401,7 +410,8 @@ class Trainer:
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 ce_mask, kd_mask = data.loss_masks(raw.origin)
-                batch = Batch(x, y, y < phase.first, raw.origin, ce_mask, kd_mask)
+                batch = Batch(x, y, y < phase.first, raw.origin, ce_mask, kd_mask,
+                              None if self.world == 1 else global_mask_count(y.shape[0] / raw.global_size))
                 with self.ctx.autocast():
                     out = forward(x)
                     loss, parts = stage.loss(out, batch)

@@ -47,6 +47,12 @@ class Batch:
     ``ce_mask`` / ``kd_mask``: bool [B], the samples that count in the classification loss and in
     the distillation terms (a source may leave its samples out of either); None = every sample,
     and then a loss is the plain batch mean (``models.losses.masked_mean`` and friends).
+
+    ``mask_count``: the divisor of a mean over a bool mask [B], which a loss over some rows only
+    passes to ``masked_mean`` (and friends). None (one process): the mask's count. Under DDP the
+    trainer gives the global batch's count times this shard's share of the global batch, so that
+    the shards' terms, weighted by their shares, average to the global batch's masked mean (each
+    shard's own count would not). A collective: every rank must call it alike.
     """
 
     x: torch.Tensor
@@ -55,6 +61,7 @@ class Batch:
     origin: torch.Tensor | None = None
     ce_mask: torch.Tensor | None = None
     kd_mask: torch.Tensor | None = None
+    mask_count: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 LossFn = Callable[[dict, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]

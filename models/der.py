@@ -53,13 +53,13 @@ class DER(Learner):
     # backbones in eval mode and the trainer skips their parameters (requires_grad False).
 
     def loss(self, out: dict, batch: Batch):
-        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask, batch.mask_count)
         if "aux_logits" not in out:
             return ce, {"ce": ce}
         num_old = out["logits"].shape[1] - (out["aux_logits"].shape[1] - 1)
         # Old classes share bucket 0; new class c becomes c - num_old + 1.
         aux_y = torch.where(batch.y >= num_old, batch.y - num_old + 1, torch.zeros_like(batch.y))
-        aux = cross_entropy(out["aux_logits"], aux_y, batch.ce_mask)
+        aux = cross_entropy(out["aux_logits"], aux_y, batch.ce_mask, batch.mask_count)
         return ce + self.cfg["aux_weight"] * aux, {"ce": ce, "aux": aux}
 
     def end_training(self, phase: Phase) -> None:

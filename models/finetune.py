@@ -25,5 +25,5 @@ class Finetune(Learner):
             self.net.head = expand_linear(self.net.head, phase.last)
 
     def loss(self, out: dict, batch: Batch):
-        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask, batch.mask_count)
         return ce, {"ce": ce}

@@ -181,7 +181,7 @@ class FOSTER(Learner):
         return (net or self.net)(x)
 
     def ce_loss(self, out: dict, batch: Batch):
-        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask, batch.mask_count)
         return ce, {"ce": ce}
 
     def forward_boosting(self, x, net=None) -> dict:
@@ -190,10 +190,10 @@ class FOSTER(Learner):
     def boosting_loss(self, out: dict, batch: Batch):
         logits = out["logits"].float()
         old_logits = out["old_logits"].detach()
-        clf = cross_entropy(logits / self.boost_weights, batch.y, batch.ce_mask)
-        fe = cross_entropy(out["fe_logits"].float(), batch.y, batch.ce_mask)
+        clf = cross_entropy(logits / self.boost_weights, batch.y, batch.ce_mask, batch.mask_count)
+        fe = cross_entropy(out["fe_logits"].float(), batch.y, batch.ce_mask, batch.mask_count)
         kd = self.cfg["lambda_okd"] * kd_loss(logits[:, :old_logits.shape[1]], old_logits, self.cfg["T"],
-                                               batch.kd_mask)
+                                               batch.kd_mask, batch.mask_count)
         return clf + fe + kd, {"clf": clf, "fe": fe, "kd": kd}
 
     def forward_compression(self, x, net=None) -> dict:
@@ -204,7 +204,7 @@ class FOSTER(Learner):
 
     def compression_loss(self, out: dict, batch: Batch):
         bkd = balanced_kd_loss(out["logits"], out["teacher_logits"], self.cfg["T"], self.distill_weights,
-                               batch.kd_mask)
+                               batch.kd_mask, batch.mask_count)
         return bkd, {"bkd": bkd}
 
     def align(self, head: SimpleLinear, phase: Phase, which: str) -> None:

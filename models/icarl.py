@@ -34,9 +34,9 @@ class ICaRL(Finetune):
         return out
 
     def loss(self, out: dict, batch: Batch):
-        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask, batch.mask_count)
         if "old_logits" not in out:
             return ce, {"ce": ce}
         old = out["old_logits"].shape[1]
-        kd = kd_loss(out["logits"][:, :old], out["old_logits"], self.cfg["T"], batch.kd_mask)
+        kd = kd_loss(out["logits"][:, :old], out["old_logits"], self.cfg["T"], batch.kd_mask, batch.mask_count)
         return ce + kd, {"ce": ce, "kd": kd}

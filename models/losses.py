@@ -1,28 +1,41 @@
 """Loss terms shared by learners."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+MaskCount = Callable[[torch.Tensor], torch.Tensor]
+
+
+def mask_count(mask: torch.Tensor) -> torch.Tensor:
+    """The divisor of a mean over the bool ``mask`` [B] in one process: its count (at least 1)."""
+    return mask.sum().clamp(min=1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None, count: MaskCount | None = None) -> torch.Tensor:
     """Mean of per-sample ``values`` [B] over the bool ``mask`` [B]; None = the plain mean; an empty
-    mask gives 0 (a batch with no sample for a term contributes nothing to it)."""
+    mask gives 0 (a batch with no sample for a term contributes nothing to it). ``count``: the
+    divisor for a mask (``Batch.mask_count``: under DDP the global batch's count, so that the ranks'
+    terms average to the global batch's); None = :func:`mask_count`."""
     if mask is None:
         return values.mean()
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum() / (count or mask_count)(mask)
 
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
+                  count: MaskCount | None = None) -> torch.Tensor:
     """Cross-entropy of logits [B, C] and labels [B], mean over the samples of ``mask`` (all if None,
-    then exactly ``F.cross_entropy``)."""
+    then exactly ``F.cross_entropy``; ``count`` as in :func:`masked_mean`)."""
     if mask is None:
         return F.cross_entropy(logits, y)
-    return masked_mean(F.cross_entropy(logits, y, reduction="none"), mask)
+    return masked_mean(F.cross_entropy(logits, y, reduction="none"), mask, count)
 
 
 def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+            mask: torch.Tensor | None = None, count: MaskCount | None = None) -> torch.Tensor:
     """Knowledge distillation: cross-entropy between softened teacher and student, mean over the
     samples of ``mask`` (all if None).
 
@@ -30,7 +43,7 @@ def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
     """
     log_p = F.log_softmax(logits.float() / T, dim=1)
     q = F.softmax(teacher_logits.float() / T, dim=1)
-    return masked_mean(-(q * log_p).sum(dim=1), mask)
+    return masked_mean(-(q * log_p).sum(dim=1), mask, count)
 
 
 def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
@@ -47,7 +60,8 @@ def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def balanced_kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
-                     weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+                     weights: torch.Tensor, mask: torch.Tensor | None = None,
+                     count: MaskCount | None = None) -> torch.Tensor:
     """FOSTER's class-balanced distillation ("BKD"): the teacher's softened probabilities are
     reweighted per class and renormalised before the cross-entropy with the student's.
 
@@ -57,4 +71,4 @@ def balanced_kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: floa
     log_p = F.log_softmax(logits.float() / T, dim=1)
     q = F.softmax(teacher_logits.float() / T, dim=1) * weights
     q = q / q.sum(dim=1, keepdim=True)
-    return masked_mean(-(q * log_p).sum(dim=1), mask)
+    return masked_mean(-(q * log_p).sum(dim=1), mask, count)

@@ -23,7 +23,7 @@ from convs.incremental_net import IncrementalNet
 from convs.linears import CosineLinear, split_cosine
 from convs.registry import backbone_names
 from models.base import Batch, Learner, Phase, Stage, schedule_options
-from models.losses import cross_entropy, masked_mean
+from models.losses import cross_entropy, mask_count, masked_mean
 from models.registry import register_learner
 from utils.config import Option
 from utils.errors import ConfigError
@@ -129,12 +129,12 @@ class LUCIR(Learner):
     def cbf_loss(self, out: dict, batch: Batch):
         """Class-balanced finetuning: CE + the margin ranking (the official loss there is the
         training loss; its less-forget term has no gradient with the backbone fixed)."""
-        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask, batch.mask_count)
         mr = self.margin_ranking(out["cosine"], batch)
         return ce + mr, {"ce": ce, "mr": mr}
 
     def loss(self, out: dict, batch: Batch):
-        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask)
+        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask, batch.mask_count)
         if "old_features" not in out:
             return ce, {"ce": ce}
         cos = out["cosine"]
@@ -142,7 +142,7 @@ class LUCIR(Learner):
         num_new = cos.shape[1] - num_old
         lam = self.cfg["lambda_base"] * math.sqrt(num_old / num_new)
         lf = masked_mean(1 - F.cosine_similarity(out["features"].float(), out["old_features"].float(), dim=1),
-                         batch.kd_mask) * lam
+                         batch.kd_mask, batch.mask_count) * lam
         mr = self.margin_ranking(cos, batch)
         return ce + lf + mr, {"ce": ce, "lf": lf, "mr": mr}
 
@@ -162,4 +162,4 @@ class LUCIR(Learner):
         gt = c.gather(1, batch.y[:, None])                                # [B, 1]
         hard = c[:, num_old:].topk(k, dim=1).values                       # [B, K]
         ranked = F.relu(self.cfg["margin"] - gt + hard) * old_rows[:, None]
-        return ranked.sum() / (old_rows.sum() * k).clamp(min=1) * self.cfg["lw_mr"]
+        return ranked.sum() / ((batch.mask_count or mask_count)(old_rows) * k) * self.cfg["lw_mr"]
