@@ -122,6 +122,10 @@ def open_inputs(cfg: dict, ids: list[str], replayed: int) -> ReplayInputs:
                           f"{model_path} makes sides that are multiples of {multiple}: use "
                           f"{s['resolution'] // multiple * multiple or multiple} or "
                           f"{(s['resolution'] // multiple + 1) * multiple}, or null (its native side).")
+    steps = diffusion.max_inference_steps(model_path)
+    if steps is not None and s["num_inference_steps"] > steps:
+        raise ConfigError(f"Config key 'synthetic_replay.num_inference_steps' is {s['num_inference_steps']}; the "
+                          f"scheduler of {model_path} can take at most {steps} (its training timesteps).")
     dtype = diffusion.resolved_dtype(s["dtype"], cfg["device"])
     cache = os.path.abspath(os.path.expanduser(s["cache_dir"]))
     manifest = {"format": replay_folder.FORMAT, **diffusion.pipeline_description(model_path, dtype, cache),

@@ -245,6 +245,17 @@ def latent_scale(model_path: str) -> int:
                         f"block_out_channels): {exc}.") from None
 
 
+def max_inference_steps(model_path: str) -> int | None:
+    """The most denoising steps the pipeline's scheduler can take: its training timesteps, less its
+    ``steps_offset`` (with 1, as SD 1.x has, 1000 steps of 1000 timesteps index past the end); None
+    when its scheduler_config.json gives no ``num_train_timesteps``."""
+    try:
+        config = json.loads((Path(model_path) / "scheduler" / "scheduler_config.json").read_text())
+        return int(config["num_train_timesteps"]) - (1 if int(config.get("steps_offset") or 0) > 0 else 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def side_multiple(model_path: str) -> int:
     """What a generated side must be a multiple of: the latent cell (:func:`latent_scale`) and 8,
     which Stable Diffusion pipelines require whatever their VAE."""
