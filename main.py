@@ -12,6 +12,7 @@ there stops each of them alike, before any process group exists), then joins the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate config and dataset, print the plan, exit")
     p.add_argument("--keys", action="store_true", help="print every config key with its default and exit")
     return p
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def output_dir(cfg: dict, config_name: str, seed: int, explicit: str | None, many_seeds: bool) -> Path:
@@ -190,6 +199,13 @@ def _main(args, argv: list[str]) -> int:
         from utils import distributed
 
         rank, world, _ = distributed.env_world()
+        cores = usable_cores()
+        if cfg["threads"] is not None and cfg["threads"] > cores:
+            from utils.errors import ConfigError
+
+            # torch.set_num_threads(100000) then crashes (segfault) and 1000 on 2 cores crawls
+            raise ConfigError(f"Config key 'threads' (--threads) is {cfg['threads']}, but this process may use "
+                              f"{cores} CPU core(s); give at most {cores}, or null for torch's default.")
         if world > 1 and cfg["batch_size"] // world < 2:
             from utils.errors import ConfigError
 

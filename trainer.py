@@ -81,7 +81,11 @@ def resolve_device(name: str) -> torch.device:
             raise UserError(f"Config key 'device' is '{name}', but under torchrun every process uses the GPU of its "
                             f"LOCAL_RANK: use 'cuda' or 'auto'.")
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"Config key 'device' is '{name}', but this machine has {torch.cuda.device_count()} GPU(s) "
+                        f"(cuda:0 … cuda:{torch.cuda.device_count() - 1}); use one of them, 'cuda' or 'auto'.")
+    return device
 
 
 def class_order(num_classes: int, seed: int, shuffle: bool) -> list[int]:

@@ -72,7 +72,7 @@ FIELDS = {
                                        "previous phase's checkpoint (per_phase), or every replayed class before "
                                        "phase 0 (upfront).", choices=("per_phase", "upfront")),
     "ratio": Option(None, "float", "null: synthetic images join each epoch like exemplars; r > 0: round(r × batch) "
-                                   "synthetic images are added to every batch.", min=0.0, nullable=True),
+                                   "synthetic images are added to every batch.", min=0.0, max=100.0, nullable=True),
     "use_in_ce": Option(True, "bool", "Synthetic images count in the classification loss."),
     "use_in_kd": Option(True, "bool", "Synthetic images count in the learner's distillation terms."),
 }

@@ -12,7 +12,7 @@ import pytest
 import main
 from conftest import REPO, tiny_config, write_config
 from utils.config import config_hash, describe_keys, load_config_file, parse_set, phase_plan, resolve_config
-from utils.errors import ConfigError
+from utils.errors import ConfigError, UserError
 
 
 def _main_error(tmp_path, monkeypatch, capsys, raw=None, argv=(), text=None):
@@ -82,6 +82,17 @@ def _one_paragraph(err):
     ({"milestones": [2, 2]}, ["'milestones'", "[2, 2]", "multiplies it twice"]),
     ({"seed": [1, 1]}, ["'seed'", "[1, 1]", "must not repeat"]),
     ({"cache_dir": "a\u0000b"}, ["'cache_dir'", "NUL"]),
+    # the bad-input sweep of 2026-11-28: each passed --check, then crashed, hung or failed after training
+    ({"prefix": "a\u0000b"}, ["'prefix'", "without NUL"]),
+    ({"prefix": "a\ud800b"}, ["'prefix'", "cannot encode"]),
+    ({"prefix": "p" * 300}, ["'prefix'", "at most 240 bytes"]),
+    ({"threads": 100000}, ["'threads'", "≤ 4096"]),
+    ({"threads": 4096}, ["'threads'", "is 4096", "CPU core(s)"]),
+    ({"dist_timeout": 10 ** 12}, ["'dist_timeout'", "≤ 525600"]),
+    ({"device": "cuda:007"}, ["'device'", "cuda:N"]),
+    ({"device": "cuda:\u0663"}, ["'device'", "cuda:N"]),
+    ({"shapes": {"train_per_class": 10 ** 9}}, ["'shapes.train_per_class'", "at most 100000"]),
+    ({"synthetic_replay": {"source": "folder", "path": ".", "ratio": 1e30}}, ["'synthetic_replay.ratio'", "≤ 100"]),
     ({"in_memory": False}, ["'in_memory'", "'shapes'", "no image files to stream"]),
     ({"compression": "full", "compress_ratio": 1e9}, ["'compress_ratio'", "image_size 16", "at most 256",
                                                       "smaller than one pixel"]),
@@ -463,6 +474,8 @@ def test_resume_allows_a_key_added_since_at_its_default(tmp_path, monkeypatch, c
     ({"seed": 2 ** 32}, "'seed'"),
     ({"input_size": 24}, "'input_size'"),
     ({"batch_size": 1}, "'batch_size'"),
+    ({"prefix": "p" * 300}, "'prefix'"),
+    ({"threads": 4096}, "'threads'"),
 ])
 def test_bad_values_are_refused_by_check_too(tmp_path, monkeypatch, capsys, overrides, needle):
     code, err = _main_error(tmp_path, monkeypatch, capsys, tiny_config(**overrides), argv=["--check"])
@@ -629,3 +642,16 @@ def test_no_shipped_config_gets_a_settings_note():
     for path in sorted(CONFIG_DIR.glob("*.json")):
         raw, _ = load_config_file(str(path))
         assert settings_notes(resolve_config(raw)) == [], path.name
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused_by_name(monkeypatch):
+    """cuda:5 on a one-GPU machine failed at the first .to(), with CUDA's traceback."""
+    import torch
+
+    from trainer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match=r"'device' is 'cuda:5', but this machine has 1 GPU\(s\) \(cuda:0 … cuda:0\)"):
+        resolve_device("cuda:5")

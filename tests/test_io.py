@@ -63,3 +63,16 @@ def test_an_output_folder_blocked_by_a_file_or_a_broken_link_is_refused(tmp_path
         assert says in str(err.value)
     check_writable_dir(tmp_path / "new" / "deeper", "--output")
     assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "broken"]
+
+
+def test_a_name_too_long_for_the_file_system_is_a_user_error(tmp_path):
+    """A 300-byte folder name in --output: Python's exists() raises ENAMETOOLONG, which was a traceback
+    (exit 1) from main.py, sweep.py and report.py alike."""
+    import pytest
+
+    from utils.errors import UserError
+    from utils.io import check_writable_dir
+
+    long = "a" * 300
+    with pytest.raises(UserError, match=r"the name a{40}… is 300 bytes, more than the file system allows"):
+        check_writable_dir(tmp_path / long / "run", "--output")

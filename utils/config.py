@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -69,7 +70,8 @@ COMMON_OPTIONS: dict[str, Option] = {
                    min=0, max=2 ** 32 - 1),
     "device": Option("auto", "str", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'."),
     "threads": Option(None, "int", "CPU threads of torch (torch.set_num_threads); null = torch's default. On a "
-                                   "shared machine 1 is often much faster (README: Measured).", min=1, nullable=True),
+                                   "shared machine 1 is often much faster (README: Measured); at most the machine's "
+                                   "cores.", min=1, max=4096, nullable=True),
     # data
     "dataset": Option("shapes", "str", "Dataset format (see README: Datasets).", choices=None),
     "data_root": Option(None, "str", "Folder holding the dataset (unused for shapes).", nullable=True),
@@ -143,7 +145,8 @@ COMMON_OPTIONS: dict[str, Option] = {
     "sync_bn": Option(False, "bool", "Distributed runs (torchrun) on CUDA: SyncBatchNorm, BatchNorm statistics over the "
                                      "global batch instead of each process's shard; no effect in one process."),
     "dist_timeout": Option(30, "int", "Distributed runs: minutes a process waits in a collective for the others (rank 0 "
-                                      "alone decides the memory, evaluates and saves meanwhile) before the run stops.", min=1),
+                                      "alone decides the memory, evaluates and saves meanwhile) before the run stops.", min=1,
+                         max=525600),
     "checkpoints": Option("all", "str", "Which phase checkpoints to keep.", choices=("all", "last", "none")),
 }
 
@@ -342,8 +345,9 @@ def resolve_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"Config key 'convnet_type' is {json.dumps(resolved['convnet_type'])}; "
                           f"allowed: {', '.join(backbone_names())}.{hint}")
     dev = resolved["device"]
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise ConfigError(f"Config key 'device' is {json.dumps(dev)}; allowed: auto, cpu, cuda, cuda:N.")
+    if not (dev in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:(0|[1-9][0-9]{0,3})", dev)):
+        raise ConfigError(f"Config key 'device' is {json.dumps(dev)}; allowed: auto, cpu, cuda, cuda:N (N a GPU index "
+                          f"such as 0 or 1).")
     _check_sizes(resolved)
     _check_paths_and_ranges(resolved)
     from utils.datasets import check_stream_decode, stored_form
@@ -397,6 +401,15 @@ def _check_paths_and_ranges(cfg: dict) -> None:
     if prefix in (".", "..") or "/" in prefix or "\\" in prefix:
         raise ConfigError(f"Config key 'prefix' is {json.dumps(prefix)}; it names one folder, so it cannot "
                           f"contain '/' or '\\' or be '.' or '..' (use --output for another location).")
+    try:
+        encoded = os.fsencode(prefix)
+    except UnicodeEncodeError:
+        encoded = None
+    if encoded is None or b"\0" in encoded or len(encoded) > 240:
+        shown = json.dumps(prefix)
+        raise ConfigError(f"Config key 'prefix' is {shown[:60] + ('…' if len(shown) > 60 else '')}; it names a folder (with '-' and the "
+                          f"config's 8-character hash), so it must be at most 240 bytes, without NUL or "
+                          f"characters the file system cannot encode.")
     for key in ("cache_dir", "data_root", "class_list"):
         if cfg[key] is not None and not cfg[key].strip():
             raise ConfigError(f"Config key '{key}' is an empty string; give a path, or null"

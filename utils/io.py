@@ -128,8 +128,16 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
 
 
 def _nearest_existing(path: Path) -> Path | None:
-    """The nearest of ``path`` and the folders above it that exists (a broken symbolic link counts)."""
-    return next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    """The nearest of ``path`` and the folders above it that exists (a broken symbolic link counts).
+    UserError for a name the file system cannot hold (Python's exists() raises on it)."""
+    try:
+        return next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        long = max(path.parts, key=lambda part: len(os.fsencode(part)))
+        raise UserError(f"{path} cannot be a path here: the name {long[:40]}… is {len(os.fsencode(long))} bytes, "
+                        f"more than the file system allows (usually 255), or the whole path is too long.") from None
 
 
 def file_in_the_way(path: str | Path) -> Path | None:

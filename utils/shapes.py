@@ -28,6 +28,7 @@ from utils.errors import ConfigError
 
 # "seed" is the data seed: the images stay the same when a run's seed (class order, init) changes.
 SHAPES_DEFAULTS = {"num_classes": 10, "train_per_class": 100, "test_per_class": 30, "seed": 0}
+MAX_PER_CLASS = 100_000
 
 SHAPES = ("disc", "square", "triangle", "plus", "ring", "diamond", "cross", "frame", "bars", "dome")
 COLOURS = {
@@ -54,6 +55,9 @@ def check_options(options: dict | None) -> dict:
         low = 0 if key == "seed" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"'shapes.{key}' must be an integer ≥ {low}, got {json.dumps(value, default=repr)}.")
+    for key in ("train_per_class", "test_per_class"):   # 100,000 images of a class: gigabytes already
+        if resolved[key] > MAX_PER_CLASS:
+            raise ConfigError(f"'shapes.{key}' must be at most {MAX_PER_CLASS}, got {resolved[key]}.")
     if resolved["num_classes"] < 2 or resolved["num_classes"] > MAX_CLASSES:
         raise ConfigError(f"'shapes.num_classes' must be between 2 and {MAX_CLASSES}, "
                           f"got {resolved['num_classes']}.")
