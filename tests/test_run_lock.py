@@ -124,3 +124,23 @@ def test_without_file_locks_the_lock_falls_back_to_the_pid_and_host_in_the_file(
     assert path.read_text() == f"{os.getpid()} {socket.gethostname()}\n" and lock.held
     lock.release()
     assert not path.exists()
+
+
+def test_a_lock_that_is_no_regular_file_or_a_full_disk_is_a_user_error(tmp_path, monkeypatch):
+    """A FIFO named run.lock ("Illegal seek") and a full disk at the lock's first write were tracebacks
+    (exit 1); the README promises exit 2 for a full disk."""
+    import errno
+
+    from utils.io import DiskFull
+
+    fifo = tmp_path / "fifo_run"
+    fifo.mkdir()
+    os.mkfifo(fifo / "run.lock")
+    with pytest.raises(UserError, match=r"run.lock is not a regular file"):
+        RunLock(fifo).acquire()
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(DiskFull, match=r"The disk is full: could not write .*run.lock"):
+        RunLock(tmp_path).acquire()

@@ -23,11 +23,13 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Callable
 
 from utils.errors import UserError
+from utils.io import disk_error
 
 LOCK_NAME = "run.lock"
 NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}   # flock unsupported here
@@ -118,6 +120,10 @@ class RunLock:
             except OSError as err:
                 raise UserError(f"Cannot lock the output folder {self.path.parent}: {self.path} cannot be opened "
                                 f"({err.strerror}); move it, or use another --output folder.") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):   # a FIFO or device: no seek, no lock to read
+                os.close(fd)
+                raise UserError(f"Cannot lock the output folder {self.path.parent}: {self.path} is not a regular "
+                                f"file; move it, or use another --output folder.")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -142,8 +148,12 @@ class RunLock:
             if left:
                 self.notice(f"note: taking over the stale lock {self.path} (of {_describe(left)}, which is no "
                             f"longer running)")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, _owner_line().encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, _owner_line().encode(), 0)
+            except OSError as err:   # a full disk: the run could not have saved anything either
+                os.close(fd)
+                raise (disk_error(self.path, err) or err) from None
             self.fd = fd
             return
         raise UserError(f"Could not take the lock {self.path}; another run may be starting in that folder.")
@@ -161,7 +171,10 @@ class RunLock:
         if left.strip():
             self.notice(f"note: taking over the stale lock {self.path} (of {_describe(left)}, which is no longer "
                         f"running)")
-        self.path.write_text(mine)
+        try:
+            self.path.write_text(mine)
+        except OSError as err:
+            raise (disk_error(self.path, err) or err) from None
         time.sleep(0.1)   # a run that wrote in the same instant: one of the two reads the other's back
         if self._contents() != mine:
             raise UserError(f"Output folder {self.path.parent} is being locked by another run (lock file "
