@@ -321,7 +321,7 @@ def _main(tmp_path, block, *flags, **extra) -> tuple[int, str]:
 
 @pytest.mark.parametrize("flags", [(), ("--check",)], ids=["run", "check"])
 @pytest.mark.parametrize("case", ["manifest", "hub", "missing", "no_images", "few_images", "no_path", "template",
-                                  "names", "resolution", "steps"])
+                                  "names", "resolution", "steps", "classes_type", "no_generator"])
 def test_bad_sources_stop_with_exit_2_naming_the_field_or_path(tiny_pipeline, tmp_path, capsys, monkeypatch, case,
                                                                flags):
     """Found from file listings alone: ``--check`` fails as the run would, and the run stops before
@@ -359,6 +359,13 @@ def test_bad_sources_stop_with_exit_2_naming_the_field_or_path(tiny_pipeline, tm
     elif case == "resolution":   # diffusers refuses it, but only when generating (after phase 0 trained)
         block, expect = (diffusers_block(tiny_pipeline, tmp_path / "cache", resolution=36),
                          ["synthetic_replay.resolution", "36", "multiples of 8", "32", "40"])
+    elif case in ("classes_type", "no_generator"):   # a TypeError traceback; {} accepted without a word
+        manifest = ({"format": replay_folder.FORMAT, "generator": {"kind": "real-images"}, "classes": 5}
+                    if case == "classes_type" else {})
+        root = make_folder(tmp_path / "syn", ids, 2, manifest)
+        block = {"source": "folder", "path": str(root), "per_class": 2}
+        expect = (["field 'classes' must be an object", "got 5"] if case == "classes_type"
+                  else ["field 'generator' must be an object", "real-images"])
     elif case == "steps":   # 1000 steps of 1000 timesteps (offset 1) ended in an IndexError, after phase 0
         block, expect = (diffusers_block(tiny_pipeline, tmp_path / "cache", num_inference_steps=1000),
                          ["synthetic_replay.num_inference_steps", "1000", "at most 999"])

@@ -45,6 +45,16 @@ def read_manifest(root: str) -> dict:
         raise DataError(f"Cannot read {path}: {exc}.") from None
     if not isinstance(manifest, dict):
         raise DataError(f"{path} must hold a JSON object.")
+    generator = manifest.get("generator")
+    if not isinstance(generator, dict) or not isinstance(generator.get("kind"), str):
+        raise DataError(f"{path}: field 'generator' must be an object with the 'kind' of what made the images "
+                        f"(e.g. {{\"kind\": \"real-images\"}}, or a diffusers pipeline's record; see README: "
+                        f"Synthetic replay), got {json.dumps(generator)[:80]}.")
+    classes = manifest.get("classes")
+    if classes is not None and not (isinstance(classes, dict)
+                                    and all(isinstance(v, dict) for v in classes.values())):
+        raise DataError(f"{path}: field 'classes' must be an object mapping each class id to an object (its "
+                        f"name and prompt), got {json.dumps(classes)[:80]}.")
     return manifest
 
 
@@ -74,7 +84,7 @@ def check_classes(manifest: dict, class_ids: list[str], prompts: dict[str, str] 
         raise DataError(f"Synthetic replay folder {root}: manifest field 'classes' lacks {missing[:5]}"
                         f"{' …' if len(missing) > 5 else ''}.")
     for c in class_ids:
-        made = listed[c].get("prompt") if isinstance(listed[c], dict) else None
+        made = listed[c].get("prompt")
         if prompts is not None and made is not None and made != prompts[c]:
             raise DataError(f"Synthetic replay folder {root}: class {c} was made with prompt {made!r}, "
                             f"this run's is {prompts[c]!r} (manifest field 'classes').")
