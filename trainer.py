@@ -105,6 +105,10 @@ def stage_parameters(stage: Stage) -> list[torch.nn.Parameter]:
     return out
 
 
+# What save_checkpoint writes, and so what a resume needs (a file without one of them is skipped).
+CHECKPOINT_KEYS = ("phase", "config_hash", "class_order", "learner", "memory", "plugins", "results", "rng")
+
+
 def global_mask_count(share: float):
     """``Batch.mask_count`` of a shard holding ``share`` of the global batch: the global batch's count
     of the mask's rows (at least 1; an all-reduce) × ``share``. A term divided by it and weighted by
@@ -710,8 +714,12 @@ class Trainer:
         for path in reversed(ckpts):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=False)
-                if not isinstance(state, dict) or "phase" not in state:
+                if not isinstance(state, dict):
                     raise ValueError("not a checkpoint of this framework")
+                lacking = [k for k in CHECKPOINT_KEYS if k not in state]
+                if lacking or not isinstance(state["results"], dict) or "config" not in state["results"]:
+                    raise ValueError(f"not a whole checkpoint of this framework (lacks "
+                                     f"{', '.join(lacking) or 'results.config'})")
                 used = path
                 break
             except Exception as err:  # noqa: BLE001 - any unreadable file: fall back to an older one

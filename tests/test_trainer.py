@@ -329,13 +329,19 @@ def test_lock_is_released_when_the_run_fails(tmp_path):
     assert not (out / "run.lock").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "no_rng"])
 def test_resume_falls_back_to_the_previous_intact_checkpoint(tmp_path, tiny_reference, damage):
+    """A readable dict without a part of the state (no_rng) was a KeyError traceback."""
     ref_out, ref = tiny_reference
     out = tmp_path / "run"
     run(tiny_config(), out, stop_after_phase=1)
     bad = out / "checkpoints" / "phase_1.pt"
-    bad.write_bytes(bad.read_bytes()[:1000] if damage == "truncated" else b"")
+    if damage == "no_rng":
+        state = torch.load(bad, weights_only=False)
+        del state["rng"]
+        torch.save(state, bad)
+    else:
+        bad.write_bytes(bad.read_bytes()[:1000] if damage == "truncated" else b"")
     resumed = run(tiny_config(), out, resume=True)
     log = (out / "log.txt").read_text()
     assert f"resume: checkpoint {bad} is unreadable" in log and "resume: restored phase 0" in log
