@@ -11,7 +11,13 @@ decodes and trains every copy as a separate image: the throughput is that of N Ã
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.errors import UserError  # noqa: E402
+from utils.io import check_writable_dir  # noqa: E402
 
 
 def tile(src: Path, dst: Path, copies: int) -> int:
@@ -33,18 +39,33 @@ def tile(src: Path, dst: Path, copies: int) -> int:
     return made
 
 
-def main() -> None:
+def check_dst(src: Path, dst: Path) -> None:
+    """UserError unless DST lies outside SRC (the links would be written into the source dataset, and
+    a later run would train on them) and can be made a writable folder."""
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise UserError(f"DST {dst} is SRC {src} or lies inside it: the links would be written into the source "
+                        f"dataset; give a folder outside SRC.")
+    check_writable_dir(dst, "DST")
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("copies", type=int)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.copies < 1:
         p.error("copies must be at least 1")
     if not (a.src / "train").is_dir():
         p.error(f"{a.src / 'train'} is not a folder: SRC must be a folder dataset (train/<class>/<image>)")
+    try:
+        check_dst(a.src, a.dst)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"{tile(a.src, a.dst, a.copies)} training links in {a.dst}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

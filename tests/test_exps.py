@@ -322,6 +322,22 @@ def test_tile_folder_gives_a_dataset_with_every_training_image_n_times(tmp_path)
     assert first.is_symlink() and first.resolve().parent == (src / "train" / "class0").resolve()
 
 
+def test_tile_folder_refuses_a_dst_inside_src_or_under_a_file(tmp_path, capsys):
+    """DST equal to SRC or inside it used to get links written into the source dataset (exit 0); DST
+    under a file ended in a NotADirectoryError traceback. Both: exit 2, nothing written."""
+    from conftest import aspect_folder
+    from tile_folder import main as tile_main
+
+    src = aspect_folder(tmp_path / "src", train_per_class=1, test_per_class=1, sizes=((12, 12),))
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    (tmp_path / "afile").write_text("x")
+    for dst, words in ((src, "inside"), (src / "train" / "tiled", "inside"), (tmp_path / "afile" / "x", "afile")):
+        assert tile_main([str(src), str(dst), "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
+
 def test_make_oracle_replay_holds_out_images_and_never_removes_another_folder(tmp_path, capsys):
     """exps/make_oracle_replay.py: the first images of each class become the replay folder and leave the
     training copy; an --out holding anything but an earlier build is refused (it used to be removed
