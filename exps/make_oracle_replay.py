@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils import replay_folder  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.io import check_writable_dir  # noqa: E402
 
 
 STAGING = ".oracle-build-partial"   # a build is made here and moved into place when whole
@@ -34,7 +35,8 @@ def check_paths(src: Path, out: Path) -> None:
     for need in ("wnids.txt", "train", "val"):
         if not (src / need).exists():
             raise UserError(f"--data_root {src} is not a Tiny-ImageNet-layout folder: it has no {need}.")
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
+        check_writable_dir(out, "--out")   # under a file: refused here, not a NotADirectoryError at mkdir
         return
     if not out.is_dir():
         raise UserError(f"--out {out} is a file; give a new or empty folder.")
@@ -50,9 +52,43 @@ def check_paths(src: Path, out: Path) -> None:
         raise UserError(f"--out {out} contains --data_root {src}; give a folder outside it.")
 
 
+def class_images(src: Path, per_class: int) -> dict[str, list[str]]:
+    """The sorted training image names of every class ``src/wnids.txt`` names; UserError if the file is
+    not UTF-8 text naming at least one class, a class has no ``train/<wnid>/images`` folder, or a class
+    has no more than ``per_class`` images (holding them all out would leave it no training image)."""
+    try:
+        text = (src / "wnids.txt").read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"--data_root {src}: wnids.txt is not UTF-8 text ({err.reason} at byte {err.start}); "
+                        f"it must list one class id (wnid) a line.") from None
+    except OSError as err:
+        raise UserError(f"--data_root {src}: cannot read wnids.txt: {err.strerror or err}.") from None
+    wnids = [w.strip() for w in text.split() if w.strip()]
+    if not wnids:
+        raise UserError(f"--data_root {src}: wnids.txt names no class.")
+    classes = {}
+    for wnid in wnids:
+        folder = src / "train" / wnid / "images"
+        if not folder.is_dir():
+            raise UserError(f"--data_root {src}: wnids.txt names class {wnid}, but train/{wnid}/images is not a "
+                            f"folder.")
+        try:
+            files = sorted(os.listdir(folder))
+        except OSError as err:
+            raise UserError(f"--data_root {src}: cannot read {folder}: {err.strerror or err}.") from None
+        if not files:
+            raise UserError(f"--data_root {src}: class {wnid} has no training image (train/{wnid}/images is empty).")
+        if len(files) <= per_class:
+            raise UserError(f"--per_class {per_class} holds out every training image of class {wnid} (it has "
+                            f"{len(files)}): its training data would be empty; give a --per_class below {len(files)}.")
+        classes[wnid] = files
+    return classes
+
+
 def build(data_root: str, per_class: int, out: str) -> tuple[Path, Path]:
     src, out = Path(data_root).resolve(), Path(out).resolve()
     check_paths(src, out)
+    images = class_images(src, per_class)   # all validated before anything is created or removed
     staging = out / STAGING   # built whole here first: a stopped build leaves no half data/ or replay/
     shutil.rmtree(staging, ignore_errors=True)   # a stopped build's (check_paths allows nothing else)
     data, replay = staging / "data", staging / "replay"
@@ -60,10 +96,8 @@ def build(data_root: str, per_class: int, out: str) -> tuple[Path, Path]:
     for name in ("wnids.txt", "words.txt", "val"):
         if (src / name).exists():   # words.txt (readable names) is optional
             os.symlink(src / name, data / name)
-    wnids = [w.strip() for w in (src / "wnids.txt").read_text().split() if w.strip()]
     classes = {}
-    for wnid in wnids:
-        files = sorted(os.listdir(src / "train" / wnid / "images"))
+    for wnid, files in images.items():
         held, kept = files[:per_class], set(files[per_class:])
         (data / "train" / wnid / "images").mkdir(parents=True)
         for f in kept:

@@ -368,6 +368,33 @@ def test_make_oracle_replay_holds_out_images_and_never_removes_another_folder(tm
     assert len(list((tmp_path / "oracle" / "data" / "train" / "n001" / "images").iterdir())) == 2
 
 
+def test_make_oracle_replay_refuses_bad_classes_and_out_under_a_file_before_writing(tmp_path, capsys):
+    """A --per_class holding out every training image of a class used to build a dataset without training
+    images for it (exit 0); a wnids.txt naming a class without train/<wnid>/images, a non-UTF-8 wnids.txt
+    and an --out under a file ended in tracebacks. All: exit 2 naming the problem, before anything is
+    created or removed."""
+    from make_oracle_replay import main as oracle
+
+    src = _fake_tinyimagenet(tmp_path / "tiny", train=3)
+    out = tmp_path / "oracle"
+    (tmp_path / "afile").write_text("x")
+    cases = [(["--per_class", "3"], "class n001"), (["--per_class", "5"], "it has 3"),
+             (["--out", str(tmp_path / "afile" / "x")], "afile")]
+    for extra, words in cases:
+        assert oracle(["--data_root", str(src), "--out", str(out), "--per_class", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err, err
+    (src / "wnids.txt").write_text("n001\nn002\nn999\n")
+    assert oracle(["--data_root", str(src), "--out", str(out), "--per_class", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "n999" in err and "train/n999/images" in err, err
+    (src / "wnids.txt").write_bytes(b"n001\n\xff\xfe\n")
+    assert oracle(["--data_root", str(src), "--out", str(out), "--per_class", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "wnids.txt is not UTF-8" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_make_oracle_replay_stopped_build_keeps_the_earlier_one_and_reruns(tmp_path, monkeypatch):
     """A build stopped part-way (Ctrl-C before the manifest) leaves the earlier build whole and needs no
     removal by hand: the next run replaces the stopped build's staging folder (it used to leave a
