@@ -285,6 +285,14 @@ BAD_RESULTS.update({
     "summary_str": _edited(lambda r: r["summary"].update(cnn_avg_top1="abc")),
     "matrix_ragged": _edited(lambda r: r["summary"].update(cnn_accuracy_matrix=[[1], [2], [3]])),
     "class_order_str": _edited(lambda r: r.update(class_order="x")),
+    # Python's json reads Infinity / NaN (which no run writes); they were reported as inf / nan, and a
+    # negative "seconds" as a negative time.
+    "top1_infinity": _edited(lambda r: r["phases"][0].update(cnn={"top1": float("inf")})),
+    "top1_nan": _edited(lambda r: r["phases"][-1].update(cnn={"top1": float("nan")})),
+    "seconds_negative": _edited(lambda r: r["phases"][0].update(seconds=-1e308)),
+    "summary_nan": _edited(lambda r: r["summary"].update(cnn_avg_top1=float("nan"))),
+    "matrix_infinity": _edited(lambda r: r["summary"].update(
+        cnn_accuracy_matrix=[[50.0], [50.0, float("-inf")], [50.0] * 3])),
 })
 
 

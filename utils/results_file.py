@@ -5,12 +5,14 @@ trainer's resume (a finished run without checkpoints), ``exps/sweep.py`` (a run'
 A file is usable when it is UTF-8 JSON holding an object with a ``config`` object (its one integer
 ``seed``) and a ``phases`` list whose entries carry their ``classes`` range, ``memory`` and
 accuracies with the types the trainer writes after every phase (a top-1 may be null: a phase
-without test images), and a ``summary`` whose accuracies are numbers or null; anything else gets
+without test images; numbers are finite, seconds ≥ 0), and a ``summary`` whose accuracies are finite
+numbers or null; anything else gets
 one line saying why, naming no path (the caller adds it).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,9 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any, or_none: bool = False) -> bool:
-    return (v is None and or_none) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    """A finite int or float (or None with ``or_none``): Python's json reads Infinity, -Infinity and NaN,
+    which no run writes and which would come out of a table or a plot as inf / nan."""
+    return (v is None and or_none) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
 
 
 def _phase_problem(phase: Any) -> str | None:
@@ -65,14 +69,14 @@ def _phase_problem(phase: Any) -> str | None:
     if not (isinstance(memory, dict) and _is_int(memory.get("exemplars")) and memory["exemplars"] >= 0):
         return 'lacks its "memory" with a count of "exemplars"'
     if not all(_is_number(memory.get(k), or_none=True) for k in ("bytes", "mean_cost")):
-        return '"memory" has a "bytes" or "mean_cost" that is not a number'
+        return '"memory" has a "bytes" or "mean_cost" that is not a finite number'
     for model in ("cnn", "nme"):
         if not (phase.get(model) is None
                 or (isinstance(phase[model], dict) and "top1" in phase[model]
                     and _is_number(phase[model]["top1"], or_none=True))):
-            return f'"{model}" is not an object with a "top1" number (or null)'
-    if "seconds" in phase and not _is_number(phase["seconds"]):
-        return '"seconds" is not a number'
+            return f'"{model}" is not an object with a "top1" finite number (or null)'
+    if "seconds" in phase and not (_is_number(phase["seconds"]) and phase["seconds"] >= 0):
+        return '"seconds" is not a finite number ≥ 0'
     return None
 
 
@@ -87,7 +91,7 @@ def _summary_problem(summary: dict) -> str | None:
                     for k, row in enumerate(value))):
                 return f'"summary.{key}" is not a matrix with a row of task accuracies per phase'
         elif key.endswith(("_top1", "_forgetting", "_forgetting_pycil")) and not _is_number(value, or_none=True):
-            return f'"summary.{key}" is not a number'
+            return f'"summary.{key}" is not a finite number'
     return None
 
 
