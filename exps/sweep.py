@@ -541,11 +541,15 @@ def _still_there(root: Path, name: str) -> bool:
 
 
 def _sweep_json_runs(path: Path) -> list[dict]:
-    """The run entries of an existing sweep.json; [] if there is none or it cannot be read."""
-    try:
-        return read_sweep_json(path)["runs"] if path.is_file() else []
-    except UserError:
+    """The run entries of an existing sweep.json; [] if there is none. UserError naming it if it cannot
+    be read: replacing it would drop, without a word, the runs other specs listed there."""
+    if not (path.exists() or path.is_symlink()):
         return []
+    try:
+        return read_sweep_json(path)["runs"]
+    except UserError as err:
+        raise UserError(f"{err}; it lists the runs of every spec run into {path.parent}, which rewriting it would "
+                        f"drop: fix it or remove it, then rerun.") from None
 
 
 def parse_devices(text: str | None) -> list[str]:
@@ -638,6 +642,11 @@ def _main(argv: list[str] | None, children: Children, stopper: StopHandler) -> i
     if problem is not None:
         print(f"error: {problem}.", file=sys.stderr)
         return EXIT_USER_ERROR
+    try:
+        _sweep_json_runs(root / "sweep.json")   # an unusable one: refused before anything runs or is written
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
     missing_data = None
     states = []
@@ -673,7 +682,11 @@ def _main(argv: list[str] | None, children: Children, stopper: StopHandler) -> i
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
 
-    write_sweep_json(root, spec, spec_path, runs)
+    try:
+        write_sweep_json(root, spec, spec_path, runs)
+    except UserError as err:   # made unusable since the check above
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     start = time.time()
     lock = threading.Lock()
     todo = []

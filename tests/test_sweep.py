@@ -265,6 +265,22 @@ def test_sweep_json_keeps_the_runs_of_an_earlier_spec_in_the_same_root(tmp_path)
     assert listed["spec"]["grid"] == {"memory_size": [60, 80]} and listed["spec_path"] == str(b)
 
 
+@pytest.mark.parametrize("content", [b'{"runs": [', b"[]", b'{"runs": [5]}', b'{"x": "\xe9"}'])
+def test_an_unusable_sweep_json_in_the_root_is_refused_not_replaced(tmp_path, capsys, monkeypatch, content):
+    """A sweep.json that cannot be read was silently replaced, dropping the other specs' runs it listed:
+    exit 2 naming it (with --dry-run too), nothing run, the file left as it was."""
+    spec, run = _one_run(tmp_path)
+    (run.folder.parent / "sweep.json").write_bytes(content)
+    monkeypatch.setattr(sweep, "launch", _no_launch)
+    for dry in (["--dry-run"], []):
+        code, out, err = _sweep(capsys, spec, "--output", tmp_path / "root", *dry)
+        assert code == 2 and err.startswith(f"error: {tmp_path / 'root' / 'sweep.json'} ") and "Traceback" not in err
+        assert "fix it or remove it" in err and err.count("\n") == 1, err
+    assert (tmp_path / "root" / "sweep.json").read_bytes() == content
+    with pytest.raises(sweep.UserError, match="fix it or remove it"):
+        sweep.write_sweep_json(tmp_path / "root", sweep.load_spec(spec), spec, [run])
+
+
 def test_a_key_outside_the_runs_identity_or_equal_values_are_the_same_run_twice(tmp_path, capsys, monkeypatch):
     """Two runs of one (config hash, seed) would train the same thing twice; a report would count the
     second as another seed. Refused naming both runs and the key."""
