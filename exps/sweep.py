@@ -130,11 +130,30 @@ def load_spec(path: Path) -> dict:
     return spec
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists(), False where the path cannot be looked up at all: Python 3.11 raises OSError
+    (ENAMETOOLONG) for a name longer than the file system allows instead of returning False."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def check_root_names(root: Path, limit: int) -> None:
+    """Every folder name of the sweep root must fit the file system's limit (``limit`` bytes); a longer
+    one would end in an OSError (ENAMETOOLONG) at the first look at the root."""
+    for part in Path(root).parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise ConfigError(f"--output {_short(str(root), 80)}: its folder name {_short(part)} is {size} bytes, longer "
+                              f"than the file system allows ({limit} bytes); give a shorter --output.")
+
+
 def name_max(root: Path) -> int:
     """The longest file name (bytes) the file system of ``root`` (or of its nearest existing
     folder above) allows; 255 where it does not say."""
     folder = Path(os.path.abspath(root))
-    while not folder.exists() and folder.parent != folder:
+    while not _exists(folder) and folder.parent != folder:
         folder = folder.parent
     try:
         return int(os.pathconf(folder, "PC_NAME_MAX"))
@@ -226,6 +245,7 @@ def expand(spec: dict, spec_path: Path, root: Path) -> list[Run]:
     grid = spec.get("grid", {})
     variants = spec.get("variants") or {None: {}}
     limit = name_max(root)
+    check_root_names(root, limit)
     runs = []
     for vname, vover in variants.items():
         if vname is not None:

@@ -340,6 +340,19 @@ def test_a_folder_name_longer_than_the_file_system_allows_is_refused_by_the_dry_
     assert sweep.expand(sweep.load_spec(spec), spec, tmp_path / "root")[0].folder.name == f"prefix={ok}"
 
 
+def test_an_output_folder_name_longer_than_the_file_system_allows_is_refused(tmp_path, capsys, monkeypatch):
+    """A --output with a name over 255 bytes ended in an OSError (File name too long) traceback in
+    name_max (Python 3.11's Path.exists raises it), with --dry-run too."""
+    spec = _spec(tmp_path, {"seed": [1]})
+    monkeypatch.setattr(sweep, "launch", _no_launch)
+    for root in (tmp_path / ("x" * 300), tmp_path / ("x" * 300) / "sub"):
+        for dry in (["--dry-run"], []):
+            code, out, err = _sweep(capsys, spec, "--output", root, *dry)
+            assert code == 2 and err.startswith("error: --output ") and "Traceback" not in err, err
+            assert "is 300 bytes, longer than the file system allows" in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["base.json", "spec.json"]
+
+
 def test_output_that_is_a_file_is_refused_by_the_dry_run(tmp_path, capsys):
     spec = _spec(tmp_path, {"seed": [1]})
     afile = tmp_path / "afile"
