@@ -87,7 +87,13 @@ def class_images(src: Path, per_class: int) -> dict[str, list[str]]:
 
 def build(data_root: str, per_class: int, out: str) -> tuple[Path, Path]:
     src, out = Path(data_root).resolve(), Path(out).resolve()
-    check_paths(src, out)
+    try:
+        check_paths(src, out)
+    except OSError as err:   # a name too long (Python 3.11's Path.exists raises ENAMETOOLONG), no permission
+        name = str(err.filename or "")
+        arg = max((p for p in (("--out", out), ("--data_root", src)) if name.startswith(str(p[1]))),
+                  key=lambda p: len(str(p[1])), default=("--out", out))[0]
+        raise UserError(f"{arg} cannot be used: {name or err}: {err.strerror or err}.") from None
     images = class_images(src, per_class)   # all validated before anything is created or removed
     staging = out / STAGING   # built whole here first: a stopped build leaves no half data/ or replay/
     shutil.rmtree(staging, ignore_errors=True)   # a stopped build's (check_paths allows nothing else)

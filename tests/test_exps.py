@@ -395,6 +395,20 @@ def test_make_oracle_replay_refuses_bad_classes_and_out_under_a_file_before_writ
     assert not out.exists()
 
 
+def test_make_oracle_replay_refuses_a_name_longer_than_the_file_system_allows(tmp_path, capsys):
+    """An --out or --data_root with a name over 255 bytes ended in an OSError (File name too long)
+    traceback: Python 3.11's Path.exists raises it."""
+    from make_oracle_replay import main as oracle
+
+    src = _fake_tinyimagenet(tmp_path / "tiny", train=3)
+    long = tmp_path / ("x" * 300)
+    for data, out, arg in ((src, long, "--out"), (src, long / "sub", "--out"), (long, tmp_path / "o", "--data_root")):
+        assert oracle(["--data_root", str(data), "--out", str(out), "--per_class", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {arg} cannot be used: ") and "File name too long" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["tiny"]
+
+
 def test_make_oracle_replay_stopped_build_keeps_the_earlier_one_and_reruns(tmp_path, monkeypatch):
     """A build stopped part-way (Ctrl-C before the manifest) leaves the earlier build whole and needs no
     removal by hand: the next run replaces the stopped build's staging folder (it used to leave a
