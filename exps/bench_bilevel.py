@@ -43,12 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_throughput import PRECISION, StepProfiler, build_trainer, error_text, sync  # noqa: E402
+from bench_throughput import PRECISION, StepProfiler, build_trainer, check_out_file, error_text, run_main, sync  # noqa: E402,E501
 from convs.pau import KERNELS  # noqa: E402
 from models.cim import ExemplarCompression  # noqa: E402
 from utils import batching  # noqa: E402
 from utils.cuda_graph import GraphedStep  # noqa: E402
-from utils.config import apply_overrides, load_config_file, parse_set  # noqa: E402
+from utils.config import apply_overrides, load_config_file, parse_set, resolve_config  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 
 def snapshot(cim: ExemplarCompression) -> dict:
@@ -220,10 +221,15 @@ def main() -> None:
                    help="leave out the bf16 rows' second variant, the step under bf16 autocast")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.epochs < 1:
+        raise UserError(f"--epochs is {args.epochs}; it must be at least 1.")
+    check_out_file(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     raw, _ = load_config_file(args.config)
     raw = apply_overrides(raw, parse_set(args.set))
+    # An unknown or bad key: refused here; in the rows it failed every row, and the script exited 0.
+    resolve_config({**raw, "compression": "cim", "exemplar_figure": False})
     rows = []
     for precision in args.precision or [None]:
         base = {**raw, **(PRECISION[precision] if precision else {})}
@@ -258,4 +264,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -21,11 +21,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from bench_throughput import run_main  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from utils.config import apply_overrides, load_config_file, parse_set, resolve_config  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.io import check_writable_dir  # noqa: E402
 
 
 def timed_run(raw: dict, phases: int, out: Path, threads: int | None = None) -> list[dict]:
@@ -48,12 +52,17 @@ def main() -> None:
     p.add_argument("--parallel", action="store_true", help="run both configurations at the same time")
     p.add_argument("--out", default="/tmp/bench_cim_overhead")
     a = p.parse_args()
+    if a.phases < 1:
+        raise UserError(f"--phases is {a.phases}; it must be at least 1.")
     if a.threads:
         torch.set_num_threads(a.threads)
     raw, _ = load_config_file(a.config)
     raw = apply_overrides(raw, parse_set(a.set))
     out = Path(a.out)
     policies = ("none", a.policy)
+    for policy in policies:   # a bad --set key or --policy: refused here, not after the first run
+        resolve_config({**raw, "compression": policy, "checkpoints": "none", "exemplar_figure": False})
+    check_writable_dir(out, "--out")
     jobs = [({**raw, "compression": policy}, a.phases, out / policy, a.threads) for policy in policies]
     if a.parallel:
         with multiprocessing.get_context("spawn").Pool(2) as pool:
@@ -74,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -44,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_throughput import sync  # noqa: E402
+from bench_throughput import check_out_file, run_main, sync  # noqa: E402
 from utils import stream_decode  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 # (width, height) shapes of --long_side L, as fractions of L
 SHAPES = [(1, 0.75), (0.75, 1), (1, 2 / 3), (2 / 3, 1), (1, 0.8), (0.8, 1), (1, 1), (1, 0.5625)]
@@ -149,6 +150,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="loader workers of --materialize")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    check_out_file(args.out)
     torch.set_num_threads(args.threads)
     if args.materialize:
         paths = sorted(glob.glob(args.files))[:max(args.materialize)]
@@ -163,7 +165,7 @@ def main() -> None:
         return
     paths = sorted(glob.glob(args.files))[:args.batch]
     if not paths:
-        sys.exit(f"no files match {args.files}")
+        raise UserError(f"--files {args.files}: no file matches.")
     device = torch.device(args.device)
     rows = bench(encoded(paths, args.long_side), args.sizes, args.chunks, device, args.repeat, args.small_batch)
     print(f"{len(paths)} files ({args.files}{', long side ' + str(args.long_side) if args.long_side else ''}) "
@@ -178,4 +180,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

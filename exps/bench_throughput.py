@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,6 +59,40 @@ import torch.nn.functional as F  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from utils import batching  # noqa: E402
 from utils.config import apply_overrides, load_config_file, parse_set, resolve_config, stored_image_size  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.io import path_problem  # noqa: E402
+
+
+def run_main(main: Callable[[], object]) -> int:
+    """Run an experiment script's ``main()`` (it reads sys.argv) and return its exit status: a bad input
+    (a UserError: an unknown --config or --set key, a bad path, unreadable data, an argument out of
+    range) is one "error: ..." line on stderr and status 2, not a traceback. Shared by the exps/
+    benches and analyses: ``sys.exit(run_main(main))``."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_out_file(path: str | None, what: str = "--out") -> None:
+    """UserError unless ``path`` (None: no such option given) can be written as a file: not a folder,
+    in an existing, writable folder. Checked before a benchmark runs, so that a bad path does not fail
+    only once the whole benchmark is done."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent
+    try:
+        if target.is_dir():
+            raise UserError(f"{what} {path} is a folder; give a file name.")
+        if not folder.is_dir():
+            raise UserError(f"{what} {path} cannot be written: its folder {folder} {path_problem(str(folder), 'folder')}.")
+    except OSError as err:   # a name too long (Python 3.11's Path methods raise ENAMETOOLONG)
+        raise UserError(f"{what} {path} cannot be written: {err.strerror or err}.") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{what} {path} cannot be written: its folder {folder} is not writable.")
 
 
 def build_trainer(raw: dict, epochs: int, out: Path) -> tuple[Trainer, object]:
@@ -365,8 +401,8 @@ PRECISION = {"bf16": {"amp": True, "channels_last": True}, "fp32": {"amp": False
 def parse_compare(text: str) -> tuple[str, dict]:
     """'NAME:K=V,K=V' -> (NAME, overrides); values are JSON where they parse, else strings."""
     name, _, rest = text.partition(":")
-    if not rest:
-        raise SystemExit(f"--compare {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    if not name or not rest:
+        raise UserError(f"--compare {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
     return name, parse_set(rest.split(","))
 
 
@@ -484,10 +520,15 @@ def main() -> None:
                         "device's busy fraction as the union of its kernel intervals, host syncs, top operators)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     args = p.parse_args()
+    if args.epochs < 1:
+        raise UserError(f"--epochs is {args.epochs}; it must be at least 1.")
+    check_out_file(args.out)
+    compares = [("framework", {})] + [parse_compare(c) for c in args.compare]   # all parsed before any timing
     if args.threads:
         torch.set_num_threads(args.threads)
     raw, _ = load_config_file(args.config)
     raw = apply_overrides(raw, parse_set(args.set))
+    resolve_config(raw)   # an unknown or bad key: refused here, not in the first row's run
     report = {"config": args.config, "set": args.set, "epochs": args.epochs, "threads": torch.get_num_threads(),
               "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
@@ -507,7 +548,7 @@ def main() -> None:
             augmented["vs_plain"] = round(augmented["images_per_s"] / plain["images_per_s"], 3)
             rows.append(augmented)
             save_partial(args.out, report, rows)
-            for name, overrides in [("framework", {})] + [parse_compare(c) for c in args.compare]:
+            for name, overrides in compares:
                 r = {"row": name, "precision": label, "overrides": overrides}
                 try:
                     r.update(time_framework(apply_overrides(base, overrides), args.epochs, profile=args.profile))
@@ -545,4 +586,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -26,14 +26,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from bench_throughput import run_main  # noqa: E402
 from models.cim import ExemplarCompression, center_boxes  # noqa: E402
 from trainer import Trainer, saved_checkpoints  # noqa: E402
 from utils import batching  # noqa: E402
 from utils.compression import box_area_fraction, exemplar_cost  # noqa: E402
 from utils.config import resolve_config  # noqa: E402
+from utils.errors import DataError, UserError  # noqa: E402
+from utils.io import path_problem  # noqa: E402
+from utils.results_file import read_json_file  # noqa: E402
 
 
 def box_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -56,13 +61,22 @@ def box_scores(kept: torch.Tensor, truth: torch.Tensor, size: int, ratio: float)
 
 def restore(run: Path, phase: int | None = None) -> tuple[Trainer, int]:
     """A Trainer holding the checkpoint of ``phase`` (default: the newest) of ``run``; returns it and
-    the restored phase's index. Nothing is written to ``run``."""
-    cfg = resolve_config(json.loads((run / "config.json").read_text()))
+    the restored phase's index. Nothing is written to ``run``. UserError naming the folder if it is no
+    run's (no config.json, no checkpoint) or lacks the asked phase's checkpoint."""
+    if not run.is_dir():
+        raise UserError(f"--run {run} {path_problem(str(run), 'folder')}; give a run's output folder.")
+    if not (run / "config.json").is_file():
+        raise UserError(f"--run {run} is not a run's output folder: {run / 'config.json'} "
+                        f"{path_problem(str(run / 'config.json'), 'file')}.")
+    cfg = read_json_file(run / "config.json")
+    if not isinstance(cfg, dict):
+        raise DataError(f"{run / 'config.json'} does not hold a config object.")
+    cfg = resolve_config(cfg)
     ckpts = saved_checkpoints(run)
     if not ckpts:
-        raise SystemExit(f"{run} has no checkpoints/phase_*.pt")
+        raise UserError(f"{run} has no checkpoints/phase_*.pt")
     if phase is not None and phase not in ckpts:
-        raise SystemExit(f"{run} has no checkpoint of phase {phase}; it has phases {sorted(ckpts)}")
+        raise UserError(f"{run} has no checkpoint of phase {phase}; it has phases {sorted(ckpts)}")
     state = torch.load(ckpts[max(ckpts) if phase is None else phase], map_location="cpu", weights_only=False)
     trainer = Trainer(cfg, run / "_localisation_unused")
     return trainer, trainer.load_state(state)
@@ -81,7 +95,7 @@ def main() -> None:
     trainer, last = restore(a.run, a.phase)
     split = trainer.data.test if a.split == "test" else trainer.data.train
     if split.boxes is None:
-        raise SystemExit(f"dataset {trainer.cfg['dataset']} has no object boxes")
+        raise UserError(f"dataset {trainer.cfg['dataset']} has no object boxes")
     labels = trainer.test_labels if a.split == "test" else trainer.train_labels
     images = trainer.test_images if a.split == "test" else trainer.train_images
     seen = trainer.phases()[last].last
@@ -110,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

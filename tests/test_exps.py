@@ -36,7 +36,8 @@ def test_localisation_restores_the_asked_phase(tmp_path):
     assert last == 2 and trainer.phases()[last].last == 6
     trainer, last = restore(out, phase=0)
     assert last == 0 and len(trainer.memory.classes) == 2
-    with pytest.raises(SystemExit, match="phases \\[0, 1, 2\\]"):
+    from utils.errors import UserError
+    with pytest.raises(UserError, match="phases \\[0, 1, 2\\]"):
         restore(out, phase=7)
 
 
@@ -127,8 +128,46 @@ def test_bench_throughput_rows_plain_framework_and_compared(tmp_path, monkeypatc
     # loader keeps the last 16); seconds are rounded to 10 ms
     assert rows["plain loop"]["images_per_s"] * rows["plain loop"]["seconds"] == pytest.approx(64, rel=0.1)
     assert rows["framework"]["images_per_s"] * rows["framework"]["seconds"] == pytest.approx(80, rel=0.1)
-    with pytest.raises(SystemExit, match="NAME:KEY=VALUE"):
+    from utils.errors import UserError
+    with pytest.raises(UserError, match="NAME:KEY=VALUE"):
         _bench(monkeypatch, capsys, "--config", str(cfg), "--compare", "compression=cim")
+
+
+BAD_SCRIPT_INPUTS = [   # (script, argv, words of the one error line); each was a traceback, exit 1, or exit 0
+    ("bench_throughput", ["--config", "smoke", "--set", "foo=1"], "Unknown config key 'foo'"),
+    ("bench_throughput", ["--config", "nosuch"], "No config file 'nosuch'"),
+    ("bench_throughput", ["--epochs", "0"], "--epochs is 0"),          # ZeroDivisionError
+    ("bench_throughput", ["--epochs", "-1"], "--epochs is -1"),        # exit 0, negative images/s
+    ("bench_throughput", ["--out", "{tmp}/afile/x.json"], "afile is a file"),   # after the whole benchmark
+    ("bench_throughput", ["--compare", "x"], "--compare 'x'"),
+    ("bench_cim_overhead", ["--config", "smoke", "--set", "foo=1"], "Unknown config key 'foo'"),
+    ("bench_cim_overhead", ["--config", "smoke", "--policy", "bogus"], "'compression' is \"bogus\""),
+    ("bench_bilevel", ["--config", "smoke", "--set", "foo=1"], "Unknown config key 'foo'"),   # every row failed, exit 0
+    ("localisation", ["--run", "{tmp}/nonexistent"], "--run {tmp}/nonexistent does not exist"),
+    ("localisation", ["--run", "{tmp}"], "config.json does not exist"),
+    ("bench_stream_decode", ["--files", "{tmp}/afile", "--device", "cpu", "--sizes", "8", "--chunks", "0",
+                             "--repeat", "1"], "Cannot read image"),   # a DataError traceback
+    ("bench_stream_decode", ["--files", "{tmp}/none*.JPEG"], "no file matches"),
+]
+
+
+@pytest.mark.parametrize("script, argv, words", BAD_SCRIPT_INPUTS)
+def test_a_bad_input_to_a_bench_or_analysis_script_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys,
+                                                                                script, argv, words):
+    """Each script's entry point (sys.exit(run_main(main))) turns a UserError into "error: ..." and exit
+    2, before anything is timed or written."""
+    import importlib
+
+    from bench_throughput import run_main
+
+    (tmp_path / "afile").write_text("not a JPEG")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    assert run_main(importlib.import_module(script).main) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]   # (after a warning of the decoder, where warnings go to stderr)
+    assert last.startswith("error: ") and words.replace("{tmp}", str(tmp_path)) in last and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
 def test_bench_throughput_profile_gives_every_row_its_step_time_and_top_operators(tmp_path, monkeypatch, capsys):
