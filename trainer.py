@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -198,6 +197,7 @@ class Trainer:
         info = DATASETS[cfg["dataset"]]
         self.image_size = cfg["image_size"] or info.image_size
         self.input_size = cfg["input_size"] or info.input_size
+        self.same_on_every_rank(self._config_fingerprint())   # before the data: nothing waits on a stray rank
         self.data = self._load_data()
         self.num_classes = len(self.data.class_names)
         self.plan = phase_plan(cfg, self.num_classes)
@@ -228,38 +228,51 @@ class Trainer:
             rank=self.rank, world_size=self.world, train_orig_hw=self.train_orig_hw)
         self.learner: Learner = get_learner_class(cfg["model_name"])(cfg, self.ctx)
         self.ctx.learner = self.learner
+        self.same_on_every_rank({"the classes (names, order)": json.dumps(self.data.class_names),
+                                 "the training labels": distributed.tensor_digest([self.train_labels]),
+                                 "the test labels": distributed.tensor_digest([self.test_labels])})
         self.plugins = [cls(cfg, self.ctx) for cls in PLUGINS.values() if cls.enabled(cfg)]
         self.environment = provenance.environment(self.device)   # the code and versions this process runs
         self.results = {"config": cfg, "config_hash": self.hash, "world_size": self.world,
                         "environment": self.environment, "class_order": self.order,
                         "class_names": [self.data.class_names[c] for c in self.order],
                         **{k: v for p in self.plugins for k, v in p.run_info().items()}, "phases": [], "summary": {}}
-        self.check_same_run_on_every_rank()
 
-    # Keys that may differ between processes of one run: where each machine keeps its data and
-    # caches, and how many CPU workers and threads it gives the process.
-    PER_PROCESS_KEYS = ("data_root", "class_list", "cache_dir", "num_workers", "threads")
+    # Keys that may differ between processes of one run: where each machine keeps its data, caches
+    # and pipelines, and how many CPU workers and threads it gives the process (whether a cache is
+    # kept is compared: it decides whether the processes wait for each machine's first one).
+    PER_PROCESS_KEYS = ("data_root", "class_list", "cache_dir", "num_workers", "threads", "device")
+    PER_PROCESS_BLOCK_KEYS = {"synthetic_replay": ("path", "model_path", "cache_dir", "class_names")}
 
-    def check_same_run_on_every_rank(self) -> None:
-        """ConfigError on every rank unless every rank resolved the same config (but
-        ``PER_PROCESS_KEYS``), code, classes in the same order and training and test labels: a
-        process started with another --set, config file, checkout or copy of the data otherwise hangs
-        in a collective, or trains a different run unnoticed."""
+    def _config_fingerprint(self) -> dict[str, str]:
+        """What every process of a run must have resolved alike before it loads data: the config (but
+        the per-machine keys), whether it keeps a data cache, its device type and its code commit
+        (``+dirty`` and ``unknown`` are not compared: a slow ``git status`` may not say)."""
+        shared = {k: v for k, v in self.cfg.items() if k not in self.PER_PROCESS_KEYS}
+        for block, keys in self.PER_PROCESS_BLOCK_KEYS.items():
+            if isinstance(shared.get(block), dict):
+                shared[block] = {k: v for k, v in shared[block].items() if k not in keys}
+        code = provenance.code_version().split("+")[0]
+        return {"the config": json.dumps({**shared, "cache": self.cfg["cache_dir"] is not None,
+                                          "device type": self.device.type}, sort_keys=True, default=str),
+                "the code version": "" if code == "unknown" else code}
+
+    def same_on_every_rank(self, mine: dict[str, str]) -> None:
+        """ConfigError on every rank unless every rank has the same ``mine`` (part name -> its value;
+        a part some rank leaves empty is not compared): a process started with another --set, config
+        file, checkout or copy of the data otherwise hangs in a collective, or trains a different run
+        unnoticed. Every rank must call it alike (an all-gather)."""
         if self.world == 1:
             return
-        shared = {k: v for k, v in self.cfg.items() if k not in self.PER_PROCESS_KEYS}
-        mine = {"the config": json.dumps(shared, sort_keys=True, default=str),
-                "the code version": self.environment["code"],
-                "the classes (names, order)": json.dumps(self.results["class_names"]),
-                "the training labels": distributed.tensor_digest([self.train_labels]),
-                "the test labels": distributed.tensor_digest([self.test_labels])}
         every = distributed.all_gather_object(mine)
-        differ = [part for part in mine if len({f[part] for f in every}) > 1]
+        differ = [part for part in mine if len({f[part] for f in every if f[part]}) > 1]
         if not differ:
             return
-        ranks = [r for r, f in enumerate(every) if f != every[0]]
-        keys = sorted({k for f in every for k, v in json.loads(f["the config"]).items()
-                       if v != json.loads(every[0]["the config"]).get(k)}) if "the config" in differ else []
+        ranks = [r for r, f in enumerate(every) if any(f[p] != every[0][p] for p in differ)]
+        keys = []
+        if "the config" in differ:
+            configs = [json.loads(f["the config"]) for f in every]
+            keys = sorted({k for c in configs for k in set(c) | set(configs[0]) if c.get(k) != configs[0].get(k)})
         raise ConfigError(f"The {self.world} processes did not start the same run: {', '.join(differ)} of "
                           f"rank(s) {', '.join(map(str, ranks))} differ from rank 0's"
                           + (f" (config keys: {', '.join(keys)})" if keys else "")
@@ -272,10 +285,7 @@ class Trainer:
         every process decoding the whole set and writing the same file; without a cache every
         process decodes, with its share of the machine's cores (num_workers 0)."""
         cfg = self.cfg
-        workers = cfg["num_workers"] or None
-        if self.world > 1 and workers is None:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-            workers = max(1, image_cache.default_workers() // local)
+        workers = image_cache.process_workers(cfg["num_workers"])
 
         def load(workers=workers):
             return load_dataset(cfg["dataset"], cfg["data_root"], image_size=self.image_size,
@@ -400,7 +410,7 @@ class Trainer:
         bar = tqdm(range(stage.epochs), desc=f"phase {phase.index} {stage.name}", disable=None if self.is_main else True,
                    leave=False)
         for epoch in bar:
-            start = time.time()
+            start = time.monotonic()
             stage.train_mode()
             sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros((), device=self.device)
@@ -458,7 +468,7 @@ class Trainer:
             record = {"phase": phase.index, "stage": stage.name, "epoch": epoch + 1, "lr": lr,
                       "losses": {k: round(v, 6) for k, v in losses.items()},
                       "train_acc": round(100.0 * correct.item() / max(seen, 1), 4),
-                      "seconds": round(time.time() - start, 3)}
+                      "seconds": round(time.monotonic() - start, 3)}
             self.log.metric(record)
             bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.3f}", acc=f"{record['train_acc']:.1f}")
         del ddp, forward   # the next stage wraps its own network
@@ -543,7 +553,7 @@ class Trainer:
                     m.to(memory_format=torch.channels_last)
 
     def run_phase(self, phase: Phase) -> dict:
-        start = time.time()
+        start = time.monotonic()
         generator = seed_everything(phase_seed(self.cfg["seed"], phase.index))
         learner = self.learner
         self.log.info(f"== phase {phase.index}: classes [{phase.first}, {phase.last}) "
@@ -581,7 +591,7 @@ class Trainer:
                   "memory": {**self.memory.stats(phase.last, 3 * self.image_size ** 2), "hash": memory_hash},
                   **learner.phase_report(phase),
                   **{k: v for p in self.plugins for k, v in p.phase_report(phase).items()},
-                  "seconds": round(time.time() - start, 3), "code": self.environment["code"]}
+                  "seconds": round(time.monotonic() - start, 3), "code": self.environment["code"]}
         return record
 
     def check_outputs_finite(self, phase: Phase, stages: list[Stage], probe: int = 16) -> None:

@@ -121,8 +121,13 @@ def build(data_root: str, per_class: int, out: str) -> tuple[Path, Path]:
         "generator": {"kind": "real-images", "note": f"{per_class} real training images per class held out of "
                                                      f"{out / 'data'}; an upper bound of what a generator could give"},
         "classes": classes})
-    for part in ("data", "replay"):   # replace an earlier build's (check_paths allows nothing else)
-        shutil.rmtree(out / part, ignore_errors=True)
+    # Replace an earlier build (check_paths allows nothing else). Its manifest goes first: a stop
+    # between the two moves leaves the new data/ beside an old replay/ that no run accepts (and the
+    # staging folder, so the next build replaces both), never a mismatched pair that looks whole.
+    (out / "replay" / replay_folder.MANIFEST).unlink(missing_ok=True)
+    for part in ("data", "replay"):
+        if (out / part).exists() or (out / part).is_symlink():
+            shutil.rmtree(out / part)
         os.replace(staging / part, out / part)
     staging.rmdir()
     return out / "data", out / "replay"

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from models.plugins import Plugin, register_plugin
-from utils import diffusion, distributed, replay_folder
+from utils import diffusion, distributed, image_cache, replay_folder
 from utils.class_names import readable_names
 from utils.config import Option
 from utils.errors import ConfigError, DataError
@@ -273,9 +273,9 @@ class SyntheticReplay(Plugin):
                            for i in range(self.settings["per_class"])]) for c in missing}
         if not missing:
             return
-        # one decode for all of them, with the dataset's decoding processes (num_workers 0: every core)
+        # one decode for all of them, with the dataset's decoding processes (num_workers 0: the cores)
         images = replay_folder.load_images([p for c in missing for p in paths[c]], self.ctx.image_size,
-                                           workers=self.ctx.cfg["num_workers"] or None)
+                                           workers=image_cache.process_workers(self.ctx.cfg["num_workers"]))
         for c, part in zip(missing, torch.split(images, [len(paths[c]) for c in missing])):
             self.images[c] = part
 

@@ -584,6 +584,11 @@ def test_config_errors_stop_every_process_with_exit_2(two_process_runs, tmp_path
     # (rank 1 trained another run beside rank 0, or both hung in a collective).
     unlike = _start(["--config", "same", "--output", str(tmp_path / "unlike")], tmp_path,
                     rank_args={1: ["--set", "init_lr=0.5"]})
+    # A cache on one machine and none on another: the processes would wait for each other in
+    # different collectives (the data-loading wait and the next comparison); refused before the data.
+    # Another cache folder (per machine) is allowed.
+    cached = _start(["--config", "same", "--output", str(tmp_path / "cached")], tmp_path,
+                    rank_args={1: ["--set", f"cache_dir={tmp_path / 'cache'}"]})
     for done in _outcomes(bad):
         assert done.returncode == 2, done.stderr
         assert "memroy_size" in done.stderr and "Traceback" not in done.stderr
@@ -598,5 +603,8 @@ def test_config_errors_stop_every_process_with_exit_2(two_process_runs, tmp_path
         assert ("The 2 processes did not start the same run: the config of rank(s) 1 differ from rank 0's "
                 "(config keys: init_lr)") in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "unlike" / "results.json").exists()
+    for done in _outcomes(cached):
+        assert done.returncode == 2, done.stderr
+        assert "the config of rank(s) 1 differ from rank 0's (config keys: cache)" in done.stderr, done.stderr
     assert (locked / "run.lock").read_text() == held == f"{os.getpid()} {socket.gethostname()}\n"   # untouched
     lock.release()

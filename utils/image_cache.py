@@ -121,6 +121,16 @@ def default_workers() -> int:
     return max(1, min(cores, 16))
 
 
+def process_workers(num_workers: int) -> int | None:
+    """Decoding processes for the ``num_workers`` key: itself when set; for 0 ("every core") None
+    (:func:`default_workers`) in a plain run, and this machine's cores shared out among its
+    processes under torchrun (LOCAL_WORLD_SIZE), so 8 processes do not start 8 pools of every core."""
+    if num_workers:
+        return num_workers
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return None if local <= 1 else max(1, default_workers() // local)
+
+
 def _decode_chunk(job: tuple[int, Sequence[str], int, bool, bool]):
     """Pool worker: decode ``paths`` (indices ``start..``) to the stored form ``whole`` or ``crop``.
 
