@@ -199,16 +199,14 @@ def _main(args, argv: list[str]) -> int:
         from utils import distributed
 
         rank, world, _ = distributed.env_world()
+        from utils.errors import ConfigError
+
         cores = usable_cores()
         if cfg["threads"] is not None and cfg["threads"] > cores:
-            from utils.errors import ConfigError
-
             # torch.set_num_threads(100000) then crashes (segfault) and 1000 on 2 cores crawls
             raise ConfigError(f"Config key 'threads' (--threads) is {cfg['threads']}, but this process may use "
                               f"{cores} CPU core(s); give at most {cores}, or null for torch's default.")
         if world > 1 and cfg["batch_size"] // world < 2:
-            from utils.errors import ConfigError
-
             # each process takes batch_size // world samples a step; a share of one is dropped (as
             # BatchNorm needs two), so every step would be skipped and the phases saved untrained
             raise ConfigError(f"Config key 'batch_size' is {cfg['batch_size']}, split across {world} processes: "
@@ -226,8 +224,6 @@ def _main(args, argv: list[str]) -> int:
 
         device = resolve_device(cfg["device"])
         if world > 1 and cfg["sync_bn"] and device.type != "cuda":
-            from utils.errors import ConfigError
-
             raise ConfigError("Config key 'sync_bn' is true but the device is the CPU: PyTorch's SyncBatchNorm "
                               "trains on GPUs only; set sync_bn to false.")
         distributed.init(device, cfg["dist_timeout"])   # a no-op in a plain run

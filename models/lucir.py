@@ -23,7 +23,7 @@ from convs.incremental_net import IncrementalNet
 from convs.linears import CosineLinear, split_cosine
 from convs.registry import backbone_names
 from models.base import Batch, Learner, Phase, Stage, schedule_options
-from models.losses import cross_entropy, mask_count, masked_mean
+from models.losses import cross_entropy, masked_mean
 from models.registry import register_learner
 from utils.config import Option
 from utils.errors import ConfigError
@@ -161,5 +161,5 @@ class LUCIR(Learner):
         c = cos.float()
         gt = c.gather(1, batch.y[:, None])                                # [B, 1]
         hard = c[:, num_old:].topk(k, dim=1).values                       # [B, K]
-        ranked = F.relu(self.cfg["margin"] - gt + hard) * old_rows[:, None]
-        return ranked.sum() / ((batch.mask_count or mask_count)(old_rows) * k) * self.cfg["lw_mr"]
+        ranked = F.relu(self.cfg["margin"] - gt + hard)                   # [B, K]
+        return masked_mean(ranked.mean(dim=1), old_rows, batch.mask_count) * self.cfg["lw_mr"]

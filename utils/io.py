@@ -76,7 +76,9 @@ def check_entry_kinds(folder: str | Path, files: tuple[str, ...] = (), folders: 
                                 f"Move it, or use another --output folder.")
 
 
-def _atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
+    """Write ``path`` through ``write(binary file)`` atomically (a temporary file renamed into place);
+    a full disk or a folder that cannot be written is a UserError naming the path."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,18 +103,12 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def write_atomic(path: Path, write) -> None:
-    """Write ``path`` through ``write(binary file)`` atomically (a temporary file renamed into place);
-    a full disk or a folder that cannot be written is a UserError naming the path."""
-    _atomic(path, write)
-
-
 def write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def save_torch(path: Path, obj: Any) -> None:
-    _atomic(path, lambda f: torch.save(obj, f))
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def remove_stale_tmp(folder: Path) -> list[Path]:
