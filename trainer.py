@@ -521,7 +521,7 @@ class Trainer:
         self.learner.eval_mode()
         for (imgs,) in batching.in_order(images, batch_size=self.cfg["eval_batch_size"], num_workers=self.cfg["num_workers"]):
             x = self.ctx.to_input(imgs)
-            with self.ctx.autocast():
+            with self.ctx.inference_autocast():
                 for name, fn in models.items():
                     out = fn(x)
                     logits[name].append(out["logits"][:, :phase.last].float().cpu())
@@ -606,7 +606,7 @@ class Trainer:
         finite = True
         with torch.no_grad():
             for (imgs,) in batching.in_order(batching.select(self.train_images, new), batch_size=probe, num_workers=0):
-                with self.ctx.autocast():
+                with self.ctx.inference_autocast():
                     out = self.learner.inference(self.ctx.to_input(imgs, self.ctx.orig_hw(new)))
                 finite = finite and bool(torch.isfinite(out["logits"]).all() and torch.isfinite(out["features"]).all())
         if not finite:

@@ -351,7 +351,7 @@ class ExemplarCompression(Plugin):
                 for i in range(0, images.shape[0], bs):
                     x = self.cam_input(images[i:i + bs])
                     y = labels[i:i + bs].to(x.device)
-                    with self.ctx.autocast():
+                    with self.ctx.inference_autocast():
                         fmap = net(x)["fmap"]
                     rows = net.classifier.weight_rows()[y]
                     out.append(class_activation_map(fmap.float(), rows.float()))

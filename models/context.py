@@ -58,9 +58,17 @@ class RunContext:
         return self.rank == 0
 
     def autocast(self):
+        """The training passes' precision: bf16 autocast with ``amp`` (on CUDA), else none."""
         if self.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def inference_autocast(self):
+        """The inference passes' precision (evaluation, ``embed``, CAMs, the divergence probe):
+        float32 unless ``amp_inference`` puts them under :meth:`autocast` too. Herding picks by
+        small differences of summed features and the accuracy compared with papers is measured
+        here, so by default neither passes through bf16 (the published code ran float32)."""
+        return self.autocast() if self.cfg["amp_inference"] else contextlib.nullcontext()
 
     def stream(self, name: str, phase: int) -> torch.Generator:
         """A CPU generator of its own for ``name`` in ``phase`` (decorrelated from the data order)."""
@@ -142,7 +150,7 @@ class RunContext:
         for imgs, *hw in batching.in_order(images, *extras, batch_size=self.cfg["eval_batch_size"],
                                            num_workers=self.cfg["num_workers"]):
             x = self.to_input(imgs, hw[0] if hw else None)
-            with self.autocast():
+            with self.inference_autocast():
                 f = fn(x).float()
                 if flip:
                     f = F.normalize(f, dim=1) + F.normalize(fn(torch.flip(x, dims=[3])).float(), dim=1)

@@ -119,6 +119,11 @@ COMMON_OPTIONS: dict[str, Option] = {
                                      "cannot train on it).", min=2),
     "eval_batch_size": Option(256, "int", "Batch size for evaluation and feature extraction.", min=1),
     "amp": Option(True, "bool", "Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU."),
+    "amp_inference": Option(False, "bool", "Run the inference passes too (evaluation, herding and NME features, "
+                                           "LUCIR's imprinting, CIM's CAMs and boxes, the divergence probe) under "
+                                           "`amp`'s bfloat16 autocast. false: they run in float32, as the published "
+                                           "code (float32 throughout) ran them; `amp` then speeds up training "
+                                           "alone. Only with `amp` on CUDA."),
     "channels_last": Option(True, "bool", "channels_last memory format on CUDA; ignored on CPU."),
     "compile": Option(False, "bool", "torch.compile each training stage's forward (compiled once per stage, so it "
                                      "pays on long stages: ImageNet-scale epochs)."),
@@ -624,7 +629,8 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
 # Keys that identify a run only when they are not at their default (added after runs existed:
 # their default must not move every run folder).
 _HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "workers",
-                    "bilevel_autocast": False, "nme_flip": True, "balance_counts": "real"}
+                    "bilevel_autocast": False, "nme_flip": True, "balance_counts": "real",
+                    "amp_inference": False}
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
