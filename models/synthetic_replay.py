@@ -266,7 +266,11 @@ class SyntheticReplay(Plugin):
         # ones; all of them after a resume or a removed cache). Made here, after the previous phase's
         # checkpoint, so that a failed or stopped generation never costs a trained phase.
         self.generate(list(range(phase.first)))
-        missing = [c for c in range(phase.first) if c not in self.images]
+        # A folder's images are all there from the start: decoded in the first phase (every one a
+        # later phase replays, so the last phase holds no more than before), a corrupt file stops
+        # the run before any training, not phases later (exit 2 naming it).
+        wanted = range(replayed) if self.settings["source"] == "folder" else range(phase.first)
+        missing = [c for c in wanted if c not in self.images]
         paths = {c: (folder_paths(self.root, self.ids[c], self.names[self.ids[c]], self.settings["per_class"])
                      if self.settings["source"] == "folder"
                      else [os.path.join(self.root, self.ids[c], replay_folder.image_name(i))

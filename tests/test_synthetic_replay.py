@@ -431,3 +431,23 @@ def test_unknown_and_wrong_keys_of_the_block_are_refused(tmp_path):
         resolve_config(tiny_config(synthetic_replay={"source": "stable-diffusion"}))
     cfg = resolve_config(tiny_config())
     assert cfg["synthetic_replay"]["source"] == "none" and cfg["synthetic_replay"]["guidance_scale"] == 2.0
+
+
+def test_an_unreadable_folder_image_stops_the_run_before_any_training(tmp_path, capsys):
+    """A corrupt image of a class that only the last phase replays is found before phase 0 trains
+    (exit 2 naming the file), not after the phases before it have run."""
+    from trainer import class_order
+    from utils.config import phase_plan, resolve_config
+
+    ids = shape_ids()
+    cfg = resolve_config(tiny_config(**QUICK))
+    order = [ids[c] for c in class_order(len(ids), cfg["seed"], True)]
+    replayed = phase_plan(cfg, len(ids))[-1][0]
+    root = make_folder(tmp_path / "syn", ids, per_class=2)
+    bad = root / order[replayed - 1] / replay_folder.image_name(1)   # replayed by the last phase only
+    bad.write_bytes(b"not an image")
+    code = _main(tmp_path, {"source": "folder", "path": str(root), "per_class": 2})[0]
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err, err
+    written = [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert written and not [n for n in written if n.endswith(".pt") or n == "results.json"], written
