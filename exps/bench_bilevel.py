@@ -149,8 +149,8 @@ def time_bilevel(raw: dict, epochs: int, profile: bool = False,
         cim.after_epoch = after_epoch
         per_epoch = cim.meta_attempts // 2
         if per_epoch == 0:
-            raise SystemExit("bench_bilevel: the config's phase 0 runs no bilevel iteration "
-                             "(num_meta_iters_per_cls × init_cls < 1)")
+            raise UserError("the config's phase 0 runs no bilevel iteration (see the policy, "
+                            "num_meta_iters_per_cls and init_cls)")
         # the training step's time: the second epoch's wall time less its bilevel part, over its
         # steps (the first pays for cuDNN's algorithm search)
         data = trainer.stage_data(phase, stage.data)
@@ -229,7 +229,11 @@ def main() -> None:
     raw, _ = load_config_file(args.config)
     raw = apply_overrides(raw, parse_set(args.set))
     # An unknown or bad key: refused here; in the rows it failed every row, and the script exited 0.
-    resolve_config({**raw, "compression": "cim", "exemplar_figure": False})
+    cfg = resolve_config({**raw, "compression": "cim", "exemplar_figure": False})
+    # Checked here: raised in a row, it ended the whole script (a SystemExit) after the first warm-up.
+    if int(cfg["num_meta_iters_per_cls"] * cfg["init_cls"]) < 1:
+        raise UserError(f"num_meta_iters_per_cls {cfg['num_meta_iters_per_cls']} × init_cls {cfg['init_cls']} "
+                        f"is under 1: phase 0 runs no bilevel iteration to time.")
     rows = []
     for precision in args.precision or [None]:
         base = {**raw, **(PRECISION[precision] if precision else {})}

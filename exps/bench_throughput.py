@@ -151,7 +151,7 @@ def trained_per_epoch(data, batch_size: int) -> int:
     a last one under 2 samples, so the last partial batch counts (the plain loops drop it and
     count full batches only). Phase 0 has no mixed source (``ratio``) adding samples per batch."""
     if data.mixed:
-        raise SystemExit("bench_throughput: the stage has mixed sources; its images per epoch are not counted")
+        raise UserError("the stage has mixed sources (a synthetic replay `ratio`); its images per epoch are not counted")
     return sum(len(b) for b in batching.shard_batches(torch.arange(len(data)), batch_size, min_batch=2))
 
 

@@ -143,6 +143,8 @@ BAD_SCRIPT_INPUTS = [   # (script, argv, words of the one error line); each was 
     ("bench_cim_overhead", ["--config", "smoke", "--set", "foo=1"], "Unknown config key 'foo'"),
     ("bench_cim_overhead", ["--config", "smoke", "--policy", "bogus"], "'compression' is \"bogus\""),
     ("bench_bilevel", ["--config", "smoke", "--set", "foo=1"], "Unknown config key 'foo'"),   # every row failed, exit 0
+    ("bench_bilevel", ["--config", "smoke", "--set", "num_meta_iters_per_cls=0.01"],
+     "phase 0 runs no bilevel iteration"),                            # a SystemExit after the warm-up
     ("localisation", ["--run", "{tmp}/nonexistent"], "--run {tmp}/nonexistent does not exist"),
     ("localisation", ["--run", "{tmp}"], "config.json does not exist"),
     ("bench_stream_decode", ["--files", "{tmp}/afile", "--device", "cpu", "--sizes", "8", "--chunks", "0",
