@@ -59,6 +59,20 @@ def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
     return (w / w.sum() * n.numel()).float()
 
 
+def inverse_count_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Per-class weights that make every class weigh alike over a pass of data with ``counts``.
+
+    counts: [C] samples per class. w_c = N / (C' · n_c) for the C' classes with n_c > 0 (0 for
+    the others), N = Σ n_c: each present class's samples then sum to N / C', and a sample weighs
+    1 on average (all ones when the counts are equal, so a weighted mean is the plain one).
+    Returns float32 [C] on ``counts``' device.
+    """
+    n = counts.double()
+    present = n > 0
+    w = torch.where(present, n.sum() / (present.sum().clamp(min=1) * n.clamp(min=1)), torch.zeros_like(n))
+    return w.float()
+
+
 def balanced_kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
                      weights: torch.Tensor, mask: torch.Tensor | None = None,
                      count: MaskCount | None = None) -> torch.Tensor:

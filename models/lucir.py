@@ -11,6 +11,9 @@
   scripts run it (``ft_flag`` 2): the old- and new-class rows of the classifier are trained with σ
   and the backbone fixed (BatchNorm in eval mode), on CE + the margin ranking (the less-forget term
   is constant with the backbone fixed: no gradient, left out), weight decay ``cbf_weight_decay``.
+  Its memory holds m exemplars of every class, so each class weighs alike; with CIM the numbers
+  per class differ (they depend on the boxes), and ``cbf_balance: classes`` weights each class's
+  samples by the inverse of its count to keep every class's weight equal.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from convs.incremental_net import IncrementalNet
 from convs.linears import CosineLinear, split_cosine
 from convs.registry import backbone_names
 from models.base import Batch, Learner, Phase, Stage, schedule_options
-from models.losses import cross_entropy, masked_mean
+from models.losses import cross_entropy, inverse_count_weights, masked_mean
 from models.registry import register_learner
 from utils.config import Option
 from utils.errors import ConfigError
@@ -37,6 +40,7 @@ def cosine_backbone_name(convnet_type: str) -> str:
 class LUCIR(Learner):
     name = "lucir"
     head_kind = "cosine"
+    _cbf_weights: torch.Tensor | None = None   # [classes seen] on the device, per phase (cbf_balance "classes")
     # LUCIR's CIFAR-100 schedule (SPEC.md §4): lr 0.1, 160 epochs, milestones [80, 120].
     options = {
         **schedule_options(init_epochs=160, init_lr=0.1, init_milestones=[80, 120], init_weight_decay=5e-4,
@@ -52,6 +56,12 @@ class LUCIR(Learner):
         "cbf_lr": Option(0.01, "float", "Class-balanced finetuning learning rate.", min=0.0),
         "cbf_milestones": Option([10], "int_list", "Class-balanced finetuning lr milestones.", min=0, increasing=True,
                                  milestones_of="cbf_epochs"),
+        "cbf_balance": Option("samples", "str", "What class-balanced finetuning balances: samples (every stored "
+                                                "exemplar weighs 1, as the official scripts, whose memory holds m "
+                                                "per class) or classes (each class's exemplars weighted by "
+                                                "N / (classes × its count), so every class weighs alike in an epoch "
+                                                "when CIM stores unequal numbers per class; the same as samples "
+                                                "when the counts are equal).", choices=("samples", "classes")),
         "cbf_weight_decay": Option(5e-4, "float", "Class-balanced finetuning weight decay (the official scripts use "
                                                   "their training weight decay: 5e-4 CIFAR, 1e-4 ImageNet).", min=0.0),
     }
@@ -92,6 +102,7 @@ class LUCIR(Learner):
 
     # ---- training -----------------------------------------------------------------------------
     def stages(self, phase: Phase) -> list[Stage]:
+        self._cbf_weights = None   # cbf_balance "classes": from the memory this phase's update leaves
         params = self.net.parameters()
         if phase.index > 0 and self.cfg["freeze_old_weights"]:
             frozen = {id(p) for p in self.net.head.fc1.parameters()}
@@ -128,10 +139,25 @@ class LUCIR(Learner):
 
     def cbf_loss(self, out: dict, batch: Batch):
         """Class-balanced finetuning: CE + the margin ranking (the official loss there is the
-        training loss; its less-forget term has no gradient with the backbone fixed)."""
-        ce = cross_entropy(out["logits"], batch.y, batch.ce_mask, batch.mask_count)
-        mr = self.margin_ranking(out["cosine"], batch)
+        training loss; its less-forget term has no gradient with the backbone fixed). With
+        ``cbf_balance: classes`` each sample weighs :meth:`cbf_class_weights` of its class."""
+        if self.cfg["cbf_balance"] == "samples":
+            weights = None
+            ce = cross_entropy(out["logits"], batch.y, batch.ce_mask, batch.mask_count)
+        else:
+            if self._cbf_weights is None:   # once per stage: the memory is updated before it and then fixed
+                self._cbf_weights = self.cbf_class_weights(out["logits"].shape[1]).to(batch.y.device)
+            weights = self._cbf_weights[batch.y]
+            ce = masked_mean(F.cross_entropy(out["logits"], batch.y, reduction="none") * weights,
+                             batch.ce_mask, batch.mask_count)
+        mr = self.margin_ranking(out["cosine"], batch, weights)
         return ce + mr, {"ce": ce, "mr": mr}
+
+    def cbf_class_weights(self, num_classes: int) -> torch.Tensor:
+        """float32 [num_classes]: :func:`models.losses.inverse_count_weights` of the memory's
+        exemplars per class, the data of class-balanced finetuning (the same on every rank: the
+        memory is)."""
+        return inverse_count_weights(torch.tensor(self.ctx.memory.counts(num_classes), dtype=torch.float64))
 
     def loss(self, out: dict, batch: Batch):
         ce = cross_entropy(out["logits"], batch.y, batch.ce_mask, batch.mask_count)
@@ -146,10 +172,10 @@ class LUCIR(Learner):
         mr = self.margin_ranking(cos, batch)
         return ce + lf + mr, {"ce": ce, "lf": lf, "mr": mr}
 
-    def margin_ranking(self, cos: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def margin_ranking(self, cos: torch.Tensor, batch: Batch, weights: torch.Tensor | None = None) -> torch.Tensor:
         """lw_mr × the mean over old-class rows × K of relu(margin − cos_gt + cos_hard), the K
         hardest new-class cosines of each row (``cos`` [B, old + new], raw cosines); 0 without an
-        old-class row."""
+        old-class row. ``weights`` [B]: each row's weight in that mean (None = 1)."""
         num_old = self.net.head.fc1.out_dim
         num_new = cos.shape[1] - num_old
         old_rows = batch.y < num_old
@@ -161,5 +187,7 @@ class LUCIR(Learner):
         c = cos.float()
         gt = c.gather(1, batch.y[:, None])                                # [B, 1]
         hard = c[:, num_old:].topk(k, dim=1).values                       # [B, K]
-        ranked = F.relu(self.cfg["margin"] - gt + hard)                   # [B, K]
-        return masked_mean(ranked.mean(dim=1), old_rows, batch.mask_count) * self.cfg["lw_mr"]
+        ranked = F.relu(self.cfg["margin"] - gt + hard).mean(dim=1)       # [B]
+        if weights is not None:
+            ranked = ranked * weights
+        return masked_mean(ranked, old_rows, batch.mask_count) * self.cfg["lw_mr"]

@@ -263,3 +263,33 @@ def test_lucir_rejects_a_backbone_without_cosine_variant():
         LUCIR.check_config({"convnet_type": "no_such_net"})
     LUCIR.check_config({"convnet_type": "resnet32"})            # has cosine_resnet32
     LUCIR.check_config({"convnet_type": "cosine_resnet32"})     # or named directly
+
+
+@pytest.mark.parametrize("balance", ["samples", "classes"])
+def test_lucir_balanced_finetuning_weighs_classes_alike_with_cbf_balance_classes(tmp_path, monkeypatch, balance):
+    """With CIM's compressed exemplars the memory holds unequal numbers per class. ``cbf_balance:
+    classes`` weights each class's exemplars by N / (classes × count), so every class's samples sum
+    to the same weight in a finetuning epoch, and the CE is that weighted mean; ``samples`` (the
+    default) is the plain mean of the official scripts."""
+    seen = []
+    real = LUCIR.cbf_loss
+
+    def recording(self, out, batch):
+        loss, parts = real(self, out, batch)
+        seen.append((out["logits"].detach(), batch.y, parts["ce"].detach(), self.ctx.memory.counts(out["logits"].shape[1])))
+        return loss, parts
+
+    monkeypatch.setattr(LUCIR, "cbf_loss", recording)
+    run(tiny_config(model_name="lucir", compression="cam", num_phases=2, init_epochs=2, epochs=1, cbf_epochs=1,
+                    cbf_milestones=[], cbf_balance=balance), tmp_path / "run")
+    assert seen
+    counts = torch.tensor(seen[0][3], dtype=torch.float64)
+    assert len(set(seen[0][3])) > 1, seen[0][3]           # CIM stored unequal numbers: the case that matters
+    for logits, y, ce, _ in seen:
+        per_sample = F.cross_entropy(logits.float(), y, reduction="none")
+        if balance == "classes":
+            w = (counts.sum() / (len(counts) * counts)).float()
+            assert torch.allclose(w * counts.float(), torch.full_like(w, float(counts.sum() / len(counts))))
+            assert ce == pytest.approx(float((per_sample * w[y]).mean()), rel=1e-5)
+        else:
+            assert ce == pytest.approx(float(per_sample.mean()), rel=1e-5)

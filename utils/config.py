@@ -630,7 +630,7 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
 # their default must not move every run folder).
 _HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "workers",
                     "bilevel_autocast": False, "nme_flip": True, "balance_counts": "real",
-                    "amp_inference": False}
+                    "amp_inference": False, "cbf_balance": "samples"}
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
