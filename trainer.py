@@ -217,7 +217,7 @@ class Trainer:
             padding=cfg["crop_padding"], scale=tuple(cfg["rrc_scale"]), flip=cfg["flip"],
             color_jitter=cfg["color_jitter"], autoaugment=cfg["autoaugment"], cutout=cfg["cutout"])
         self.memory = ExemplarMemory(cfg["memory_size"], cfg["memory_per_class"], cfg["fixed_memory"],
-                                     cfg["compress_ratio"])
+                                     cfg["compress_ratio"], cfg["herding"])
         self.ctx = RunContext(
             cfg=cfg, device=self.device, amp=self.amp, channels_last=self.channels_last,
             image_size=self.image_size, input_size=self.input_size, mean=self.data.mean, std=self.data.std,

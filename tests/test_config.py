@@ -242,6 +242,17 @@ def test_balance_counts_at_its_default_leaves_every_foster_run_where_it_was():
         assert config_hash(foster) != config_hash({**foster, "balance_counts": other})
 
 
+def test_keys_added_after_runs_existed_at_their_defaults_leave_every_run_where_it_was():
+    """Keys whose defaults are what runs did before them (LUCIR's finetuning on plain samples,
+    distinct herding; the inference passes' precision, whose default changed only GPU runs' numbers
+    and is said in the README): no run folder moves; another value is another run."""
+    lucir = resolve_config(tiny_config(model_name="lucir"))
+    assert (lucir["cbf_balance"], lucir["amp_inference"], lucir["herding"]) == ("samples", False, "distinct")
+    for key, other in (("cbf_balance", "classes"), ("amp_inference", True), ("herding", "welling")):
+        assert config_hash(lucir) == config_hash({k: v for k, v in lucir.items() if k != key})
+        assert config_hash(lucir) != config_hash({**lucir, key: other})
+
+
 def test_set_of_a_block_field_keeps_the_configs_other_fields(tmp_path, monkeypatch, capsys):
     """`--set 'shapes={...}'` and `--set shapes.field=...` (the names --keys lists) change one field; the
     config's other fields of the block stay (they used to fall back to their defaults, silently)."""

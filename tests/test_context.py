@@ -7,7 +7,6 @@ import torch
 
 from conftest import run, tiny_config
 from models.context import RunContext
-from utils.config import config_hash, resolve_config
 
 # Innermost first: the function of the trainer or the context that a forward pass belongs to.
 INFERENCE_PASSES = ("embed", "cams", "evaluate", "check_outputs_finite")
@@ -55,10 +54,4 @@ def test_inference_passes_run_in_float32_while_training_runs_in_bf16(tmp_path, m
     assert all(seen[name] == {False} for name in INFERENCE_PASSES), seen
     seen = _autocast_by_pass(tmp_path / "amp", monkeypatch, amp_inference=True)
     assert all(seen[name] == {True} for name in INFERENCE_PASSES), seen
-
-
-def test_amp_inference_identifies_a_run_only_when_set():
-    raw = tiny_config()
-    assert config_hash(resolve_config(raw)) == config_hash(resolve_config({**raw, "amp_inference": False}))
-    assert config_hash(resolve_config(raw)) != config_hash(resolve_config({**raw, "amp_inference": True}))
 

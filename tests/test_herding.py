@@ -1,6 +1,6 @@
 import torch
 
-from utils.herding import budget_prefix, herding_order
+from utils.herding import WELLING_MAX_ITERATIONS, budget_prefix, herding_order, welling_herding_order
 
 
 def test_herding_known_answer():
@@ -42,3 +42,28 @@ def test_budget_prefix():
     assert budget_prefix(torch.tensor([0.5, 1.0, 0.25]), 1.4) == 1   # next pick would exceed: stop
     assert budget_prefix(torch.tensor([0.5, 1.0, 0.25]), 1.6) == 2
     assert budget_prefix(torch.tensor([]), 5) == 0
+
+
+def test_welling_herding_known_answer_repicks_and_stops_at_the_iteration_cap():
+    """Exact in binary: features e0, e0, e1, e2; μ = (1/2, 1/4, 1/4). By hand, w: μ -> pick 0 (ties
+    with 1: the lower index); (0, 1/2, 1/2) -> 2; (1/2, -1/4, 3/4) -> 3; (1, 0, 0) -> 0 again (kept at
+    its first place); μ again, and the cycle 0, 2, 3 repeats: sample 1 is never reached, and the 1000
+    iterations end with 3 of the 4 picks asked for. The distinct variant picks 1 last."""
+    feats = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    assert welling_herding_order(feats).tolist() == [0, 2, 3]
+    assert herding_order(feats).tolist() == [0, 2, 3, 1]
+    assert welling_herding_order(feats, max_picks=2).tolist() == [0, 2]
+    assert welling_herding_order(feats, max_iterations=3).tolist() == [0, 2, 3]
+    assert welling_herding_order(feats, max_iterations=2).tolist() == [0, 2]
+    assert WELLING_MAX_ITERATIONS == 1000
+
+
+def test_welling_herding_equals_distinct_herding_until_a_sample_is_picked_again():
+    """On normalised features ⟨w_k, f⟩ with w_k = (k+1)μ − Σ picked is the distinct variant's
+    criterion, so the two orders agree up to Welling's first re-pick; on spread-out random features
+    that is many picks later."""
+    torch.manual_seed(2)
+    feats = torch.randn(300, 32)
+    welling, distinct = welling_herding_order(feats, max_picks=10), herding_order(feats, max_picks=10)
+    assert welling.tolist() == distinct.tolist()
+    assert len(set(welling_herding_order(feats, max_picks=40).tolist())) == 40

@@ -190,3 +190,21 @@ def test_state_dict_round_trip():
     other.load_state_dict(mem.state_dict())
     a, b = mem.tensors(), other.tensors()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_herding_key_picks_the_order_the_memory_keeps():
+    """``herding: welling`` keeps a prefix of Welling's order (utils.herding), ``distinct`` of the
+    distinct variant's; a class whose Welling order ends early gets fewer exemplars than its budget."""
+    from utils.herding import herding_order, welling_herding_order
+
+    for method, order_of in (("distinct", herding_order), ("welling", welling_herding_order)):
+        mem = ExemplarMemory(memory_size=24, memory_per_class=0, fixed_memory=False, herding=method)
+        _update(mem, range(0, 3), 3)
+        for c in range(3):
+            images, index = _class_data(c)
+            assert mem.classes[c].source_index.tolist() == index[order_of(_features(images), 9)[:8]].tolist()
+    repeats = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])   # test_herding's known answer
+    mem = ExemplarMemory(memory_size=4, memory_per_class=0, fixed_memory=False, herding="welling")
+    mem.add_class(0, Candidates(torch.arange(4), repeats, None, 8), 4,
+                  lambda index: torch.zeros(len(index), 3, 8, 8, dtype=torch.uint8))
+    assert mem.classes[0].source_index.tolist() == [0, 2, 3]

@@ -112,6 +112,13 @@ COMMON_OPTIONS: dict[str, Option] = {
     "memory_per_class": Option(20, "int", "Per-class budget in full-image units when fixed_memory=true.", min=0,
                                only_with=("fixed_memory", True)),
     "fixed_memory": Option(False, "bool", "true: every class keeps memory_per_class; false: memory_size // classes seen."),
+    "herding": Option("distinct", "str", "How herding orders a new class's samples (the exemplars are a prefix): "
+                                         "distinct (each pick the unpicked sample that brings the picked mean closest "
+                                         "to the class mean; PyCIL, SPEC §2) or welling (Welling's iteration as the "
+                                         "original iCaRL and LUCIR code run it: w ← w + μ − f, pick argmax ⟨w, f⟩, a "
+                                         "sample picked again keeps its first place; at most 1000 iterations, so a "
+                                         "class can get fewer exemplars than its budget).",
+                      choices=("distinct", "welling")),
     # network and optimisation common to all learners
     "model_name": Option("icarl", "str", "Learner (see README: Learners)."),
     "convnet_type": Option("resnet32", "str", "Backbone (see README: Backbones)."),
@@ -630,7 +637,7 @@ def hashed_keys(cfg: Mapping[str, Any]) -> set[str]:
 # their default must not move every run folder).
 _HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "workers",
                     "bilevel_autocast": False, "nme_flip": True, "balance_counts": "real",
-                    "amp_inference": False, "cbf_balance": "samples"}
+                    "amp_inference": False, "cbf_balance": "samples", "herding": "distinct"}
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:

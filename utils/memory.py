@@ -15,7 +15,7 @@ import torch
 from utils.batching import Images
 from utils.compression import (compress_images, decode_compressed, encode_compressed, exemplar_cost,
                                stored_pixel_counts)
-from utils.herding import budget_prefix, herding_order
+from utils.herding import HERDING, budget_prefix
 
 
 @dataclass
@@ -117,9 +117,12 @@ def full_image_boxes(n: int, size: int) -> torch.Tensor:
 
 
 class ExemplarMemory:
-    def __init__(self, memory_size: int, memory_per_class: int, fixed_memory: bool, compress_ratio: float = 4.0):
-        """``compress_ratio``: area factor η of the exemplars a compressor gives boxes for."""
+    def __init__(self, memory_size: int, memory_per_class: int, fixed_memory: bool, compress_ratio: float = 4.0,
+                 herding: str = "distinct"):
+        """``compress_ratio``: area factor η of the exemplars a compressor gives boxes for;
+        ``herding``: how a new class's samples are ordered (``utils.herding.HERDING``)."""
         self.compress_ratio = compress_ratio
+        self.herd = HERDING[herding]
         self.memory_size = memory_size
         self.memory_per_class = memory_per_class
         self.fixed_memory = fixed_memory
@@ -160,7 +163,7 @@ class ExemplarMemory:
             costs = exemplar_cost(boxes, (size, size), self.compress_ratio)
         # Herding never needs more picks than the cheapest exemplars could fill.
         max_picks = int(m / float(costs.min())) + 1 if n else 0
-        order = herding_order(features, max_picks) if n else torch.empty(0, dtype=torch.long)
+        order = self.herd(features, max_picks) if n else torch.empty(0, dtype=torch.long)
         keep = order[:budget_prefix(costs[order], m)]
         kept = fetch(index[keep]).cpu() if keep.numel() else torch.empty(0, 3, size, size, dtype=torch.uint8)
         common = dict(costs=costs[keep].clone(), source_index=index[keep].clone(), size=size)
