@@ -666,3 +666,23 @@ def test_a_gpu_index_the_machine_lacks_is_refused_by_name(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(UserError, match=r"'device' is 'cuda:5', but this machine has 1 GPU\(s\) \(cuda:0 … cuda:0\)"):
         resolve_device("cuda:5")
+
+
+def test_a_data_location_key_the_dataset_ignores_leaves_the_run_where_it_was():
+    """data_root of the procedural shapes, class_list outside imagenet100, shapes of a real dataset:
+    ignored by the format, so neither the run folder nor a resume depends on them; where the format
+    reads them they identify the run as before."""
+    from utils.config import result_key_differences
+
+    shapes = resolve_config(tiny_config())
+    with_root = resolve_config(tiny_config(data_root="/anywhere"))
+    assert config_hash(with_root) == config_hash(shapes) and result_key_differences(shapes, with_root) == []
+    tiny = resolve_config(tiny_config(dataset="tinyimagenet", data_root="/data/tiny", shapes={}))
+    for ignored in ({"class_list": "/lists/x.txt"}, {"shapes": {"num_classes": 4}}):
+        other = resolve_config(tiny_config(dataset="tinyimagenet", data_root="/data/tiny", **{"shapes": {}, **ignored}))
+        assert config_hash(other) == config_hash(tiny) and result_key_differences(tiny, other) == []
+    assert config_hash(resolve_config(tiny_config(dataset="tinyimagenet", data_root="/data/other", shapes={}))) \
+        != config_hash(tiny)
+    im = resolve_config(tiny_config(dataset="imagenet100", data_root="/data/im", shapes={}))
+    listed = resolve_config(tiny_config(dataset="imagenet100", data_root="/data/im", shapes={}, class_list="/l.txt"))
+    assert config_hash(listed) != config_hash(im) and result_key_differences(im, listed) == ["class_list"]

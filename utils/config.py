@@ -640,10 +640,21 @@ _HASHED_WHEN_SET = {"sync_bn": False, "stored_form": "crop", "stream_decode": "w
                     "amp_inference": False, "cbf_balance": "samples", "herding": "distinct"}
 
 
+def identifying_value(cfg: Mapping[str, Any], key: str) -> Any:
+    """``cfg[key]`` as it identifies a run: a data-location key that the dataset format ignores
+    (``data_root`` of ``shapes``, ``class_list`` outside ``imagenet100``, ``shapes`` of a real
+    dataset: ``DatasetInfo.reads``) counts as its default, whatever it holds."""
+    from utils.datasets import DATASETS
+
+    if key in ("data_root", "class_list", "shapes") and key not in DATASETS[cfg["dataset"]].reads:
+        return COMMON_OPTIONS[key].default
+    return cfg.get(key)
+
+
 def config_hash(cfg: Mapping[str, Any]) -> str:
     """Short stable hash of the result-affecting part of a resolved config (:func:`hashed_keys`)."""
     keys = hashed_keys(cfg)
-    payload = {k: v for k, v in cfg.items() if k in keys
+    payload = {k: identifying_value(cfg, k) for k, v in cfg.items() if k in keys
                and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -667,7 +678,7 @@ def result_key_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> li
     keys of either (:func:`hashed_keys`) and ``seed`` (the folder is per seed, so the hash leaves it
     out, but it draws the class order and every random number). Resume refuses any of them."""
     keys = hashed_keys(old) | hashed_keys(new) | {"seed"}
-    return sorted(k for k in keys if old.get(k) != new.get(k))
+    return sorted(k for k in keys if identifying_value(old, k) != identifying_value(new, k))
 
 
 def describe_keys() -> str:

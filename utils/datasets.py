@@ -118,6 +118,9 @@ class DatasetInfo:
     streamed: bool
     layout: str
     file_based: bool = True  # False: generated or pickled arrays (no decoding, no cache)
+    # which of the data-location keys (data_root, class_list, shapes) the format reads; the others
+    # are ignored, and so leave the run's identity alone (utils.config.config_hash)
+    reads: tuple[str, ...] = ("data_root",)
 
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -142,7 +145,8 @@ The "CIFAR python version" archive from https://www.cs.toronto.edu/~kriz/cifar.h
 DATASETS: dict[str, DatasetInfo] = {
     "shapes": DatasetInfo(
         "shapes", 32, 32, "crop_flip", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False,
-        "(generated from the `shapes` options, whose `seed` is the data seed; data_root is ignored)", file_based=False),
+        "(generated from the `shapes` options, whose `seed` is the data seed; data_root is ignored)", file_based=False,
+        reads=("shapes",)),
     "folder": DatasetInfo(
         "folder", 256, 224, "resized_crop", _IMAGENET_MEAN, _IMAGENET_STD, False, _FOLDER_LAYOUT),
     "cifar10": DatasetInfo(
@@ -166,7 +170,7 @@ data_root/                       the extracted tiny-imagenet-200 folder (any sub
         _IMAGENET_LAYOUT + """
 The 100 classes: the wnids listed in `class_list` (a text file, one wnid per line), or without it
 the first 100 of the sorted train/ wnids shuffled by numpy RandomState(1993).permutation
-(so a train/ holding exactly 100 class folders gives those 100)."""),
+(so a train/ holding exactly 100 class folders gives those 100).""", reads=("data_root", "class_list")),
     "imagenet1000": DatasetInfo(
         "imagenet1000", 256, 224, "resized_crop", _IMAGENET_MEAN, _IMAGENET_STD, True, _IMAGENET_LAYOUT),
     "food101": DatasetInfo(
